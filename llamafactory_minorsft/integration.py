@@ -1,0 +1,172 @@
+"""Everything that patches LLaMA-Factory internals, in one place: a LLaMA-Factory upgrade is this file's work.
+
+Two patches, each applied right after its module is imported (post-import hooks from ``_autoload``) or by
+:func:`register_all`:
+
+- ``llamafactory.hparams.parser``: its parser dataclass lists get ``ReferenceSFTFinetuningArguments``
+  instead of ``FinetuningArguments`` (new stage names, ``track_deviation``, and their checks);
+- ``llamafactory.train.tuner``: ``_training_function`` dispatches the reference-aware runs to our
+  workflow and every other run, unchanged, to the stock function.
+
+Before touching anything, each patch checks the LLaMA-Factory version and that every attribute it
+replaces is there, so an unknown LLaMA-Factory fails loudly instead of being half-patched.
+"""
+
+import argparse
+import functools
+from typing import Any
+
+
+SUPPORTED_LLAMAFACTORY_VERSIONS = ("0.9.5",)
+
+_PARSER_LISTS = ("_TRAIN_ARGS", "_INFER_ARGS", "_EVAL_ARGS")
+_TRUE = ("true", "1", "yes", "y", "on")
+
+
+class UnsupportedLlamaFactoryError(RuntimeError):
+    pass
+
+
+def _check_version() -> None:
+    from llamafactory.extras.env import VERSION
+
+    if VERSION not in SUPPORTED_LLAMAFACTORY_VERSIONS:
+        raise UnsupportedLlamaFactoryError(
+            f"llamafactory-minorsft supports LLaMA-Factory {', '.join(SUPPORTED_LLAMAFACTORY_VERSIONS)} only, "
+            f"but LLaMA-Factory {VERSION} is installed. Install `llamafactory==0.9.5`, or set "
+            "LLAMAFACTORY_MINORSFT_DISABLE=1 to run this LLaMA-Factory without the MinorSFT stages."
+        )
+
+
+def _require(module, *names: str) -> None:
+    missing = [name for name in names if not hasattr(module, name)]
+    if missing:
+        raise UnsupportedLlamaFactoryError(
+            f"{module.__name__} lacks {', '.join(missing)}: this is not the LLaMA-Factory "
+            f"{'/'.join(SUPPORTED_LLAMAFACTORY_VERSIONS)} layout that llamafactory-minorsft patches. Nothing was patched."
+        )
+
+
+def patch_parser(parser) -> None:
+    """Swap ``FinetuningArguments`` for ``ReferenceSFTFinetuningArguments`` in the parser lists (in place)."""
+    if getattr(parser, "_minorsft_patched", False):
+        return
+
+    _check_version()
+    _require(parser, *_PARSER_LISTS)
+    from llamafactory.hparams.finetuning_args import FinetuningArguments
+
+    from .hparams import ReferenceSFTFinetuningArguments
+
+    lists = [getattr(parser, name) for name in _PARSER_LISTS]
+    lists += [parser._TRAIN_MCA_ARGS] if getattr(parser, "_TRAIN_MCA_ARGS", None) else []  # empty without mcore
+    if not all(FinetuningArguments in arg_list for arg_list in lists):
+        raise UnsupportedLlamaFactoryError(f"{parser.__name__}: FinetuningArguments not found in its parser lists.")
+
+    for arg_list in lists:
+        arg_list[arg_list.index(FinetuningArguments)] = ReferenceSFTFinetuningArguments
+
+    parser._minorsft_patched = True
+
+
+def wants_reference_sft(args: dict[str, Any] | list[str]) -> bool:
+    """Peek at raw train args (a config dict, or CLI strings) without parsing them."""
+    if isinstance(args, dict):
+        stage, track = args.get("stage"), args.get("track_deviation", False)
+    else:
+        peek = argparse.ArgumentParser(add_help=False)
+        peek.add_argument("--stage")
+        peek.add_argument("--track_deviation", nargs="?", const="true", default="false")
+        known, _ = peek.parse_known_args(args)
+        stage, track = known.stage, known.track_deviation
+
+    from . import REFERENCE_SFT_STAGES
+
+    track = track if isinstance(track, bool) else str(track).strip().lower() in _TRUE
+    return stage in REFERENCE_SFT_STAGES or (stage == "sft" and track)
+
+
+def _reference_sft_training_function(tuner, config: dict[str, Any]) -> None:
+    """``tuner._training_function`` for the reference-aware runs: same callbacks, our workflow."""
+    import torch.distributed as dist
+    from transformers import EarlyStoppingCallback
+
+    from llamafactory.train.trainer_utils import get_swanlab_callback
+
+    from .hparams import verify_reference_sft_args
+    from .train.workflow import run_reference_sft
+
+    callbacks: list[Any] = config.get("callbacks")
+    model_args, data_args, training_args, finetuning_args, generating_args = tuner.get_train_args(config.get("args"))
+    verify_reference_sft_args(
+        model_args, data_args, training_args, finetuning_args, dataset_attrs=_dataset_attrs(data_args)
+    )
+
+    # the stock callbacks of tuner._training_function (PiSSA is rejected for these stages)
+    callbacks.append(tuner.LogCallback())
+    if finetuning_args.use_swanlab:
+        callbacks.append(get_swanlab_callback(finetuning_args))
+
+    if finetuning_args.early_stopping_steps is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=finetuning_args.early_stopping_steps))
+
+    if getattr(training_args, "enable_torch_profiler", False):
+        callbacks.append(tuner.TorchProfilerCallback(training_args))
+
+    if getattr(training_args, "profile_modules", None):
+        callbacks.append(tuner.ModuleProfilerCallback(training_args.profile_modules))
+
+    callbacks.append(tuner.ReporterCallback(model_args, data_args, finetuning_args, generating_args))  # add to last
+    run_reference_sft(model_args, data_args, training_args, finetuning_args, callbacks)
+
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:
+        pass
+
+
+def _dataset_attrs(data_args) -> list:
+    from llamafactory.data.parser import get_dataset_list
+
+    return get_dataset_list(data_args.dataset, data_args.dataset_dir) + get_dataset_list(
+        data_args.eval_dataset, data_args.dataset_dir
+    )
+
+
+def patch_tuner(tuner) -> None:
+    """Route the reference-aware runs of ``tuner._training_function`` (plain and Ray) to our workflow."""
+    if getattr(tuner, "_minorsft_patched", False):
+        return
+
+    _check_version()
+    _require(
+        tuner, "_training_function", "get_train_args", "LogCallback", "ReporterCallback",
+        "TorchProfilerCallback", "ModuleProfilerCallback",
+    )  # fmt: skip
+    stock_training_function = tuner._training_function
+
+    @functools.wraps(stock_training_function)
+    def _training_function(config: dict[str, Any]) -> None:
+        if wants_reference_sft(config.get("args")):
+            return _reference_sft_training_function(tuner, config)
+
+        return stock_training_function(config)
+
+    tuner._training_function = _training_function
+    tuner._minorsft_patched = True
+
+
+#: module name → patch, for the post-import hooks of ``_autoload``
+HOOKED_MODULES = {
+    "llamafactory.hparams.parser": patch_parser,
+    "llamafactory.train.tuner": patch_tuner,
+}
+
+
+def register_all() -> None:
+    """Import and patch every hooked module now (idempotent)."""
+    import importlib
+
+    for module_name, patch in HOOKED_MODULES.items():
+        patch(importlib.import_module(module_name))

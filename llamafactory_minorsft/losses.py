@@ -1,0 +1,112 @@
+"""The math of arXiv 2408.10642 §3 as pure functions: tensors in, tensors out.
+
+Notation (per sample i): y_i is the answer, m_i its number of tokens (labels that are not IGNORE_INDEX),
+``log π(y_i|x_i)`` the SUM of its answer-token log-probs, and r_i = log πθ(y_i|x_i) − log πref(y_i|x_i).
+
+A sample whose answer was cut away by ``cutoff_len`` (m_i = 0) is not "valid": it gets loss 0, zero
+gradient, and is left out of every batch mean. Nothing here divides by zero.
+"""
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+IGNORE_INDEX = -100  # LLaMA-Factory's extras.constants.IGNORE_INDEX (kept here so this module stays pure)
+
+
+class AnswerLogps(NamedTuple):
+    """Summed answer log-probs and answer lengths of a batch, both of shape (batch,)."""
+
+    logps: torch.Tensor  # float32 sums of answer-token log-probs (0 for m_i = 0)
+    num_tokens: torch.Tensor  # m_i, int64
+
+
+def answer_token_logps(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX, chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log πθ(y_t | x, y_<t) of the answer tokens, and their mask.
+
+    Causal shift as in the model's own loss: the logits at position t score the label at t + 1.
+    Computed through ``cross_entropy`` in float32, ``chunk_size`` positions at a time, so no full
+    float32 ``log_softmax`` copy of the (batch, length, vocab) logits is materialised at once.
+
+    Returns ``(token_logps, mask)``, both (batch, length − 1); masked positions hold 0.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not match.")
+
+    labels = labels[:, 1:]
+    logits = logits[:, :-1]
+    mask = labels != ignore_index
+    safe_labels = labels.masked_fill(~mask, 0)
+    chunks = []
+    for start in range(0, labels.size(1), chunk_size):
+        stop = start + chunk_size
+        chunk_logits = logits[:, start:stop].float()
+        nll = F.cross_entropy(
+            chunk_logits.reshape(-1, chunk_logits.size(-1)), safe_labels[:, start:stop].reshape(-1), reduction="none"
+        )
+        chunks.append(-nll.view(labels.size(0), -1))
+
+    token_logps = torch.cat(chunks, dim=1) if chunks else logits.new_zeros(labels.shape, dtype=torch.float32)
+    return token_logps * mask, mask
+
+
+def answer_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> AnswerLogps:
+    """log π(y_i|x_i) as the SUM over answer tokens (the paper's convention, as in DPO), and m_i."""
+    token_logps, mask = answer_token_logps(logits, labels, ignore_index)
+    return AnswerLogps(token_logps.sum(-1), mask.sum(-1))
+
+
+def log_ratio(policy_logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """r_i = log πθ(y_i|x_i) − log πref(y_i|x_i); β·r_i is the implicit reward r̂θ of §3.1."""
+    return policy_logps.float() - ref_logps.float()
+
+
+def minorsft_loss(
+    policy_logps: torch.Tensor, ref_logps: torch.Tensor, num_tokens: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MinorSFT per-sample loss whose gradient is Eq. 7.
+
+    Eq. 7:  ∇θ L_MinorSFT = −E[(2/m)·σ(−β·r)·∇θ log πθ(y|x)].
+
+    The paper gives only the gradient. We use the surrogate L_i = c_i · (−log πθ(y_i|x_i) / m_i) with the
+    coefficient c_i = 2σ(−β r_i) held constant (detached): its gradient is exactly Eq. 7, and its value is
+    the coefficient times the mean token NLL, so it reads like plain SFT's loss (c_i = 1 at the start,
+    where πθ = πref).
+
+    Returns ``(losses, coef)`` of shape (batch,); invalid samples (m_i = 0) have loss 0.
+    """
+    valid = num_tokens > 0
+    coef = 2.0 * torch.sigmoid(-beta * log_ratio(policy_logps, ref_logps).detach())
+    mean_nll = -policy_logps.float() / num_tokens.clamp(min=1)
+    losses = torch.where(valid, coef * mean_nll, torch.zeros_like(mean_nll))
+    return losses, coef
+
+
+def sft_dpo_loss(
+    policy_logps: torch.Tensor, ref_logps: torch.Tensor, num_tokens: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """"SFT using DPO" per-sample loss, Eq. 3:  L_i = −log σ(β·r_i).
+
+    Its gradient is Eq. 4, −β·σ(−β r_i)·∇θ log πθ(y_i|x_i); the returned coefficient is σ(−β r_i).
+    ``logsigmoid`` keeps it finite for |β·r| in the hundreds.
+
+    Returns ``(losses, coef)`` of shape (batch,); invalid samples (m_i = 0) have loss 0.
+    """
+    valid = num_tokens > 0
+    ratio = log_ratio(policy_logps, ref_logps)
+    losses = torch.where(valid, -F.logsigmoid(beta * ratio), torch.zeros_like(ratio))
+    return losses, torch.sigmoid(-beta * ratio.detach())
+
+
+def normalized_log_ratio(policy_logps: torch.Tensor, ref_logps: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+    """(1/m_i)·r_i, the per-sample term of the deviation metric m_θ of Eq. 8 (0 where m_i = 0).
+
+    Eq. 8:  m_θ(x, y) = (1/N) Σ_i (1/m_i) log(πθ(y_i|x_i) / πref(y_i|x_i)), the mean over the N valid
+    samples of a batch; it is comparable across β and answer lengths.
+    """
+    ratio = log_ratio(policy_logps, ref_logps)
+    return torch.where(num_tokens > 0, ratio / num_tokens.clamp(min=1), torch.zeros_like(ratio))

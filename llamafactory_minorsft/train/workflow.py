@@ -1,0 +1,95 @@
+"""Workflow of `minorsft`, `sft_dpo` and `sft` + `track_deviation`, mirroring LLaMA-Factory's sft workflow:
+tokenizer → template → dataset → model → reference → trainer → train / eval → plots → model card."""
+
+from typing import TYPE_CHECKING, Optional
+
+from llamafactory.data import SFTDataCollatorWith4DAttentionMask, get_dataset, get_template_and_fix_tokenizer
+from llamafactory.extras.constants import IGNORE_INDEX
+from llamafactory.extras.logging import get_logger
+from llamafactory.extras.misc import calculate_tps
+from llamafactory.extras.ploting import plot_loss
+from llamafactory.model import load_model, load_tokenizer
+from llamafactory.train.sft.metric import ComputeAccuracy, eval_logit_processor
+from llamafactory.train.trainer_utils import create_modelcard_and_push, create_ref_model
+
+from .trainer import ReferenceSFTTrainer
+
+
+if TYPE_CHECKING:
+    from transformers import Seq2SeqTrainingArguments, TrainerCallback
+
+    from llamafactory.hparams import DataArguments, ModelArguments
+
+    from ..hparams import ReferenceSFTFinetuningArguments
+
+
+logger = get_logger(__name__)
+
+
+def run_reference_sft(
+    model_args: "ModelArguments",
+    data_args: "DataArguments",
+    training_args: "Seq2SeqTrainingArguments",
+    finetuning_args: "ReferenceSFTFinetuningArguments",
+    callbacks: Optional[list["TrainerCallback"]] = None,
+):
+    tokenizer_module = load_tokenizer(model_args)
+    tokenizer = tokenizer_module["tokenizer"]
+    template = get_template_and_fix_tokenizer(tokenizer, data_args)
+    # the stock sft data pipeline: prompt tokens are IGNORE_INDEX, answer tokens are labels
+    dataset_module = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
+    model = load_model(tokenizer, model_args, finetuning_args, training_args.do_train)
+    # the initial model (frozen copy; None for LoRA = adapters disabled) or `ref_model`, as DPO does;
+    # it is built from `model_name_or_path`, never from a checkpoint we resume from
+    ref_model = create_ref_model(model_args, finetuning_args)
+
+    data_collator = SFTDataCollatorWith4DAttentionMask(
+        template=template,
+        model=model,
+        pad_to_multiple_of=8 if training_args.do_train else None,
+        label_pad_token_id=IGNORE_INDEX if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id,
+        block_diag_attn=model_args.block_diag_attn,
+        neat_packing=data_args.neat_packing,
+        attn_implementation=getattr(model.config, "_attn_implementation", None),
+        compute_dtype=model_args.compute_dtype,
+        **tokenizer_module,
+    )
+
+    metric_module = {}
+    if finetuning_args.compute_accuracy:
+        metric_module["compute_metrics"] = ComputeAccuracy()
+        metric_module["preprocess_logits_for_metrics"] = eval_logit_processor
+
+    trainer = ReferenceSFTTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=training_args,
+        finetuning_args=finetuning_args,
+        data_collator=data_collator,
+        callbacks=callbacks,
+        **dataset_module,
+        **tokenizer_module,
+        **metric_module,
+    )
+
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.save_model()
+        if finetuning_args.include_effective_tokens_per_second:
+            train_result.metrics["effective_tokens_per_sec"] = calculate_tps(
+                dataset_module["train_dataset"], train_result.metrics, stage="sft"
+            )
+
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        trainer.save_state()
+        if trainer.is_world_process_zero() and finetuning_args.plot_loss:
+            # training_loss.png as stock sft, plus training_deviation.png (the paper's Fig. 1)
+            plot_loss(training_args.output_dir, keys=["loss", "eval_loss", "deviation", "eval_deviation"])
+
+    if training_args.do_eval:
+        metrics = trainer.evaluate(metric_key_prefix="eval")
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+
+    create_modelcard_and_push(trainer, model_args, data_args, training_args, finetuning_args)
