@@ -1,0 +1,106 @@
+"""Shared fixtures: an offline tiny Qwen2 set-up, and helpers that run the real ``llamafactory-cli``."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from llamafactory_minorsft.tiny import build_tiny_setup, make_instruction_data, write_dataset
+
+
+VENV_BIN = Path(sys.executable).parent
+CLI = str(VENV_BIN / "llamafactory-cli")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> SimpleNamespace:
+    """Tiny policy + a different reference (same tokenizer) + data; built once per test session."""
+    root = tmp_path_factory.mktemp("tiny")
+    paths = build_tiny_setup(str(root), seed=0, num_samples=64)
+    data_dir = paths["data"]
+    # exactly 4 short samples: one global batch of 4 holds the whole data set (order-free updates)
+    write_dataset(data_dir, "four", make_instruction_data(4, seed=7))
+    # a pairwise data set: LLaMA-Factory's ranking format, for stock DPO and for the error check
+    pairs = [
+        {"instruction": s["instruction"], "input": s["input"], "chosen": s["output"], "rejected": s["output"][::-1]}
+        for s in make_instruction_data(8, seed=3)
+    ]
+    write_dataset(data_dir, "pairs", pairs, {"ranking": True, "columns": {
+        "prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}})  # fmt: skip
+    return SimpleNamespace(root=root, **paths)
+
+
+def base_config(tiny: SimpleNamespace, output_dir, **overrides) -> dict:
+    """One exact plain-SGD step (lr 1, no clipping, no decay, constant schedule) on the `four` data set."""
+    config = dict(
+        model_name_or_path=tiny.model,
+        stage="minorsft",
+        do_train=True,
+        finetuning_type="full",
+        pref_beta=0.5,
+        dataset="four",
+        dataset_dir=tiny.data,
+        template="qwen",
+        cutoff_len=256,
+        overwrite_cache=True,
+        dataloader_num_workers=0,
+        output_dir=str(output_dir),
+        overwrite_output_dir=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        optim="sgd",
+        learning_rate=1.0,
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        lr_scheduler_type="constant",
+        max_steps=1,
+        seed=42,
+    )
+    config.update(overrides)
+    return {key: value for key, value in config.items() if value is not None}
+
+
+def cli_env(**extra) -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # torchrun must be on PATH
+    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
+    env.update(extra)
+    return env
+
+
+def run_cli(config: dict, workdir, *args, check: bool = True, env: dict | None = None, timeout: int = 600):
+    """``llamafactory-cli train <config>.yaml`` in a subprocess, from ``workdir``; returns CompletedProcess."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    proc = subprocess.run(
+        [CLI, "train", str(config_path), *args],
+        cwd=workdir,
+        env=env or cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"llamafactory-cli train failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+
+    return proc
+
+
+def log_history(output_dir) -> list[dict]:
+    with open(Path(output_dir) / "trainer_state.json", encoding="utf-8") as f:
+        return json.load(f)["log_history"]
+
+
+def step_logs(output_dir) -> list[dict]:
+    """The per-step training logs (those with a `loss`), in order."""
+    return [entry for entry in log_history(output_dir) if "loss" in entry]

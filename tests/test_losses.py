@@ -1,0 +1,129 @@
+"""The pure loss functions against autograd computations of the paper's formulas, written here."""
+
+import pytest
+import torch
+
+from llamafactory_minorsft.losses import (
+    IGNORE_INDEX,
+    answer_logps,
+    answer_token_logps,
+    minorsft_loss,
+    normalized_log_ratio,
+    sft_dpo_loss,
+)
+from llamafactory_minorsft.metrics import metric_means, metric_sums
+
+
+def make_batch(seed=0, batch=4, length=12, vocab=11, empty_row=None):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, length, vocab, generator=gen, dtype=torch.float64, requires_grad=True)
+    ref_logits = torch.randn(batch, length, vocab, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, vocab, (batch, length), generator=gen)
+    prompt_lengths = torch.randint(2, length - 2, (batch,), generator=gen)
+    for i, p in enumerate(prompt_lengths.tolist()):
+        labels[i, :p] = IGNORE_INDEX
+        labels[i, length - i :] = IGNORE_INDEX  # right padding of varying length
+    if empty_row is not None:
+        labels[empty_row] = IGNORE_INDEX  # answer cut away by cutoff_len
+    return logits, ref_logits, labels
+
+
+def naive_logps(logits, labels):
+    """Sum over answer tokens of log_softmax, one sample and one position at a time."""
+    sums, lengths = [], []
+    for i in range(labels.size(0)):
+        total, m = logits.new_zeros(()), 0
+        for t in range(1, labels.size(1)):
+            if labels[i, t] != IGNORE_INDEX:
+                total = total + torch.log_softmax(logits[i, t - 1], -1)[labels[i, t]]
+                m += 1
+        sums.append(total)
+        lengths.append(m)
+    return torch.stack(sums), torch.tensor(lengths)
+
+
+def test_answer_logps_equal_naive_and_chunking_does_not_matter():
+    logits, _, labels = make_batch()
+    expected, lengths = naive_logps(logits, labels)
+    for chunk in (1, 3, 1024):
+        token_logps, mask = answer_token_logps(logits, labels, chunk_size=chunk)
+        torch.testing.assert_close(token_logps.sum(-1), expected.float(), rtol=1e-6, atol=1e-5)
+        assert mask.sum(-1).tolist() == lengths.tolist()
+    result = answer_logps(logits, labels)
+    assert result.num_tokens.tolist() == lengths.tolist()
+
+
+@pytest.mark.parametrize("beta", [0.04, 0.5, 3.0])
+def test_minorsft_gradient_is_eq7(beta):
+    logits, ref_logits, labels = make_batch(seed=1)
+    policy = answer_logps(logits, labels)
+    with torch.no_grad():
+        ref = answer_logps(ref_logits, labels)
+    losses, coef = minorsft_loss(policy.logps, ref.logps, policy.num_tokens, beta)
+    (grad,) = torch.autograd.grad(losses.mean(), logits)
+
+    # Eq. 7 written out: −(1/N) Σ_i (2/m_i)·σ(−β r_i)·∇ log πθ(y_i|x_i), with ∇ log πθ from naive autograd
+    naive, m = naive_logps(logits, labels)
+    r = naive.detach() - naive_logps(ref_logits, labels)[0]
+    expected = torch.zeros_like(logits)
+    for i in range(len(m)):
+        (g_i,) = torch.autograd.grad(naive[i], logits, retain_graph=True)
+        expected -= (2.0 / m[i]) * torch.sigmoid(-beta * r[i]) * g_i / len(m)
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(coef.double(), 2 * torch.sigmoid(-beta * r), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("beta", [0.04, 0.5, 3.0])
+def test_sft_dpo_loss_is_eq3_and_gradient_eq4(beta):
+    logits, ref_logits, labels = make_batch(seed=2)
+    policy = answer_logps(logits, labels)
+    ref = answer_logps(ref_logits, labels)
+    losses, coef = sft_dpo_loss(policy.logps, ref.logps.detach(), policy.num_tokens, beta)
+    (grad,) = torch.autograd.grad(losses.mean(), logits)
+
+    naive, m = naive_logps(logits, labels)
+    r = naive - naive_logps(ref_logits, labels)[0].detach()
+    expected_losses = -torch.log(torch.sigmoid(beta * r))  # Eq. 3, written the plain way
+    torch.testing.assert_close(losses.double(), expected_losses.detach(), rtol=1e-5, atol=1e-6)
+    (expected_grad,) = torch.autograd.grad(expected_losses.mean(), logits)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(coef.double(), torch.sigmoid(-beta * r.detach()), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss_fn", [minorsft_loss, sft_dpo_loss])
+def test_sample_with_zero_answer_tokens_contributes_nothing(loss_fn):
+    logits, ref_logits, labels = make_batch(seed=3, empty_row=1)
+    policy = answer_logps(logits, labels)
+    ref = answer_logps(ref_logits, labels)
+    assert policy.num_tokens[1] == 0
+    losses, _ = loss_fn(policy.logps, ref.logps, policy.num_tokens, 0.1)
+    (grad,) = torch.autograd.grad(losses.sum(), logits)
+    assert torch.isfinite(losses).all() and torch.isfinite(grad).all()
+    assert losses[1] == 0 and grad[1].abs().max() == 0
+    assert normalized_log_ratio(policy.logps, ref.logps, policy.num_tokens)[1] == 0
+
+
+def test_losses_stay_finite_for_huge_log_ratios():
+    policy = torch.tensor([-1e4, 0.0, -5.0], requires_grad=True)
+    ref = torch.tensor([0.0, -1e4, float("-inf")])
+    m = torch.tensor([100, 100, 3])
+    for loss_fn in (minorsft_loss, sft_dpo_loss):
+        losses, coef = loss_fn(policy, ref, m, 0.5)
+        (grad,) = torch.autograd.grad(losses.sum(), policy)
+        assert torch.isfinite(losses).all() and torch.isfinite(grad).all() and torch.isfinite(coef).all()
+
+
+def test_metric_sums_are_eq8_means_over_valid_samples():
+    policy = torch.tensor([-10.0, -4.0, 0.0])
+    ref = torch.tensor([-12.0, -3.0, 0.0])
+    m = torch.tensor([5, 2, 0])  # the third sample has no answer token
+    coef = torch.tensor([0.9, 1.1, 7.0])
+    means = metric_means(metric_sums(policy, ref, m, coef, beta=0.1))
+    assert means["deviation"] == pytest.approx(((2 / 5) + (-1 / 2)) / 2)
+    assert means["rewards"] == pytest.approx(0.1 * (2 - 1) / 2)
+    assert means["coef"] == pytest.approx(1.0)
+    assert means["logps/policy"] == pytest.approx(-7.0) and means["logps/ref"] == pytest.approx(-7.5)
+    # sums from two halves add up to the sums of the whole batch (accumulation/data-parallel safe)
+    halves = metric_sums(policy[:1], ref[:1], m[:1], coef[:1], 0.1) + metric_sums(policy[1:], ref[1:], m[1:], coef[1:], 0.1)
+    torch.testing.assert_close(halves, metric_sums(policy, ref, m, coef, 0.1))
+    assert metric_means(metric_sums(policy[2:], ref[2:], m[2:], coef[2:], 0.1)) == {}
