@@ -15,6 +15,7 @@ def main(argv=None) -> int:
     tiny.add_argument("--num-layers", type=int, default=2)
     demo = sub.add_parser("demo", help="train SFT, MinorSFT and SFT-using-DPO on the tiny model and compare")
     demo.add_argument("--output-dir", default="demo_output")
+    demo.add_argument("--examples-dir", default="examples_yaml/tiny")
     args = parser.parse_args(argv)
 
     if args.command == "tiny":
@@ -30,7 +31,7 @@ def main(argv=None) -> int:
 
     from .demo import run_demo
 
-    return run_demo(args.output_dir)
+    return run_demo(args.output_dir, args.examples_dir)
 
 
 if __name__ == "__main__":

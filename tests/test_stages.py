@@ -101,3 +101,19 @@ def test_stock_sft_and_dpo_still_train(tiny, tmp_path):
                         learning_rate=1e-3, per_device_train_batch_size=2), tmp_path / "dpo_run")  # fmt: skip
     assert "loss" in step_logs(tmp_path / "sft")[0]
     assert "rewards/chosen" in step_logs(tmp_path / "dpo")[0]
+
+
+def test_resume_from_checkpoint_keeps_the_original_reference(tiny, tmp_path):
+    common = dict(optim="adamw_torch", learning_rate=1e-2, max_steps=4, dataset="minorsft_demo", save_strategy="steps",
+                  save_steps=2, save_only_model=False, per_device_train_batch_size=2)  # fmt: skip
+    run_cli(base_config(tiny, tmp_path / "full", **common), tmp_path / "full_run")
+    # a second run that stops after the checkpoint at step 2, then resumes from it
+    run_cli(base_config(tiny, tmp_path / "resumed", **{**common, "max_steps": 2}), tmp_path / "first_half")
+    run_cli(base_config(tiny, tmp_path / "resumed", **common, overwrite_output_dir=None,
+                        resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-2")), tmp_path / "second_half")  # fmt: skip
+    full = {entry["step"]: entry for entry in step_logs(tmp_path / "full")}
+    resumed = {entry["step"]: entry for entry in step_logs(tmp_path / "resumed")}
+    assert full[3]["deviation"] > 1e-3  # had the checkpoint become the reference, this would restart near 0
+    for step in (3, 4):
+        for key in ("loss",) + METRICS:
+            assert resumed[step][key] == pytest.approx(full[step][key], rel=1e-5, abs=1e-6), (step, key)
