@@ -37,6 +37,24 @@ class ReferenceSFTArguments:
             )
         },
     )
+    precompute_ref_logps: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Compute log πref(y|x) of every train/eval sample in one no-grad pass before training, cache it on "
+                "disk and release the reference model, so training holds only the policy."
+            )
+        },
+    )
+    ref_logps_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Where precomputed reference log-probs are cached (default: $LLAMAFACTORY_MINORSFT_CACHE or "
+                "~/.cache/llamafactory_minorsft/ref_logps)."
+            )
+        },
+    )
 
 
 @dataclass
@@ -68,6 +86,12 @@ class ReferenceSFTFinetuningArguments(FinetuningArguments, ReferenceSFTArguments
             raise ValueError(
                 f"`track_deviation` means nothing for `stage: {self.stage}`: it applies to `stage: sft` only "
                 "(minorsft and sft_dpo always log the deviation). Remove `track_deviation`."
+            )
+
+        if self.precompute_ref_logps and not self.uses_reference_sft:
+            raise ValueError(
+                f"`precompute_ref_logps` needs a reference model, which `stage: {self.stage}` does not use here: "
+                "use it with stage minorsft, sft_dpo, or sft with `track_deviation: true`."
             )
 
         if self.uses_reference_sft:
@@ -105,7 +129,8 @@ def verify_reference_sft_args(model_args, data_args, training_args, finetuning_a
 
     if finetuning_args.ref_model is not None:
         ref = os.path.expanduser(finetuning_args.ref_model)
-        if _looks_like_local_path(finetuning_args.ref_model) and not os.path.exists(ref):
+        offline = os.getenv("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+        if (offline or _looks_like_local_path(finetuning_args.ref_model)) and not os.path.exists(ref):
             raise ValueError(
                 f"`ref_model` path {finetuning_args.ref_model!r} does not exist. Point `ref_model` at a model "
                 "directory, or remove it to use the initial model as the reference."
@@ -122,6 +147,12 @@ def verify_reference_sft_args(model_args, data_args, training_args, finetuning_a
         raise ValueError(
             "`predict_with_generate`/`do_predict` are not supported by the reference-aware workflow. "
             "Predict with a separate `stage: sft` run (`do_train: false`) on the trained model."
+        )
+
+    if finetuning_args.precompute_ref_logps and data_args.streaming:
+        raise ValueError(
+            "`precompute_ref_logps` needs the whole data set before training, which `streaming: true` never has. "
+            "Set `streaming: false`, or remove `precompute_ref_logps` to run the reference online."
         )
 
     if getattr(finetuning_args, "use_mca", False) or getattr(finetuning_args, "use_hyper_parallel", False):

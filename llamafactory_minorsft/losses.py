@@ -23,35 +23,59 @@ class AnswerLogps(NamedTuple):
     num_tokens: torch.Tensor  # m_i, int64
 
 
+class _TokenLogps(torch.autograd.Function):
+    """log softmax(logits)[target] at every position, without a full-vocabulary float32 copy.
+
+    Forward keeps only the float32 log-sum-exp per position (batch × length); backward recomputes the
+    softmax one chunk of positions at a time: ∂/∂logits = (onehot(target) − softmax(logits))·grad.
+    Peak extra memory is one float32 chunk (batch × chunk × vocab) instead of two full copies.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        logsumexp = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+        for start in range(0, targets.size(1), chunk_size):
+            logsumexp[:, start : start + chunk_size] = torch.logsumexp(logits[:, start : start + chunk_size].float(), -1)
+
+        picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
+        ctx.save_for_backward(logits, targets, logsumexp)
+        ctx.chunk_size = chunk_size
+        return picked - logsumexp
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        logits, targets, logsumexp = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        for start in range(0, targets.size(1), ctx.chunk_size):
+            window = slice(start, start + ctx.chunk_size)
+            upstream = grad_output[:, window].unsqueeze(-1).float()
+            grad = torch.exp(logits[:, window].float() - logsumexp[:, window].unsqueeze(-1)).mul_(-upstream)
+            grad.scatter_add_(-1, targets[:, window].unsqueeze(-1), upstream)
+            grad_logits[:, window] = grad.to(grad_logits.dtype)
+
+        return grad_logits, None, None
+
+
 def answer_token_logps(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX, chunk_size: int = 1024
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX, chunk_size: int = 256
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log πθ(y_t | x, y_<t) of the answer tokens, and their mask.
 
-    Causal shift as in the model's own loss: the logits at position t score the label at t + 1.
-    Computed through ``cross_entropy`` in float32, ``chunk_size`` positions at a time, so no full
-    float32 ``log_softmax`` copy of the (batch, length, vocab) logits is materialised at once.
+    Causal shift as in the model's own loss: the logits at position t score the label at t + 1. Memory-lean
+    (see ``_TokenLogps``): for Qwen2's 151,646-token vocabulary a batch of 4 × 1024 tokens would otherwise
+    cost about 2.5 GB per float32 log-softmax copy. Values are float32 whatever the logits' dtype.
 
     Returns ``(token_logps, mask)``, both (batch, length − 1); masked positions hold 0.
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not match.")
 
-    labels = labels[:, 1:]
-    logits = logits[:, :-1]
-    mask = labels != ignore_index
-    safe_labels = labels.masked_fill(~mask, 0)
-    chunks = []
-    for start in range(0, labels.size(1), chunk_size):
-        stop = start + chunk_size
-        chunk_logits = logits[:, start:stop].float()
-        nll = F.cross_entropy(
-            chunk_logits.reshape(-1, chunk_logits.size(-1)), safe_labels[:, start:stop].reshape(-1), reduction="none"
-        )
-        chunks.append(-nll.view(labels.size(0), -1))
-
-    token_logps = torch.cat(chunks, dim=1) if chunks else logits.new_zeros(labels.shape, dtype=torch.float32)
-    return token_logps * mask, mask
+    # targets[t] = labels[t + 1]: align without slicing (and copying) the logits
+    targets = torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), ignore_index)], dim=1)
+    mask = targets != ignore_index
+    token_logps = _TokenLogps.apply(logits, targets.masked_fill(~mask, 0), chunk_size)
+    token_logps = token_logps.masked_fill(~mask, 0.0)
+    return token_logps[:, :-1], mask[:, :-1]
 
 
 def answer_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> AnswerLogps:

@@ -65,5 +65,11 @@ def test_trained_minorsft_model_exports_and_chats(tiny, tmp_path):
         [CLI, "chat", "--model_name_or_path", str(export_dir), "--template", "qwen", "--max_new_tokens", "8"],
         input="What is 2 plus 3?\nexit\n", cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "Assistant:" in proc.stdout
+    # the whole conversation ran: an answer, then the prompt again, where `exit` ended the loop
+    answer = proc.stdout.split("Assistant:", 1)[-1]
+    assert "Assistant:" in proc.stdout and "User:" in answer, proc.stdout[-2000:] + proc.stderr[-2000:]
+    # LLaMA-Factory's chat keeps its event loop in a daemon thread; under CPU load the interpreter's exit
+    # after `exit` is occasionally aborted by that thread (seen here about 1 run in 10, with or without
+    # the plugin). That teardown abort is tolerated; any other failure is not.
+    teardown_abort = proc.returncode == -6 and proc.stderr.rstrip().endswith("terminate called without an active exception")
+    assert proc.returncode == 0 or teardown_abort, proc.stderr[-4000:]

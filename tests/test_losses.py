@@ -42,15 +42,30 @@ def naive_logps(logits, labels):
     return torch.stack(sums), torch.tensor(lengths)
 
 
-def test_answer_logps_equal_naive_and_chunking_does_not_matter():
+def test_answer_logps_equal_naive_values_and_gradients_for_any_chunking():
     logits, _, labels = make_batch()
     expected, lengths = naive_logps(logits, labels)
+    weights = torch.linspace(-1.0, 2.0, labels.size(0), dtype=torch.float64)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), logits)
     for chunk in (1, 3, 1024):
         token_logps, mask = answer_token_logps(logits, labels, chunk_size=chunk)
-        torch.testing.assert_close(token_logps.sum(-1), expected.float(), rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(token_logps.sum(-1).double(), expected, rtol=1e-6, atol=1e-5)
         assert mask.sum(-1).tolist() == lengths.tolist()
+        (grad,) = torch.autograd.grad((token_logps.sum(-1) * weights).sum(), logits)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
     result = answer_logps(logits, labels)
     assert result.num_tokens.tolist() == lengths.tolist()
+
+
+def test_answer_logps_of_bf16_logits_are_accumulated_in_float32():
+    logits, _, labels = make_batch(seed=5, vocab=300, length=40)
+    low = logits.detach().to(torch.bfloat16).requires_grad_()
+    expected, _ = naive_logps(low.detach().double(), labels)  # the same bf16 values, summed in float64
+    result = answer_logps(low, labels)
+    assert result.logps.dtype == torch.float32
+    torch.testing.assert_close(result.logps.double(), expected, rtol=1e-5, atol=1e-4)
+    result.logps.sum().backward()
+    assert low.grad.dtype == torch.bfloat16 and torch.isfinite(low.grad.float()).all()
 
 
 @pytest.mark.parametrize("beta", [0.04, 0.5, 3.0])

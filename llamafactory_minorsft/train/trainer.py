@@ -5,16 +5,18 @@ DPO does; we override ``compute_loss`` (TRL style: log-probs → loss function �
 loss normalisation exact under gradient accumulation and data parallelism.
 """
 
+import gc
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Optional
 
 import torch
+from tqdm import tqdm
 from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
 from typing_extensions import override
 
 from .. import REFERENCE_SFT_STAGES
 from ..losses import IGNORE_INDEX, answer_logps, minorsft_loss, sft_dpo_loss
-from ..metrics import metric_means, metric_sums
+from ..metrics import METRIC_NAMES, metric_means, metric_sums
 
 
 if TYPE_CHECKING:
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 
 
 LOSS_FUNCTIONS = {"minorsft": minorsft_loss, "sft_dpo": sft_dpo_loss}
+REF_LOGPS = "ref_logps"  # the batch key of precomputed log πref(y|x)
 
 
 def count_answered_samples(batch_samples: list[dict[str, torch.Tensor]]) -> int:
@@ -54,6 +57,7 @@ class ReferenceSFTTrainer(CustomSeq2SeqTrainer):
             # accumulation steps (it does when this is False) nor let the model average the loss.
             self.model_accepts_loss_kwargs = True
 
+        self.precomputed_reference = False
         self._num_answered_samples: Optional[torch.Tensor] = None
         self._stored_sums: dict[str, Optional[torch.Tensor]] = {"train": None, "eval": None}
 
@@ -68,6 +72,41 @@ class ReferenceSFTTrainer(CustomSeq2SeqTrainer):
             self._num_answered_samples = count
 
         return batch_samples, num_items_in_batch
+
+    @torch.no_grad()
+    def compute_reference_logps(self, dataset, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One no-grad pass of the reference over ``dataset`` in order: (summed answer logps, m) per sample.
+
+        Batched by ``per_device_eval_batch_size`` through the trainer's own (distributed) eval loader; every
+        process returns the values of the whole data set.
+        """
+        dataloader = self.get_eval_dataloader(dataset)
+        logps, num_tokens = [], []
+        model = self.model  # only used (adapters disabled) when there is no separate reference
+        was_training = model.training
+        model.eval()  # no dropout in the reference pass
+        for batch in tqdm(dataloader, desc=desc, disable=not self.is_local_process_zero()):
+            batch = self._prepare_inputs(batch)
+            labels = batch["labels"]
+            model_inputs = {key: value for key, value in batch.items() if key not in ("labels", REF_LOGPS)}
+            batch_logps = self.reference_logps(model, model_inputs, labels)
+            batch_tokens = (labels[:, 1:] != IGNORE_INDEX).sum(-1)
+            logps.append(self.accelerator.gather_for_metrics(batch_logps).cpu())
+            num_tokens.append(self.accelerator.gather_for_metrics(batch_tokens).cpu())
+
+        model.train(was_training)
+        return torch.cat(logps)[: len(dataset)], torch.cat(num_tokens)[: len(dataset)]
+
+    def release_reference(self) -> None:
+        """Free the reference model once its log-probs are precomputed: training then holds the policy only."""
+        if self.ref_model is not None and hasattr(self.ref_model, "destroy"):
+            self.ref_model.destroy()  # a DeepSpeed engine
+
+        self.ref_model = None
+        self.precomputed_reference = True
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     @torch.no_grad()
     def reference_logps(self, model: "PreTrainedModel", model_inputs: dict, labels: torch.Tensor) -> torch.Tensor:
@@ -85,7 +124,7 @@ class ReferenceSFTTrainer(CustomSeq2SeqTrainer):
     @override
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
-        model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        model_inputs = {key: value for key, value in inputs.items() if key not in ("labels", REF_LOGPS)}
         train_eval = "train" if model.training else "eval"
         if self.loss_type == "sft":  # track_deviation: the stock SFT loss, untouched
             loss, outputs = super().compute_loss(
@@ -97,7 +136,13 @@ class ReferenceSFTTrainer(CustomSeq2SeqTrainer):
             outputs = model(**model_inputs, use_cache=False)
             policy = answer_logps(outputs.logits, labels)
 
-        ref_logps = self.reference_logps(model, model_inputs, labels)
+        if self.precomputed_reference:
+            if REF_LOGPS not in inputs:
+                raise RuntimeError("precompute_ref_logps: a batch came without precomputed reference log-probs.")
+            ref_logps = inputs[REF_LOGPS].float()
+        else:
+            ref_logps = self.reference_logps(model, model_inputs, labels)
+
         if self.loss_type != "sft":
             losses, coef = LOSS_FUNCTIONS[self.loss_type](policy.logps, ref_logps, policy.num_tokens, self.beta)
             if train_eval == "train" and self._num_answered_samples is not None:
@@ -121,7 +166,7 @@ class ReferenceSFTTrainer(CustomSeq2SeqTrainer):
         if train_eval is not None:  # every process logs the same keys, so the reduce below is collective-safe
             sums = self._stored_sums[train_eval]
             self._stored_sums[train_eval] = None
-            sums = sums if sums is not None else torch.zeros(6, dtype=torch.float64)
+            sums = sums if sums is not None else torch.zeros(len(METRIC_NAMES) + 1, dtype=torch.float64)
             sums = sums.to(self.accelerator.device)
             if self.accelerator.num_processes > 1:
                 sums = self.accelerator.reduce(sums, reduction="sum")

@@ -12,6 +12,7 @@ from llamafactory.model import load_model, load_tokenizer
 from llamafactory.train.sft.metric import ComputeAccuracy, eval_logit_processor
 from llamafactory.train.trainer_utils import create_modelcard_and_push, create_ref_model
 
+from .precompute import PrecomputedReference, ReferenceLogpsCollator
 from .trainer import ReferenceSFTTrainer
 
 
@@ -39,9 +40,15 @@ def run_reference_sft(
     # the stock sft data pipeline: prompt tokens are IGNORE_INDEX, answer tokens are labels
     dataset_module = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
     model = load_model(tokenizer, model_args, finetuning_args, training_args.do_train)
-    # the initial model (frozen copy; None for LoRA = adapters disabled) or `ref_model`, as DPO does;
-    # it is built from `model_name_or_path`, never from a checkpoint we resume from
-    ref_model = create_ref_model(model_args, finetuning_args)
+    precomputed = None
+    if finetuning_args.precompute_ref_logps:  # a cache hit on every split: no reference model is loaded at all
+        precomputed = PrecomputedReference(model_args, data_args, finetuning_args, dataset_module)
+
+    ref_model = None
+    if precomputed is None or precomputed.needs_reference_model:
+        # the initial model (frozen copy; None for LoRA = adapters disabled) or `ref_model`, as DPO does;
+        # it is built from `model_name_or_path`, never from a checkpoint we resume from
+        ref_model = create_ref_model(model_args, finetuning_args)
 
     data_collator = SFTDataCollatorWith4DAttentionMask(
         template=template,
@@ -54,6 +61,8 @@ def run_reference_sft(
         compute_dtype=model_args.compute_dtype,
         **tokenizer_module,
     )
+    if precomputed is not None:
+        data_collator = ReferenceLogpsCollator(data_collator)
 
     metric_module = {}
     if finetuning_args.compute_accuracy:
@@ -72,8 +81,10 @@ def run_reference_sft(
         **metric_module,
     )
 
+    precompute_metrics = precomputed.attach(trainer) if precomputed is not None else {}
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        train_result.metrics.update(precompute_metrics)
         trainer.save_model()
         if finetuning_args.include_effective_tokens_per_second:
             train_result.metrics["effective_tokens_per_sec"] = calculate_tps(

@@ -1,0 +1,93 @@
+"""On-disk cache of precomputed reference log-probs (``precompute_ref_logps: true``).
+
+For a fixed data set and a frozen reference, log πref(y|x) of each sample never changes, so one no-grad
+pass before training replaces the reference forward of every step. The cache key covers everything the
+values depend on: the reference weights (file names, sizes and modification times, plus config
+contents), adapters and quantisation, the compute dtype, the template and cutoff, and the tokenized data
+itself (a hash of every sample's input_ids and labels). A changed input gives another key; a stale cache
+is never reused. Files are written atomically and checked on load, so a partial or corrupt file is
+detected and rebuilt.
+"""
+
+import hashlib
+import json
+import os
+from typing import Any, Optional
+
+import torch
+
+
+CACHE_FORMAT = 1  # bump when the stored values or their meaning change
+CACHE_ENV = "LLAMAFACTORY_MINORSFT_CACHE"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".model", ".txt", ".tiktoken")
+
+
+def default_cache_dir() -> str:
+    return os.getenv(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "llamafactory_minorsft", "ref_logps")
+
+
+def path_fingerprint(name_or_path: Optional[str]) -> Any:
+    """Identity of a model or adapter: its files' names/sizes/mtimes (and config contents) if local, else its id."""
+    if name_or_path is None:
+        return None
+
+    path = os.path.expanduser(name_or_path)
+    if not os.path.isdir(path):
+        return name_or_path  # a hub id: resolved by revision-less name, as LLaMA-Factory loads it
+
+    files = []
+    for root, _, names in sorted(os.walk(path)):
+        if os.path.basename(root).startswith("checkpoint-"):
+            continue  # checkpoints of a run saved into the model directory are not the model
+
+        for name in sorted(names):
+            if name.endswith(_WEIGHT_SUFFIXES):
+                full = os.path.join(root, name)
+                stat = os.stat(full)
+                entry = [os.path.relpath(full, path), stat.st_size, stat.st_mtime_ns]
+                if name == "config.json" or name == "adapter_config.json":
+                    with open(full, "rb") as f:
+                        entry.append(hashlib.sha256(f.read()).hexdigest())
+                files.append(entry)
+    return {"path": os.path.abspath(path), "files": files}
+
+
+def dataset_fingerprint(dataset) -> str:
+    """sha256 over every sample's input_ids and labels, in order."""
+    digest = hashlib.sha256()
+    for input_ids, labels in zip(dataset["input_ids"], dataset["labels"]):
+        digest.update(torch.tensor(input_ids, dtype=torch.int64).numpy().tobytes())
+        digest.update(b"|")
+        digest.update(torch.tensor(labels, dtype=torch.int64).numpy().tobytes())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def cache_key(reference: dict[str, Any], dataset) -> str:
+    payload = {"format": CACHE_FORMAT, "reference": reference, "data": dataset_fingerprint(dataset)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def load(path: str, num_samples: int) -> Optional[dict[str, torch.Tensor]]:
+    """The cached values, or None when the file is missing, unreadable, partial or of another size."""
+    if not os.path.exists(path):
+        return None
+
+    try:
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        logps, num_tokens = cached["logps"], cached["num_tokens"]
+    except Exception:  # corrupt or truncated file: rebuild it
+        return None
+
+    if logps.shape != (num_samples,) or num_tokens.shape != (num_samples,) or torch.isnan(logps).any():
+        return None
+
+    return {"logps": logps, "num_tokens": num_tokens}
+
+
+def save(path: str, logps: torch.Tensor, num_tokens: torch.Tensor, info: dict[str, Any]) -> None:
+    """Write atomically: a crash mid-write never leaves a file that ``load`` accepts."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp_path = f"{path}.tmp.{os.getpid()}"
+    torch.save({"logps": logps.float().cpu(), "num_tokens": num_tokens.long().cpu(), "info": info}, tmp_path)
+    os.replace(tmp_path, path)

@@ -1,0 +1,50 @@
+"""``precompute_ref_logps``: same numbers as the online reference, cached, never stale."""
+
+import json
+
+import pytest
+
+from conftest import base_config, run_cli, step_logs
+
+
+METRICS = ("loss", "deviation", "rewards", "coef", "logps/policy", "logps/ref")
+
+
+def run(tiny, tmp_path, name, cache_dir, **overrides):
+    config = base_config(tiny, tmp_path / name, optim="adamw_torch", learning_rate=1e-2, max_steps=3,
+                         dataset="minorsft_demo", per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                         ref_logps_cache_dir=str(cache_dir), **overrides)  # fmt: skip
+    proc = run_cli(config, tmp_path / f"{name}_run")
+    results = json.loads((tmp_path / name / "all_results.json").read_text())
+    return step_logs(tmp_path / name), results, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(stage="minorsft", ref_model="REF"),
+        dict(stage="sft_dpo", finetuning_type="lora", lora_target="all"),
+        dict(stage="sft", track_deviation=True),
+    ],
+    ids=["minorsft-full-ref_model", "sft_dpo-lora", "sft-track_deviation"],
+)
+def test_precomputed_equals_online_and_is_cached(tiny, tmp_path, overrides):
+    overrides = {k: (tiny.ref_model if v == "REF" else v) for k, v in overrides.items()}
+    cache = tmp_path / "cache"
+    online, _, _ = run(tiny, tmp_path, "online", cache, **overrides)
+    first, first_results, _ = run(tiny, tmp_path, "first", cache, precompute_ref_logps=True, **overrides)
+    assert "ref_precompute_train_runtime" in first_results  # the pass ran
+    assert len(list(cache.glob("*.pt"))) == 1
+    for step_online, step_first in zip(online, first, strict=True):
+        for key in METRICS:
+            if key in step_online:
+                assert step_first[key] == pytest.approx(step_online[key], rel=1e-5, abs=1e-5), key
+
+    second, second_results, _ = run(tiny, tmp_path, "second", cache, precompute_ref_logps=True, **overrides)
+    assert "ref_precompute_train_runtime" not in second_results  # cache hit: no pass, no reference loaded
+    assert [e["loss"] for e in second] == [e["loss"] for e in first]
+
+    # a changed input (another cutoff gives other tokenized data) never reuses the cache
+    _, third_results, _ = run(tiny, tmp_path, "third", cache, precompute_ref_logps=True, cutoff_len=32, **overrides)
+    assert "ref_precompute_train_runtime" in third_results
+    assert len(list(cache.glob("*.pt"))) == 2
