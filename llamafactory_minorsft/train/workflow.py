@@ -8,9 +8,11 @@ from llamafactory.extras.constants import IGNORE_INDEX
 from llamafactory.extras.logging import get_logger
 from llamafactory.extras.misc import calculate_tps
 from llamafactory.extras.ploting import plot_loss
+from llamafactory.hparams import FinetuningArguments, ModelArguments
 from llamafactory.model import load_model, load_tokenizer
 from llamafactory.train.sft.metric import ComputeAccuracy, eval_logit_processor
 from llamafactory.train.trainer_utils import create_modelcard_and_push, create_ref_model
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .precompute import PrecomputedReference, ReferenceLogpsCollator
 from .trainer import ReferenceSFTTrainer
@@ -25,6 +27,12 @@ if TYPE_CHECKING:
 
 
 logger = get_logger(__name__)
+
+
+def load_base_model(model_args: "ModelArguments"):
+    """The frozen base model without any adapter: LoRA's reference."""
+    base_args = ModelArguments.copyfrom(model_args, adapter_name_or_path=None)
+    return load_model(load_tokenizer(base_args)["tokenizer"], base_args, FinetuningArguments(), is_trainable=False)
 
 
 def run_reference_sft(
@@ -49,6 +57,10 @@ def run_reference_sft(
         # the initial model (frozen copy; None for LoRA = adapters disabled) or `ref_model`, as DPO does;
         # it is built from `model_name_or_path`, never from a checkpoint we resume from
         ref_model = create_ref_model(model_args, finetuning_args)
+        if ref_model is None and precomputed is not None and is_deepspeed_zero3_enabled():
+            # the policy is sharded and not yet wrapped by DeepSpeed when the reference pass runs, so the
+            # adapter-disabled policy cannot serve; load the base model for the pass (released afterwards)
+            ref_model = load_base_model(model_args)
 
     data_collator = SFTDataCollatorWith4DAttentionMask(
         template=template,
