@@ -178,6 +178,14 @@ def main() -> None:
         "the pass); the cache-hit run above never loads the reference.",
         "",
     ]
+    over = peak["minorsft_online_full"] - (peak["sft"] + weights_mb)
+    if over > 0:
+        lines += [
+            f"Online reference (full) is {over:.0f} MB over its memory target of SFT + one copy of the weights: "
+            "the reference's own no-grad forward (activations and logits of one batch) comes on top of its weights. "
+            "The target is a floor, not a budget with headroom; use `precompute_ref_logps` where memory is tight.",
+            "",
+        ]
     with open(args.output, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))

@@ -1,12 +1,16 @@
 """Everything that patches LLaMA-Factory internals, in one place: a LLaMA-Factory upgrade is this file's work.
 
-Two patches, each applied right after its module is imported (post-import hooks from ``_autoload``) or by
+Each patch is applied right after its module is imported (post-import hooks from ``_autoload``) or by
 :func:`register_all`:
 
 - ``llamafactory.hparams.parser``: its parser dataclass lists get ``ReferenceSFTFinetuningArguments``
   instead of ``FinetuningArguments`` (new stage names, ``track_deviation``, and their checks);
 - ``llamafactory.train.tuner``: ``_training_function`` dispatches the reference-aware runs to our
-  workflow and every other run, unchanged, to the stock function.
+  workflow and every other run, unchanged, to the stock function;
+- LLaMA-Board: ``extras.constants.TRAINING_STAGES`` gets the two stage labels, ``webui.locales.LOCALES``
+  the new controls' translations, ``webui.components.train.create_train_tab`` the reference controls,
+  ``webui.runner.Runner._parse_train_args`` their arguments, ``webui.control.get_trainer_info`` the live
+  deviation plot.
 
 Before touching anything, each patch checks the LLaMA-Factory version and that every attribute it
 replaces is there, so an unknown LLaMA-Factory fails loudly instead of being half-patched.
@@ -14,6 +18,8 @@ replaces is there, so an unknown LLaMA-Factory fails loudly instead of being hal
 
 import argparse
 import functools
+import json
+import os
 from typing import Any
 
 
@@ -38,8 +44,16 @@ def _check_version() -> None:
         )
 
 
+def _has(obj, dotted: str) -> bool:
+    for name in dotted.split("."):
+        if not hasattr(obj, name):
+            return False
+        obj = getattr(obj, name)
+    return True
+
+
 def _require(module, *names: str) -> None:
-    missing = [name for name in names if not hasattr(module, name)]
+    missing = [name for name in names if not _has(module, name)]
     if missing:
         raise UnsupportedLlamaFactoryError(
             f"{module.__name__} lacks {', '.join(missing)}: this is not the LLaMA-Factory "
@@ -157,16 +171,116 @@ def patch_tuner(tuner) -> None:
     tuner._minorsft_patched = True
 
 
+def _patch_once(module, *names: str) -> bool:
+    """Version and layout checks; False if ``module`` was patched already."""
+    if getattr(module, "_minorsft_patched", False):
+        return False
+
+    _check_version()
+    _require(module, *names)
+    module._minorsft_patched = True
+    return True
+
+
+def patch_constants(constants) -> None:
+    """Add the stage labels to the web UI's stage dropdown (a label → stage dict, imported by name)."""
+    if _patch_once(constants, "TRAINING_STAGES"):
+        from .webui import STAGE_LABELS
+
+        constants.TRAINING_STAGES.update(STAGE_LABELS)
+
+
+def patch_webui_locales(locales) -> None:
+    if _patch_once(locales, "LOCALES"):
+        from .webui import LOCALES
+
+        locales.LOCALES.update(LOCALES)
+
+
+def patch_webui_train_tab(train_tab) -> None:
+    """Build the train tab with the reference controls among its inputs (preview, start, save and load)."""
+    if not _patch_once(train_tab, "create_train_tab"):
+        return
+
+    from .webui import create_reference_elems, render_reference_elems
+
+    stock_create_train_tab = train_tab.create_train_tab
+
+    @functools.wraps(stock_create_train_tab)
+    def create_train_tab(engine):
+        elems = create_reference_elems()
+        manager = engine.manager
+        # the tab starts its input set from get_base_elems(): ours join there, before any event is bound
+        manager.get_base_elems = lambda: type(manager).get_base_elems(manager) | set(elems.values())
+        try:
+            elem_dict = stock_create_train_tab(engine)
+        finally:
+            del manager.get_base_elems
+
+        elem_dict.update(render_reference_elems(elems))
+        return elem_dict
+
+    train_tab.create_train_tab = create_train_tab
+
+
+def patch_webui_runner(runner) -> None:
+    if not _patch_once(runner, "Runner._parse_train_args"):
+        return
+
+    from .webui import add_reference_args
+
+    stock_parse_train_args = runner.Runner._parse_train_args
+
+    @functools.wraps(stock_parse_train_args)
+    def _parse_train_args(self, data):
+        args = stock_parse_train_args(self, data)
+        return add_reference_args(args, lambda elem_id: data[self.manager.get_elem_by_id(elem_id)])
+
+    runner.Runner._parse_train_args = _parse_train_args
+
+
+def patch_webui_control(control) -> None:
+    """Show the deviation under the live loss plot when the run logs one."""
+    if not _patch_once(control, "get_trainer_info"):
+        return
+
+    from .webui import loss_and_deviation_plot, read_deviation_log
+
+    stock_get_trainer_info = control.get_trainer_info
+
+    @functools.wraps(stock_get_trainer_info)
+    def get_trainer_info(lang, output_path, do_train):
+        running_log, running_progress, running_info = stock_get_trainer_info(lang, output_path, do_train)
+        deviation_log = read_deviation_log(output_path) if do_train and "loss_viewer" in running_info else []
+        if deviation_log:
+            with open(os.path.join(output_path, "trainer_log.jsonl"), encoding="utf-8") as f:
+                trainer_log = [json.loads(line) for line in f if line.strip()]
+            running_info["loss_viewer"] = control.gr.Plot(loss_and_deviation_plot(trainer_log, deviation_log))
+
+        return running_log, running_progress, running_info
+
+    control.get_trainer_info = get_trainer_info
+
+
 #: module name → patch, for the post-import hooks of ``_autoload``
 HOOKED_MODULES = {
     "llamafactory.hparams.parser": patch_parser,
     "llamafactory.train.tuner": patch_tuner,
+    "llamafactory.extras.constants": patch_constants,
+    "llamafactory.webui.locales": patch_webui_locales,
+    "llamafactory.webui.components.train": patch_webui_train_tab,
+    "llamafactory.webui.runner": patch_webui_runner,
+    "llamafactory.webui.control": patch_webui_control,
 }
 
 
 def register_all() -> None:
-    """Import and patch every hooked module now (idempotent)."""
+    """Patch the training modules now and the web UI's when it is imported (idempotent)."""
     import importlib
 
+    import wrapt
+
     for module_name, patch in HOOKED_MODULES.items():
-        patch(importlib.import_module(module_name))
+        if not module_name.startswith("llamafactory.webui"):  # importing the web UI would import gradio
+            importlib.import_module(module_name)
+        wrapt.register_post_import_hook(patch, module_name)  # runs at once for a module already imported

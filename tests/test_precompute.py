@@ -40,8 +40,9 @@ def test_precomputed_equals_online_and_is_cached(tiny, tmp_path, overrides):
             if key in step_online:
                 assert step_first[key] == pytest.approx(step_online[key], rel=1e-5, abs=1e-5), key
 
-    second, second_results, _ = run(tiny, tmp_path, "second", cache, precompute_ref_logps=True, **overrides)
-    assert "ref_precompute_train_runtime" not in second_results  # cache hit: no pass, no reference loaded
+    second, second_results, log = run(tiny, tmp_path, "second", cache, precompute_ref_logps=True, **overrides)
+    assert "ref_precompute_train_runtime" not in second_results  # cache hit: no pass …
+    assert "Created reference model" not in log  # … and no reference model loaded at all
     assert [e["loss"] for e in second] == [e["loss"] for e in first]
 
     # a changed input (another cutoff gives other tokenized data) never reuses the cache

@@ -103,9 +103,11 @@ def test_stock_sft_and_dpo_still_train(tiny, tmp_path):
     assert "rewards/chosen" in step_logs(tmp_path / "dpo")[0]
 
 
-def test_resume_from_checkpoint_keeps_the_original_reference(tiny, tmp_path):
+@pytest.mark.parametrize("precompute", [False, True], ids=["online", "precompute_ref_logps"])
+def test_resume_from_checkpoint_keeps_the_original_reference(tiny, tmp_path, precompute):
     common = dict(optim="adamw_torch", learning_rate=1e-2, max_steps=4, dataset="minorsft_demo", save_strategy="steps",
-                  save_steps=2, save_only_model=False, per_device_train_batch_size=2)  # fmt: skip
+                  save_steps=2, save_only_model=False, per_device_train_batch_size=2,
+                  precompute_ref_logps=precompute or None, ref_logps_cache_dir=str(tmp_path / "cache"))  # fmt: skip
     run_cli(base_config(tiny, tmp_path / "full", **common), tmp_path / "full_run")
     # a second run that stops after the checkpoint at step 2, then resumes from it
     run_cli(base_config(tiny, tmp_path / "resumed", **{**common, "max_steps": 2}), tmp_path / "first_half")

@@ -14,6 +14,7 @@ from llamafactory.train.sft.metric import ComputeAccuracy, eval_logit_processor
 from llamafactory.train.trainer_utils import create_modelcard_and_push, create_ref_model
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from .callbacks import DeviationLogCallback
 from .precompute import PrecomputedReference, ReferenceLogpsCollator
 from .trainer import ReferenceSFTTrainer
 
@@ -87,7 +88,7 @@ def run_reference_sft(
         args=training_args,
         finetuning_args=finetuning_args,
         data_collator=data_collator,
-        callbacks=callbacks,
+        callbacks=[*(callbacks or []), DeviationLogCallback()],
         **dataset_module,
         **tokenizer_module,
         **metric_module,
