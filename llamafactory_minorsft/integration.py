@@ -61,13 +61,24 @@ def _require(module, *names: str) -> None:
         )
 
 
-def patch_parser(parser) -> None:
-    """Swap ``FinetuningArguments`` for ``ReferenceSFTFinetuningArguments`` in the parser lists (in place)."""
-    if getattr(parser, "_minorsft_patched", False):
-        return
+def _should_patch(module, *names: str) -> bool:
+    """False if ``module`` is patched already; else check the version and that ``names`` exist (or raise).
+
+    Each patch sets ``module._minorsft_patched`` only once it is complete.
+    """
+    if getattr(module, "_minorsft_patched", False):
+        return False
 
     _check_version()
-    _require(parser, *_PARSER_LISTS)
+    _require(module, *names)
+    return True
+
+
+def patch_parser(parser) -> None:
+    """Swap ``FinetuningArguments`` for ``ReferenceSFTFinetuningArguments`` in the parser lists (in place)."""
+    if not _should_patch(parser, *_PARSER_LISTS):
+        return
+
     from llamafactory.hparams.finetuning_args import FinetuningArguments
 
     from .hparams import ReferenceSFTFinetuningArguments
@@ -136,8 +147,10 @@ def _reference_sft_training_function(tuner, config: dict[str, Any]) -> None:
     try:
         if dist.is_initialized():
             dist.destroy_process_group()
-    except Exception:
-        pass
+    except Exception as err:  # as the stock function: a failed clean-up must not fail a finished run
+        from llamafactory.extras.logging import get_logger
+
+        get_logger(__name__).warning(f"Failed to destroy process group: {err}.")
 
 
 def _dataset_attrs(data_args) -> list:
@@ -149,15 +162,12 @@ def _dataset_attrs(data_args) -> list:
 
 
 def patch_tuner(tuner) -> None:
-    """Route the reference-aware runs of ``tuner._training_function`` (plain and Ray) to our workflow."""
-    if getattr(tuner, "_minorsft_patched", False):
-        return
-
-    _check_version()
-    _require(
+    """Route the reference-aware runs of ``tuner._training_function`` to our workflow."""
+    if not _should_patch(
         tuner, "_training_function", "get_train_args", "LogCallback", "ReporterCallback",
         "TorchProfilerCallback", "ModuleProfilerCallback",
-    )  # fmt: skip
+    ):  # fmt: skip
+        return
     stock_training_function = tuner._training_function
 
     @functools.wraps(stock_training_function)
@@ -171,35 +181,26 @@ def patch_tuner(tuner) -> None:
     tuner._minorsft_patched = True
 
 
-def _patch_once(module, *names: str) -> bool:
-    """Version and layout checks; False if ``module`` was patched already."""
-    if getattr(module, "_minorsft_patched", False):
-        return False
-
-    _check_version()
-    _require(module, *names)
-    module._minorsft_patched = True
-    return True
-
-
 def patch_constants(constants) -> None:
     """Add the stage labels to the web UI's stage dropdown (a label → stage dict, imported by name)."""
-    if _patch_once(constants, "TRAINING_STAGES"):
+    if _should_patch(constants, "TRAINING_STAGES"):
         from .webui import STAGE_LABELS
 
         constants.TRAINING_STAGES.update(STAGE_LABELS)
+        constants._minorsft_patched = True
 
 
 def patch_webui_locales(locales) -> None:
-    if _patch_once(locales, "LOCALES"):
+    if _should_patch(locales, "LOCALES"):
         from .webui import LOCALES
 
         locales.LOCALES.update(LOCALES)
+        locales._minorsft_patched = True
 
 
 def patch_webui_train_tab(train_tab) -> None:
     """Build the train tab with the reference controls among its inputs (preview, start, save and load)."""
-    if not _patch_once(train_tab, "create_train_tab"):
+    if not _should_patch(train_tab, "create_train_tab"):
         return
 
     from .webui import create_reference_elems, render_reference_elems
@@ -221,10 +222,11 @@ def patch_webui_train_tab(train_tab) -> None:
         return elem_dict
 
     train_tab.create_train_tab = create_train_tab
+    train_tab._minorsft_patched = True
 
 
 def patch_webui_runner(runner) -> None:
-    if not _patch_once(runner, "Runner._parse_train_args"):
+    if not _should_patch(runner, "Runner._parse_train_args"):
         return
 
     from .webui import add_reference_args
@@ -237,11 +239,12 @@ def patch_webui_runner(runner) -> None:
         return add_reference_args(args, lambda elem_id: data[self.manager.get_elem_by_id(elem_id)])
 
     runner.Runner._parse_train_args = _parse_train_args
+    runner._minorsft_patched = True
 
 
 def patch_webui_control(control) -> None:
     """Show the deviation under the live loss plot when the run logs one."""
-    if not _patch_once(control, "get_trainer_info"):
+    if not _should_patch(control, "get_trainer_info", "gr", "TRAINER_LOG"):
         return
 
     from .webui import loss_and_deviation_plot, read_deviation_log
@@ -253,13 +256,14 @@ def patch_webui_control(control) -> None:
         running_log, running_progress, running_info = stock_get_trainer_info(lang, output_path, do_train)
         deviation_log = read_deviation_log(output_path) if do_train and "loss_viewer" in running_info else []
         if deviation_log:
-            with open(os.path.join(output_path, "trainer_log.jsonl"), encoding="utf-8") as f:
+            with open(os.path.join(output_path, control.TRAINER_LOG), encoding="utf-8") as f:
                 trainer_log = [json.loads(line) for line in f if line.strip()]
             running_info["loss_viewer"] = control.gr.Plot(loss_and_deviation_plot(trainer_log, deviation_log))
 
         return running_log, running_progress, running_info
 
     control.get_trainer_info = get_trainer_info
+    control._minorsft_patched = True
 
 
 #: module name → patch, for the post-import hooks of ``_autoload``
