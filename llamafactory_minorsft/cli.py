@@ -1,10 +1,18 @@
-"""``llamafactory-minorsft`` console script: ``tiny`` (build the offline tiny model and data) and ``demo``."""
+"""``llamafactory-minorsft`` console script: ``tiny``, ``demo``, ``grid`` and ``eval-mc``."""
 
 import argparse
 import sys
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except ValueError as err:  # bad input: one clear line, no traceback
+        print(f"llamafactory-minorsft: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="llamafactory-minorsft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     tiny = sub.add_parser("tiny", help="build a tiny Qwen2 model, tokenizer and instruction data, offline")
@@ -16,7 +24,40 @@ def main(argv=None) -> int:
     demo = sub.add_parser("demo", help="train SFT, MinorSFT and SFT-using-DPO on the tiny model and compare")
     demo.add_argument("--output-dir", default="demo_output")
     demo.add_argument("--examples-dir", default="examples_yaml/tiny")
+    grid = sub.add_parser("grid", help="run a hyperparameter grid of LLaMA-Factory trainings, evaluate, plot")
+    grid.add_argument("grid_file")
+    grid.add_argument("--output-dir", help="overrides the grid file's output_dir")
+    grid.add_argument("--dry-run", action="store_true", help="print the runs and exit")
+    mc = sub.add_parser("eval-mc", help="multiple-choice accuracy on local ceval-layout files (CSV/JSON/JSONL)")
+    mc.add_argument("--model", required=True, help="model path (for LoRA: the base model)")
+    mc.add_argument("--adapter", help="LoRA adapter path")
+    mc.add_argument("--template", required=True, help="LLaMA-Factory chat template, e.g. qwen")
+    mc.add_argument("--prompt", choices=["ceval", "instruction"], default="ceval",
+                    help="the paper's ceval-exam prompt, or its FinanceIQ/fineval instruction")  # fmt: skip
+    mc.add_argument("--batch-size", type=int, default=8)
+    mc.add_argument("--output", help="write the results as JSON here")
+    mc.add_argument("files", nargs="+")
     args = parser.parse_args(argv)
+
+    if args.command == "grid":
+        from .grid import run_grid
+
+        return run_grid(args.grid_file, args.output_dir, args.dry_run)
+
+    if args.command == "eval-mc":
+        import json
+
+        from .eval_mc import MultipleChoiceScorer, evaluate_files, format_table, load_questions
+
+        for path in args.files:  # a bad file fails before the model loads
+            load_questions(path)
+        scorer = MultipleChoiceScorer(args.model, args.template, args.adapter, args.batch_size)
+        results = evaluate_files(scorer, args.files, args.prompt)
+        print(format_table(results))
+        if args.output:
+            with open(args.output, "w", encoding="utf-8") as f:
+                json.dump(results, f, indent=2)
+        return 0
 
     if args.command == "tiny":
         from .tiny import build_tiny_setup

@@ -18,28 +18,8 @@ def _final(log_history: list[dict], key: str) -> float:
     return [entry[key] for entry in log_history if key in entry and "loss" in entry][-1]
 
 
-def plot_deviation_curves(histories: dict[str, list[dict]], path: str) -> str:
-    """One chart of `deviation` per step for several runs (the paper's Fig. 1, side by side)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for label, history in histories.items():
-        points = [(entry["step"], entry["deviation"]) for entry in history if "deviation" in entry and "loss" in entry]
-        ax.plot(*zip(*points), label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("deviation  (1/N) Σ (1/m) log πθ/πref   (Eq. 8)")
-    ax.set_title("Deviation from the reference model")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def run_demo(output_dir: str = "demo_output", examples_dir: str = "examples_yaml/tiny") -> int:
+    from .figures import plot_deviation_curves
     from .tiny import build_tiny_setup
 
     tiny_dir = os.path.join(output_dir, "tiny")
@@ -69,7 +49,8 @@ def run_demo(output_dir: str = "demo_output", examples_dir: str = "examples_yaml
         plots = ", ".join(os.path.join(run_dir, f"training_{key}.png") for key in ("loss", "deviation"))
         rows.append((label, _final(histories[label], "loss"), _final(histories[label], "deviation"), plots))
 
-    comparison = plot_deviation_curves(histories, os.path.join(output_dir, "deviation_comparison.png"))
+    run_dirs = {label: os.path.join(output_dir, f"qwen2_{stage}_tiny") for stage, label in RUNS}
+    comparison = plot_deviation_curves(run_dirs, os.path.join(output_dir, "deviation_comparison.png"))
     print()
     print(f"| {'method':<22} | {'final loss':>10} | {'final deviation':>15} | plots")
     print(f"|{'-' * 24}|{'-' * 12}|{'-' * 17}|------")

@@ -50,6 +50,25 @@ def make_instruction_data(num_samples: int = 256, seed: int = 0) -> list[dict[st
     return [_sample(rng) for _ in range(num_samples)]
 
 
+def make_mc_questions(num_questions: int = 32, seed: int = 0) -> list[dict[str, str]]:
+    """Arithmetic multiple-choice questions in the ceval-exam layout (question, A, B, C, D, answer)."""
+    rng = random.Random(seed)
+    questions = []
+    for _ in range(num_questions):
+        a, b = rng.randrange(1, 50), rng.randrange(1, 50)
+        options = {a + b}
+        while len(options) < 4:
+            options.add(a + b + rng.choice([-3, -2, -1, 1, 2, 3, 10]))
+        options = rng.sample(sorted(options), 4)
+        letters = "ABCD"
+        questions.append({
+            "question": f"What is {a} plus {b}?",
+            **{letter: str(option) for letter, option in zip(letters, options)},
+            "answer": letters[options.index(a + b)],
+        })  # fmt: skip
+    return questions
+
+
 def write_dataset(data_dir: str, name: str, samples: list[dict], dataset_info_extra: Optional[dict] = None) -> None:
     """Write ``samples`` as ``<name>.json`` and register it in ``dataset_info.json`` (merged, not replaced)."""
     os.makedirs(data_dir, exist_ok=True)

@@ -1,0 +1,263 @@
+"""Hyperparameter grids over stock LLaMA-Factory runs: ``llamafactory-minorsft grid GRID.yaml``.
+
+A grid file::
+
+    base: examples_yaml/tiny/qwen2_sft_tiny.yaml   # a LLaMA-Factory train config (relative to this file)
+    output_dir: grid_output                        # runs/, results.csv, results.md and the figures
+    set: {max_steps: 20}                           # optional: overrides for every run
+    eval:                                          # optional: multiple-choice evaluation of every run
+      files: [domain_mc.jsonl, general_mc.jsonl]   # ceval layout (relative to this file)
+      prompt: ceval                                # or: instruction
+    blocks:                                        # one block per method: β only applies to some stages
+      - name: sft
+        set: {stage: sft, track_deviation: true}
+        grid: {learning_rate: [1.0e-5, 2.0e-5]}
+      - name: minorsft
+        set: {stage: minorsft}
+        grid: {learning_rate: [2.0e-5, 3.0e-5], pref_beta: [0.02, 0.04], seed: [1, 2]}
+
+Every combination of a block's grid runs through the stock ``llamafactory-cli train``, one after another, in
+``runs/<name>``. A run that finished (training and evaluation) is skipped when the grid is started again; an
+unfinished one is redone from scratch.
+"""
+
+import csv
+import itertools
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+import yaml
+
+
+TOP_KEYS = {"base", "output_dir", "set", "eval", "blocks"}
+BLOCK_KEYS = {"name", "set", "grid"}
+EVAL_KEYS = {"files", "prompt", "template", "batch_size"}
+STATUS_FILE = "grid_status.json"
+
+
+@dataclass
+class Run:
+    name: str
+    method: str
+    values: dict[str, Any]  # the grid values of this run
+    config: dict[str, Any]  # the full LLaMA-Factory train config
+    result: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def setting(self) -> tuple:
+        """The grid values without the seed: runs of one setting differ only by seed."""
+        return tuple(sorted((k, v) for k, v in self.values.items() if k != "seed"))
+
+
+def train_option_names() -> set[str]:
+    """Every option LLaMA-Factory's train parser accepts (with the plugin's options)."""
+    from llamafactory.hparams import DataArguments, GeneratingArguments, ModelArguments, TrainingArguments
+
+    from .hparams import ReferenceSFTFinetuningArguments
+
+    classes = (ModelArguments, DataArguments, TrainingArguments, ReferenceSFTFinetuningArguments, GeneratingArguments)
+    return {f.name for cls in classes for f in fields(cls) if f.init}
+
+
+def _format_value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def load_grid(path: str, output_dir: Optional[str] = None) -> tuple[list[Run], dict[str, Any]]:
+    """Parse and check a grid file; returns its runs and settings. Raises ValueError naming the bad key."""
+    with open(path, encoding="utf-8") as f:
+        spec = yaml.safe_load(f) or {}
+
+    where = os.path.dirname(os.path.abspath(path))
+    unknown = set(spec) - TOP_KEYS
+    if unknown:
+        raise ValueError(f"Grid file {path}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(TOP_KEYS))}.")
+    if "base" not in spec:
+        raise ValueError(f"Grid file {path}: `base` (a LLaMA-Factory train config) is missing.")
+    if not spec.get("blocks"):
+        raise ValueError(f"Grid file {path}: `blocks` is empty; list at least one block with a `grid`.")
+
+    base_path = os.path.join(where, spec["base"])
+    with open(base_path, encoding="utf-8") as f:
+        base = yaml.safe_load(f)
+
+    options = train_option_names()
+    out = os.path.abspath(output_dir or spec.get("output_dir", "grid_output"))
+    settings = {"output_dir": out, "eval": dict(spec.get("eval") or {})}
+    unknown = set(settings["eval"]) - EVAL_KEYS
+    if unknown:
+        raise ValueError(f"Grid file {path}: unknown `eval` key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(EVAL_KEYS))}.")
+    settings["eval"]["files"] = [os.path.join(where, p) for p in settings["eval"].get("files", [])]
+
+    def check(keys, what):
+        bad = sorted(set(keys) - options)
+        if bad:
+            raise ValueError(f"Grid file {path}: {what} key(s) {', '.join(bad)} are not LLaMA-Factory train options.")
+
+    check(spec.get("set") or {}, "`set`")
+    runs, names = [], set()
+    for i, block in enumerate(spec["blocks"]):
+        unknown = set(block) - BLOCK_KEYS
+        if unknown:
+            raise ValueError(f"Grid file {path}: block {i} has unknown key(s) {', '.join(sorted(unknown))}.")
+        method = block.get("name") or f"block{i}"
+        grid = block.get("grid") or {}
+        check(block.get("set") or {}, f"block {method!r} `set`")
+        check(grid, f"block {method!r} `grid`")
+        if not grid or any(not isinstance(v, list) or not v for v in grid.values()):
+            raise ValueError(f"Grid file {path}: block {method!r} needs a `grid` of non-empty lists of values.")
+
+        for combination in itertools.product(*grid.values()):
+            values = dict(zip(grid, combination))
+            name = "-".join([method] + [f"{k}={_format_value(v)}" for k, v in values.items()])
+            if name in names:
+                raise ValueError(f"Grid file {path}: two runs are named {name!r}; give the blocks distinct names.")
+            names.add(name)
+            config = {**base, **(spec.get("set") or {}), **(block.get("set") or {}), **values}
+            config.update(output_dir=os.path.join(out, "runs", name), overwrite_output_dir=True)
+            runs.append(Run(name=name, method=method, values=values, config=config))
+
+    return runs, settings
+
+
+def _final(history: list[dict], key: str) -> Optional[float]:
+    values = [entry[key] for entry in history if key in entry and "loss" in entry]
+    return values[-1] if values else None
+
+
+def run_one(run: Run, settings: dict[str, Any]) -> dict[str, Any]:
+    """Train (stock CLI), evaluate, and record the result in ``runs/<name>/grid_status.json``."""
+    run_dir = run.config["output_dir"]
+    status_path = os.path.join(run_dir, STATUS_FILE)
+    if os.path.exists(status_path):
+        with open(status_path, encoding="utf-8") as f:
+            status = json.load(f)
+        if status.get("status") == "done":
+            print(f"[grid] {run.name}: done before, skipped", flush=True)
+            return status
+
+    os.makedirs(run_dir, exist_ok=True)
+    config_path = os.path.join(run_dir, "grid_config.yaml")
+    with open(config_path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(run.config, f)
+    print(f"[grid] {run.name}: training", flush=True)
+    cli = os.path.join(os.path.dirname(sys.executable), "llamafactory-cli")
+    with open(os.path.join(run_dir, "grid_train.log"), "w", encoding="utf-8") as log:
+        proc = subprocess.run([cli, "train", config_path], stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        print(f"[grid] {run.name}: training failed, see {log.name}", flush=True)
+        return {"status": "failed"}
+
+    with open(os.path.join(run_dir, "trainer_state.json"), encoding="utf-8") as f:
+        history = json.load(f)["log_history"]
+    status = {"status": "done", "loss": _final(history, "loss"), "deviation": _final(history, "deviation"), "eval": {}}
+    if settings["eval"].get("files"):
+        status["eval"] = evaluate_run(run, settings["eval"])
+
+    with open(status_path, "w", encoding="utf-8") as f:  # written last: its presence means "finished"
+        json.dump(status, f, indent=2)
+    return status
+
+
+def evaluate_run(run: Run, eval_settings: dict[str, Any]) -> dict[str, float]:
+    from .eval_mc import MultipleChoiceScorer, evaluate_files
+
+    is_lora = run.config.get("finetuning_type", "lora") == "lora"
+    scorer = MultipleChoiceScorer(
+        model=run.config["model_name_or_path"] if is_lora else run.config["output_dir"],
+        adapter=run.config["output_dir"] if is_lora else None,
+        template=eval_settings.get("template") or run.config["template"],
+        batch_size=eval_settings.get("batch_size", 8),
+    )
+    results = evaluate_files(scorer, eval_settings["files"], eval_settings.get("prompt", "ceval"))
+    return {name: result["accuracy"] for name, result in results.items()}
+
+
+def summarize(runs: list[Run], output_dir: str) -> dict[str, Optional[Run]]:
+    """Write results.csv / results.md and the figures; returns the best run of each method."""
+    from .figures import plot_accuracy_heatmaps, plot_best_accuracy, plot_deviation_curves
+
+    grid_keys = list(dict.fromkeys(k for run in runs for k in run.values))
+    eval_sets = list(dict.fromkeys(k for run in runs for k in run.result.get("eval", {})))
+    header = ["run", "method"] + grid_keys + ["final_loss", "final_deviation"] + [f"acc_{e}" for e in eval_sets] + ["status"]
+    rows = []
+    for run in runs:
+        r = run.result
+        rows.append([run.name, run.method] + [run.values.get(k, "") for k in grid_keys] + [r.get("loss"), r.get("deviation")]
+                    + [r.get("eval", {}).get(e) for e in eval_sets] + [r.get("status", "not run")])  # fmt: skip
+
+    with open(os.path.join(output_dir, "results.csv"), "w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows([header] + rows)
+    cell = lambda v: "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    with open(os.path.join(output_dir, "results.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(md) + "\n")
+
+    best = best_runs(runs, eval_sets)
+    plot_deviation_curves({m: r.config["output_dir"] for m, r in best.items() if r}, os.path.join(output_dir, "fig1_deviation.png"))
+    if eval_sets:
+        plot_best_accuracy(runs, best, eval_sets, os.path.join(output_dir, "fig2b_best_accuracy.png"))
+        plot_accuracy_heatmaps(runs, eval_sets, os.path.join(output_dir, "fig2a_lr_beta.png"))
+    return best
+
+
+def setting_scores(runs: list[Run], eval_sets: list[str]) -> dict[tuple, list[float]]:
+    """Per (method, setting): the score of each seed (mean eval accuracy, or −final loss without evaluation)."""
+    scores: dict[tuple, list[float]] = {}
+    for run in runs:
+        r = run.result
+        if r.get("status") != "done":
+            continue
+        if eval_sets:
+            score = statistics.mean(r["eval"][e] for e in eval_sets)
+        else:
+            score = -r["loss"] if r.get("loss") is not None else -math.inf
+        scores.setdefault((run.method, run.setting), []).append(score)
+    return scores
+
+
+def best_runs(runs: list[Run], eval_sets: list[str]) -> dict[str, Optional[Run]]:
+    """The best setting of each method (mean over seeds), represented by its first run."""
+    scores = setting_scores(runs, eval_sets)
+    best = {}
+    for method in dict.fromkeys(run.method for run in runs):
+        candidates = {key: statistics.mean(v) for key, v in scores.items() if key[0] == method}
+        if not candidates:
+            best[method] = None
+            continue
+        top = max(candidates, key=candidates.get)
+        best[method] = next(run for run in runs if run.method == method and run.setting == top[1] and run.result.get("status") == "done")
+    return best
+
+
+def run_grid(path: str, output_dir: Optional[str] = None, dry_run: bool = False) -> int:
+    runs, settings = load_grid(path, output_dir)
+    if settings["eval"].get("files"):
+        from .eval_mc import load_questions
+
+        for eval_file in settings["eval"]["files"]:  # a bad evaluation file fails now, not after the training
+            load_questions(eval_file)
+
+    if dry_run:
+        for run in runs:
+            print(f"{run.name}: " + " ".join(f"{k}={v}" for k, v in run.config.items() if k in run.values or k == "stage"))
+        print(f"{len(runs)} runs into {settings['output_dir']}")
+        return 0
+
+    os.makedirs(settings["output_dir"], exist_ok=True)
+    for run in runs:
+        run.result = run_one(run, settings)
+    best = summarize(runs, settings["output_dir"])
+    print(open(os.path.join(settings["output_dir"], "results.md"), encoding="utf-8").read())
+    print("best per method: " + ", ".join(f"{m}: {r.name if r else '-'}" for m, r in best.items()))
+    failed = [run.name for run in runs if run.result.get("status") != "done"]
+    if failed:
+        print(f"[grid] {len(failed)} run(s) failed: {', '.join(failed)}; start the grid again to redo them")
+    return 1 if failed else 0

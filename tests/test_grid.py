@@ -1,0 +1,115 @@
+"""The grid runner and the multiple-choice evaluator, end to end on the tiny model (a two-run mini grid)."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import cli_env
+from llamafactory_minorsft.tiny import make_mc_questions
+
+
+TOOL = str(Path(sys.executable).parent / "llamafactory-minorsft")
+
+
+def tool(*args, cwd, check=True):
+    proc = subprocess.run([TOOL, *map(str, args)], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stdout[-3000:] + proc.stderr[-5000:])
+    return proc
+
+
+def write_mc(tmp_path):
+    questions = make_mc_questions(24, seed=5)
+    jsonl = tmp_path / "domain_mc.jsonl"
+    jsonl.write_text("\n".join(json.dumps(q) for q in questions[:12]))
+    with open(tmp_path / "general_mc.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["id", "question", "A", "B", "C", "D", "answer", "explanation"])
+        writer.writeheader()
+        writer.writerows({"id": i, "explanation": "", **q} for i, q in enumerate(questions[12:]))
+    return jsonl, tmp_path / "general_mc.csv"
+
+
+def write_grid(tiny, tmp_path, **extra) -> Path:
+    base = dict(model_name_or_path=tiny.model, do_train=True, finetuning_type="full", dataset="minorsft_demo",
+                dataset_dir=tiny.data, template="qwen", cutoff_len=128, overwrite_cache=True, logging_steps=1,
+                save_strategy="no", report_to="none", per_device_train_batch_size=4, max_steps=3,
+                dataloader_num_workers=0)  # fmt: skip
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    grid = dict(
+        base="base.yaml", output_dir=str(tmp_path / "grid_out"),
+        eval=dict(files=["domain_mc.jsonl", "general_mc.csv"], prompt="ceval"),
+        blocks=[dict(name="sft", set=dict(stage="sft", track_deviation=True), grid=dict(learning_rate=[1e-3])),
+                dict(name="minorsft", set=dict(stage="minorsft"), grid=dict(learning_rate=[2e-3], pref_beta=[0.04]))],
+        **extra,
+    )  # fmt: skip
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def test_eval_mc_scores_full_models_and_reads_all_formats(tiny, tmp_path):
+    jsonl, csv_path = write_mc(tmp_path)
+    proc = tool("eval-mc", "--model", tiny.model, "--template", "qwen", "--output", tmp_path / "r.json", jsonl, csv_path,
+                cwd=tmp_path)  # fmt: skip
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["domain_mc"]["total"] == 12 and results["general_mc"]["total"] == 12
+    assert all(0 <= r["accuracy"] <= 1 and r["correct"] == round(r["accuracy"] * r["total"]) for r in results.values())
+    assert "| domain_mc |" in proc.stdout
+
+
+def test_eval_mc_rejects_a_file_missing_columns(tiny, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "A": "1", "B": "2", "answer": "A"}))
+    proc = tool("eval-mc", "--model", tiny.model, "--template", "qwen", bad, cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "lacks the column(s) C, D" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_mini_grid_trains_evaluates_plots_and_resumes(tiny, tmp_path):
+    write_mc(tmp_path)
+    grid = write_grid(tiny, tmp_path)
+    dry = tool("grid", grid, "--dry-run", cwd=tmp_path)
+    assert "2 runs" in dry.stdout and "minorsft-learning_rate=0.002-pref_beta=0.04" in dry.stdout
+    assert not (tmp_path / "grid_out").exists()
+
+    tool("grid", grid, cwd=tmp_path)
+    out = tmp_path / "grid_out"
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == ["sft", "minorsft"] and all(r["status"] == "done" for r in rows)
+    for row in rows:
+        assert float(row["final_deviation"]) != 0 and 0 <= float(row["acc_domain_mc"]) <= 1
+        assert row["final_loss"] and row["acc_general_mc"]
+    assert rows[1]["pref_beta"] == "0.04" and rows[0]["pref_beta"] == ""
+    for figure in ("fig1_deviation.png", "fig2a_lr_beta.png", "fig2b_best_accuracy.png"):
+        assert (out / figure).stat().st_size > 0
+    assert "| minorsft-learning_rate=0.002-pref_beta=0.04 | minorsft |" in (out / "results.md").read_text()
+
+    # started again: finished runs are skipped; an unfinished (crashed) one is redone
+    (out / "runs" / "sft-learning_rate=0.001" / "grid_status.json").unlink()
+    again = tool("grid", grid, cwd=tmp_path)
+    assert "minorsft-learning_rate=0.002-pref_beta=0.04: done before, skipped" in again.stdout
+    assert "sft-learning_rate=0.001: training" in again.stdout
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (dict(colour="red"), "unknown key(s) colour"),
+        (dict(blocks=[]), "`blocks` is empty"),
+        (dict(blocks=[dict(name="x", grid=dict(learning_rte=[1e-3]))]), "learning_rte are not LLaMA-Factory train options"),
+        (dict(blocks=[dict(name="x", grid=dict(learning_rate=[]))]), "non-empty lists"),
+    ],
+    ids=["unknown-top-key", "empty", "unknown-grid-key", "empty-values"],
+)
+def test_bad_grid_files_fail_clearly_before_any_run(tiny, tmp_path, extra, message):
+    grid = write_grid(tiny, tmp_path)
+    spec = {**yaml.safe_load(grid.read_text()), **extra}
+    grid.write_text(yaml.safe_dump(spec))
+    proc = tool("grid", grid, cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "grid_out").exists()
