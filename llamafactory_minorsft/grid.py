@@ -93,7 +93,14 @@ def load_grid(path: str, output_dir: Optional[str] = None) -> tuple[list[Run], d
     unknown = set(settings["eval"]) - EVAL_KEYS
     if unknown:
         raise ValueError(f"Grid file {path}: unknown `eval` key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(EVAL_KEYS))}.")
-    settings["eval"]["files"] = [os.path.join(where, p) for p in settings["eval"].get("files", [])]
+    default_prompt = settings["eval"].get("prompt", "ceval")
+    files = []
+    for entry in settings["eval"].get("files", []):  # a path, or {path, prompt}
+        entry = entry if isinstance(entry, dict) else {"path": entry}
+        if set(entry) - {"path", "prompt"} or "path" not in entry:
+            raise ValueError(f"Grid file {path}: an `eval.files` entry is a path or {{path, prompt}}, got {entry}.")
+        files.append({"path": os.path.join(where, entry["path"]), "prompt": entry.get("prompt", default_prompt)})
+    settings["eval"]["files"] = files
 
     def check(keys, what):
         bad = sorted(set(keys) - options)
@@ -175,8 +182,11 @@ def evaluate_run(run: Run, eval_settings: dict[str, Any]) -> dict[str, float]:
         template=eval_settings.get("template") or run.config["template"],
         batch_size=eval_settings.get("batch_size", 8),
     )
-    results = evaluate_files(scorer, eval_settings["files"], eval_settings.get("prompt", "ceval"))
-    return {name: result["accuracy"] for name, result in results.items()}
+    accuracies = {}
+    for entry in eval_settings["files"]:
+        results = evaluate_files(scorer, [entry["path"]], entry["prompt"])
+        accuracies.update({name: result["accuracy"] for name, result in results.items()})
+    return accuracies
 
 
 def summarize(runs: list[Run], output_dir: str) -> dict[str, Optional[Run]]:
@@ -239,15 +249,20 @@ def best_runs(runs: list[Run], eval_sets: list[str]) -> dict[str, Optional[Run]]
 
 def run_grid(path: str, output_dir: Optional[str] = None, dry_run: bool = False) -> int:
     runs, settings = load_grid(path, output_dir)
-    if settings["eval"].get("files"):
-        from .eval_mc import load_questions
+    from .eval_mc import PROMPTS, load_questions
 
-        for eval_file in settings["eval"]["files"]:  # a bad evaluation file fails now, not after the training
-            load_questions(eval_file)
+    for entry in settings["eval"].get("files", []):
+        if entry["prompt"] not in PROMPTS:
+            raise ValueError(f"Grid file {path}: eval prompt {entry['prompt']!r} is not one of {', '.join(PROMPTS)}.")
+        if not dry_run:  # a bad evaluation file fails now, not after the training
+            load_questions(entry["path"])
 
     if dry_run:
         for run in runs:
             print(f"{run.name}: " + " ".join(f"{k}={v}" for k, v in run.config.items() if k in run.values or k == "stage"))
+        for entry in settings["eval"].get("files", []):
+            print(f"evaluates on {entry['path']} ({entry['prompt']} prompt)"
+                  + ("" if os.path.isfile(entry["path"]) else ": missing, provide it before the real run"))
         print(f"{len(runs)} runs into {settings['output_dir']}")
         return 0
 

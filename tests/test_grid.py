@@ -113,3 +113,12 @@ def test_bad_grid_files_fail_clearly_before_any_run(tiny, tmp_path, extra, messa
     proc = tool("grid", grid, cwd=tmp_path, check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "grid_out").exists()
+
+
+def test_paper_grid_lists_the_paper_setup(tmp_path):
+    paper_grid = Path(__file__).resolve().parents[1] / "examples_yaml" / "paper_grid.yaml"
+    proc = tool("grid", paper_grid, "--dry-run", "--output-dir", tmp_path / "out", cwd=tmp_path)
+    assert "21 runs" in proc.stdout
+    assert "minorsft-learning_rate=2e-05-pref_beta=0.04: stage=minorsft learning_rate=2e-05 pref_beta=0.04" in proc.stdout
+    assert "sft-learning_rate=1e-05: stage=sft learning_rate=1e-05" in proc.stdout
+    assert "(instruction prompt)" in proc.stdout and "(ceval prompt)" in proc.stdout
