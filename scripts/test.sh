@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set everything up (idempotent) and run the full test suite (about 10 minutes on 2 CPU cores).
+# Set everything up (idempotent) and run the full test suite (about 12 minutes on 2 CPU cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
