@@ -48,14 +48,17 @@ def write_report(grid_dir: str, docs_dir: str, general: dict[str, float], minute
         "Command (offline, on this project's 2-core CPU machine): `.venv/bin/python reproduction/reproduce.py`",
         f"(total {minutes:.0f} minutes; {platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}).",
         "",
-        "**Setup.** A tiny Qwen2 model (hidden 128, 4 layers) first gets a *general* ability: SFT on generated "
-        "single-digit addition questions in the paper's ceval multiple-choice prompt, answered by a letter. It is "
-        "then fine-tuned on a *domain*, single-digit subtraction in the same format, by each method over a grid: "
+        "**Setup.** A tiny Qwen2 model (hidden 128, 4 layers, 643k parameters) first gets a *general* ability: SFT "
+        "(5 epochs, lr 1e-3) on 800 generated questions \"Which kind of thing is a <word>?\" in the paper's ceval "
+        "multiple-choice prompt, answered by a letter; the options (animal, colour, fruit, tool) come in a fixed "
+        "order and the category shows in the word's suffix. It is then fine-tuned on a *domain*, 400 questions "
+        "about four other categories (metal, river, city, star) in the same format, by each method over a grid: "
         "raw SFT (with `track_deviation`) at lr 1e-4 / 3e-4 / 1e-3; SFT using DPO and MinorSFT at twice those "
         "learning rates (the paper's best settings are at 2x SFT's) × β 0.04 / 0.2; two seeds each (30 runs, "
         "batch 16, warm-up 0.1, linear decay, 1 epoch). Accuracy is read from the next-token scores of A-D on "
-        "held-out question sets (new option orders and distractors): `domain_mc` (subtraction) and `general_mc` "
-        "(addition, i.e. retention). Values are mean ± std over the two seeds.",
+        "held-out question sets of 200 words never seen in training: `domain_mc` and `general_mc` (retention). "
+        "Values are mean ± std over the two seeds. This is a toy: it checks the direction of the paper's claims "
+        "on a task a 643k-parameter model can learn in seconds, not their size on Qwen2-7B.",
         "",
         f"Before domain tuning the general model scores domain {general['domain_mc']:.3f}, general "
         f"{general['general_mc']:.3f} (chance is 0.25).",
@@ -86,16 +89,21 @@ def write_report(grid_dir: str, docs_dir: str, general: dict[str, float], minute
               f"{'agrees' if agree else 'does not agree everywhere'}.** Final deviation (mean over seeds): "
               + "; ".join(rows) + "."]  # fmt: skip
 
-    # Claim 2: MinorSFT >= SFT using DPO and >= raw SFT at each method's best setting
-    parts, claim2 = [], True
+    # Claim 2: MinorSFT >= SFT using DPO and >= raw SFT at each method's best setting; a tie is no evidence
+    parts, fails, ties = [], 0, 0
     for e in EVALS + ("mean",):
         acc = {m: (score(settings[best[m]]) if e == "mean" else statistics.mean(settings[best[m]][f"acc_{e}"])) for m in METHODS}
-        ok = acc["minorsft"] >= acc["sft_dpo"] and acc["minorsft"] >= acc["sft"]
-        claim2 &= ok
-        parts.append(f"{e}: " + ", ".join(f"{METHODS[m]} {acc[m]:.3f}" for m in METHODS) + (" (holds)" if ok else " (fails)"))
-    lines += [f"2. **Fig. 2, MinorSFT ≥ SFT using DPO and ≥ raw SFT at each method's best setting: "
-              f"{'agrees' if claim2 else 'does not agree everywhere'}.** " + "; ".join(parts) + ". Seed-to-seed "
-              "spreads are in the table; differences smaller than them are not evidence either way."]  # fmt: skip
+        if acc["minorsft"] < max(acc["sft_dpo"], acc["sft"]):
+            fails, verdict = fails + 1, "fails"
+        elif acc["minorsft"] == max(acc["sft_dpo"], acc["sft"]):
+            ties, verdict = ties + 1, "tie"
+        else:
+            verdict = "holds"
+        parts.append(f"{e}: " + ", ".join(f"{METHODS[m]} {acc[m]:.3f}" for m in METHODS) + f" ({verdict})")
+    claim2 = "does not agree" if fails else ("inconclusive (ties)" if ties else "agrees")
+    lines += [f"2. **Fig. 2, MinorSFT ≥ SFT using DPO and ≥ raw SFT at each method's best setting: {claim2}.** "
+              + "; ".join(parts) + ". Seed-to-seed spreads are in the table; differences smaller than them are not "
+              "evidence either way."]  # fmt: skip
 
     # Claim 3: accuracy rises with the learning rate up to a threshold, then falls
     parts, claim3 = [], True
@@ -103,10 +111,11 @@ def write_report(grid_dir: str, docs_dir: str, general: dict[str, float], minute
         lrs = sorted({k[1] for k in settings if k[0] == method})
         curve = [max(score(settings[k]) for k in settings if k[0] == method and k[1] == lr) for lr in lrs]
         peak = curve.index(max(curve))
-        shaped = 0 < peak < len(curve) - 1
+        flat = max(curve) == min(curve)
+        shaped = 0 < peak < len(curve) - 1 and not flat
         claim3 &= shaped
         parts.append(f"{METHODS[method]}: " + " → ".join(f"{lr:g}: {c:.3f}" for lr, c in zip(lrs, curve))
-                     + (" (peak inside)" if shaped else " (peak at an end of the grid)"))  # fmt: skip
+                     + (" (flat)" if flat else " (peak inside)" if shaped else " (peak at an end of the grid)"))  # fmt: skip
     lines += [f"3. **Each method improves with the learning rate up to a threshold, then degrades: "
               f"{'agrees' if claim3 else 'does not agree everywhere'}.** Mean accuracy of the best β at each "
               "learning rate: " + "; ".join(parts) + ".", ""]  # fmt: skip

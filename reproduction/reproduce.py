@@ -1,12 +1,14 @@
 """Small-scale reproduction of arXiv 2408.10642 on this machine (2 CPU cores, about 20 minutes), offline.
 
-1. A tiny Qwen2 model gets a "general" ability first: SFT on generated single-digit addition questions in
-   the paper's ceval multiple-choice format (cached in ``.cache/reproduction``).
-2. That model is fine-tuned on a generated "domain": single-digit subtraction, same format, with a grid over
+1. A tiny Qwen2 model gets a "general" ability first: SFT on generated "which kind of thing is a <word>?"
+   questions in the paper's ceval multiple-choice format, where the category shows in the word's suffix
+   (animal, colour, fruit, tool; cached in ``.cache/reproduction``).
+2. That model is fine-tuned on a generated "domain" of four other categories (metal, river, city, star),
+   same format, with a grid over
    the three methods (raw SFT with deviation tracking, SFT using DPO, MinorSFT) × learning rates × β × seeds,
    through ``llamafactory-minorsft grid`` (stock ``llamafactory-cli train`` for every run).
-3. Every run is scored on held-out multiple-choice sets: the domain (subtraction, new option orders and
-   distractors) and the general one (addition, retention); ``deviation`` comes from training.
+3. Every run is scored on held-out multiple-choice sets of words never seen in training: the domain and the
+   general one (retention); ``deviation`` comes from training.
 4. ``docs/reproduction.md`` gets the tables, the figures and a verdict on each of the paper's claims.
 
     .venv/bin/python reproduction/reproduce.py            # the committed run
@@ -34,20 +36,28 @@ BETAS = [0.04, 0.2]
 SEEDS = [1, 2]
 
 
-def mc_sample(a: int, b: int, op: str, rng: random.Random) -> dict[str, str]:
-    value = a + b if op == "plus" else a - b
-    options = {value}
-    while len(options) < 4:
-        options.add(value + rng.choice([-3, -2, -1, 1, 2, 3]))
-    options = rng.sample(sorted(options), 4)
-    return {"question": f"What is {a} {op} {b}?", **dict(zip("ABCD", map(str, options))),
-            "answer": "ABCD"[options.index(value)]}  # fmt: skip
+# Each task: words whose category shows in a suffix, asked as a ceval multiple-choice question whose four options
+# (in a fixed order) are the categories; new stems make held-out questions the model can answer by generalising.
+TASKS = {
+    "general": {"animal": "ox", "colour": "el", "fruit": "ap", "tool": "ik"},
+    "domain": {"metal": "um", "river": "ar", "city": "os", "star": "is"},
+}
 
 
-def mc_set(op: str, copies: int, seed: int) -> list[dict[str, str]]:
+def stem(rng: random.Random) -> str:
+    return "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(rng.choice((2, 3))))
+
+
+def mc_set(task: str, count: int, seed: int) -> list[dict[str, str]]:
     rng = random.Random(seed)
-    pairs = [(a, b) for a in range(10) for b in range(10) if op == "plus" or a >= b]
-    return [mc_sample(a, b, op, rng) for _ in range(copies) for a, b in pairs]
+    categories = list(TASKS[task])
+    questions = []
+    for _ in range(count):
+        answer = rng.randrange(4)
+        word = f"{stem(rng)}-{TASKS[task][categories[answer]]}"
+        questions.append({"question": f"Which kind of thing is a {word}?", **dict(zip("ABCD", categories)),
+                          "answer": "ABCD"[answer]})  # fmt: skip
+    return questions
 
 
 def as_sft(questions: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -82,21 +92,21 @@ def prepare(cache: str) -> dict[str, str]:
 
     shutil.rmtree(cache, ignore_errors=True)
     os.makedirs(paths["eval"])
-    general_train = as_sft(mc_set("plus", copies=12, seed=0))
-    domain_train = as_sft(mc_set("minus", copies=12, seed=1))
+    general_train = as_sft(mc_set("general", 800, seed=0))
+    domain_train = as_sft(mc_set("domain", 400, seed=1))
     write_dataset(paths["data"], "general", general_train)
     write_dataset(paths["data"], "domain", domain_train)
-    write_jsonl(os.path.join(paths["eval"], "domain_mc.jsonl"), mc_set("minus", copies=2, seed=100))
-    write_jsonl(os.path.join(paths["eval"], "general_mc.jsonl"), mc_set("plus", copies=1, seed=101))
+    write_jsonl(os.path.join(paths["eval"], "domain_mc.jsonl"), mc_set("domain", 200, seed=100))
+    write_jsonl(os.path.join(paths["eval"], "general_mc.jsonl"), mc_set("general", 200, seed=101))
 
     texts = [s["instruction"] + " " + s["output"] for s in general_train[:400] + domain_train[:400]]
     tokenizer = build_tokenizer(texts + ["system user assistant You are a helpful assistant."], paths["base"])
     build_model(tokenizer, paths["base"], seed=0, **MODEL_SIZE)
-    print("[repro] stage 1: general ability (SFT on addition)", flush=True)
+    print("[repro] stage 1: general ability", flush=True)
     train(dict(model_name_or_path=paths["base"], stage="sft", do_train=True, finetuning_type="full",
                dataset="general", dataset_dir=paths["data"], template="qwen", cutoff_len=160, overwrite_cache=True,
                output_dir=paths["general"], overwrite_output_dir=True, logging_steps=10, save_strategy="no",
-               report_to="none", per_device_train_batch_size=16, learning_rate=3e-3, num_train_epochs=15.0,
+               report_to="none", per_device_train_batch_size=16, learning_rate=1e-3, num_train_epochs=5.0,
                lr_scheduler_type="linear", warmup_ratio=0.1, dataloader_num_workers=0, seed=0), cache, "general")  # fmt: skip
     return paths
 
