@@ -24,6 +24,13 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+    return path
+
+
 def deviation_points(output_dir: str) -> list[tuple[int, float]]:
     with open(os.path.join(output_dir, "trainer_state.json"), encoding="utf-8") as f:
         history = json.load(f)["log_history"]
@@ -42,10 +49,7 @@ def plot_deviation_curves(runs: dict[str, str], path: str) -> str:
     ax.set_ylabel("deviation  (1/N) Σ (1/m) log πθ/πref   (Eq. 8)")
     ax.set_title("Deviation from the reference model")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_best_accuracy(runs: list["Run"], best: dict[str, "Run"], eval_sets: list[str], path: str) -> str:
@@ -63,10 +67,7 @@ def plot_best_accuracy(runs: list["Run"], best: dict[str, "Run"], eval_sets: lis
     ax.set_ylabel("accuracy")
     ax.set_title("Best setting of each method")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_accuracy_heatmaps(runs: list["Run"], eval_sets: list[str], path: str) -> str:
@@ -95,7 +96,4 @@ def plot_accuracy_heatmaps(runs: list["Run"], eval_sets: list[str], path: str) -
         ax.set_ylabel("β")
         ax.set_title(method)
         fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
