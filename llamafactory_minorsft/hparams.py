@@ -14,13 +14,14 @@ from typing import Literal
 
 from llamafactory.hparams.finetuning_args import FinetuningArguments
 
-from . import REFERENCE_SFT_STAGES
+from . import NEW_STAGES, REFERENCE_SFT_STAGES, SFT_GO_STAGE
+from .sft_go import GROUPINGS, LAMBDA_SCHEDULES
 
 
 STOCK_STAGES: tuple[str, ...] = typing.get_args(typing.get_type_hints(FinetuningArguments)["stage"])
-ALL_STAGES: tuple[str, ...] = STOCK_STAGES + REFERENCE_SFT_STAGES
-#: Stages that can log the deviation metric: the reference stages always do, plain SFT on request.
-DEVIATION_STAGES = ("sft",) + REFERENCE_SFT_STAGES
+ALL_STAGES: tuple[str, ...] = STOCK_STAGES + NEW_STAGES
+#: Stages that can log the deviation metric: the reference stages always do, sft and sft_go on request.
+DEVIATION_STAGES = ("sft", SFT_GO_STAGE) + REFERENCE_SFT_STAGES
 
 
 @dataclass
@@ -31,9 +32,9 @@ class ReferenceSFTArguments:
         default=False,
         metadata={
             "help": (
-                "For `stage: sft`: keep the stock SFT loss and also run the reference model to log the deviation "
-                "metric of arXiv 2408.10642 Eq. 8 (`deviation`, `rewards`, `coef`, `logps/*`). "
-                "The minorsft and sft_dpo stages always log them."
+                "For `stage: sft` or `sft_go`: keep the stage's loss and also run the reference model to log the "
+                "deviation metric of arXiv 2408.10642 Eq. 8 (`deviation`, `rewards`, `coef`, `logps/*`). "
+                "The minorsft and sft_dpo stages always log them; sft_go with `sft_go_grouping: rho1` too."
             )
         },
     )
@@ -58,23 +59,91 @@ class ReferenceSFTArguments:
 
 
 @dataclass
-class ReferenceSFTFinetuningArguments(FinetuningArguments, ReferenceSFTArguments):
+class SFTGOArguments:
+    r"""Arguments of SFT-GO (`stage: sft_go`, arXiv 2506.15021)."""
+
+    sft_go_grouping: Literal["tfidf", "rho1", "llmlingua2"] = field(
+        default="tfidf",
+        metadata={
+            "help": (
+                "How SFT-GO ranks a sample's answer tokens by importance. `tfidf`: in-sample frequency × IDF over "
+                "the training answers; `rho1`: excess loss, policy token loss − reference token loss (needs a "
+                "reference, as `ref_model` or the initial model); `llmlingua2`: keep-probabilities of the "
+                "token-classification model `sft_go_classifier`. Default tfidf: it needs no extra model."
+            )
+        },
+    )
+    sft_go_eta: float = field(
+        default=0.5,
+        metadata={
+            "help": (
+                "η: the fraction of each sample's answer tokens (rounded up) that forms the important group, in "
+                "(0, 1). Default 0.5: two groups of equal size, since the paper's values are not available to us."
+            )
+        },
+    )
+    sft_go_lambda: float = field(
+        default=0.5,
+        metadata={
+            "help": (
+                "λ in [0, 1] of L = (1 − λ)·CE + λ·max(L_important, L_unimportant); 0 is plain SFT, 1 keeps only the "
+                "worst group. With a schedule it is the starting value. Default 0.5: an even mix."
+            )
+        },
+    )
+    sft_go_lambda_schedule: Literal["constant", "linear", "cosine"] = field(
+        default="constant",
+        metadata={"help": "How λ changes over the training steps: `constant`, or decay to `sft_go_lambda_min`."},
+    )
+    sft_go_lambda_min: float = field(
+        default=0.0,
+        metadata={"help": "The final λ of a `linear`/`cosine` schedule, in [0, `sft_go_lambda`]."},
+    )
+    sft_go_classifier: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "For `sft_go_grouping: llmlingua2`: path of a 2-label token-classification model (label 1 = keep, "
+                "as LLMLingua-2) with a fast tokenizer; its scores are mapped to the LLM's tokens by characters."
+            )
+        },
+    )
+
+
+def _in_range(value, low: float, high: float, low_open: bool, high_open: bool) -> bool:
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+
+
+@dataclass
+class ReferenceSFTFinetuningArguments(FinetuningArguments, ReferenceSFTArguments, SFTGOArguments):
     r"""LLaMA-Factory's ``FinetuningArguments`` plus the reference-aware SFT stages."""
 
-    stage: Literal["pt", "sft", "rm", "ppo", "dpo", "kto", "minorsft", "sft_dpo"] = field(
+    stage: Literal["pt", "sft", "rm", "ppo", "dpo", "kto", "minorsft", "sft_dpo", "sft_go"] = field(
         default="sft",
         metadata={
             "help": (
                 "Which stage will be performed in training. `minorsft`: MinorSFT (arXiv 2408.10642 Eq. 7); "
-                "`sft_dpo`: SFT using DPO (Eq. 3). Both need a reference model and use `pref_beta` as β."
+                "`sft_dpo`: SFT using DPO (Eq. 3). Both need a reference model and use `pref_beta` as β. "
+                "`sft_go`: SFT-GO, group-optimized SFT (arXiv 2506.15021), see the `sft_go_*` options."
             )
         },
     )
 
     @property
     def uses_reference_sft(self) -> bool:
-        """True when this run takes the reference-aware workflow (minorsft, sft_dpo, sft + track_deviation)."""
-        return self.stage in REFERENCE_SFT_STAGES or (self.stage == "sft" and self.track_deviation)
+        """True when this run takes this package's workflow (minorsft, sft_dpo, sft_go, sft + track_deviation)."""
+        return self.stage in NEW_STAGES or (self.stage == "sft" and self.track_deviation)
+
+    @property
+    def needs_reference(self) -> bool:
+        """True when the run needs log πref: for its loss, its grouping (Rho-1) or the deviation metric."""
+        return (
+            self.stage in REFERENCE_SFT_STAGES
+            or (self.stage in DEVIATION_STAGES and self.track_deviation)
+            or (self.stage == SFT_GO_STAGE and self.sft_go_grouping == "rho1")
+        )
 
     def __post_init__(self):
         if self.stage not in ALL_STAGES:
@@ -84,17 +153,19 @@ class ReferenceSFTFinetuningArguments(FinetuningArguments, ReferenceSFTArguments
 
         if self.track_deviation and self.stage not in DEVIATION_STAGES:
             raise ValueError(
-                f"`track_deviation` means nothing for `stage: {self.stage}`: it applies to `stage: sft` only "
-                "(minorsft and sft_dpo always log the deviation). Remove `track_deviation`."
+                f"`track_deviation` means nothing for `stage: {self.stage}`: it applies to `stage: sft` and "
+                "`stage: sft_go` only (minorsft and sft_dpo always log the deviation). Remove `track_deviation`."
             )
 
-        if self.precompute_ref_logps and not self.uses_reference_sft:
+        if self.precompute_ref_logps and not self.needs_reference:
             raise ValueError(
                 f"`precompute_ref_logps` needs a reference model, which `stage: {self.stage}` does not use here: "
-                "use it with stage minorsft, sft_dpo, or sft with `track_deviation: true`."
+                "use it with stage minorsft, sft_dpo, sft_go with `sft_go_grouping: rho1`, or sft/sft_go with "
+                "`track_deviation: true`."
             )
 
-        if self.uses_reference_sft:
+        self._check_sft_go()
+        if self.needs_reference:
             self.use_ref_model = True
             if not (isinstance(self.pref_beta, (int, float)) and math.isfinite(self.pref_beta) and self.pref_beta > 0):
                 raise ValueError(
@@ -109,9 +180,78 @@ class ReferenceSFTFinetuningArguments(FinetuningArguments, ReferenceSFTArguments
                 )
 
 
+    def _check_sft_go(self) -> None:
+        if self.stage != SFT_GO_STAGE:
+            if self.sft_go_classifier is not None:
+                raise ValueError(f"`sft_go_classifier` is an option of `stage: sft_go`, not `{self.stage}`. Remove it.")
+            return
+
+        checks = [
+            ("sft_go_grouping", self.sft_go_grouping in GROUPINGS, f"one of {', '.join(GROUPINGS)}"),
+            ("sft_go_eta", _in_range(self.sft_go_eta, 0, 1, True, True), "a fraction strictly between 0 and 1"),
+            ("sft_go_lambda", _in_range(self.sft_go_lambda, 0, 1, False, False), "a number in [0, 1]"),
+            ("sft_go_lambda_schedule", self.sft_go_lambda_schedule in LAMBDA_SCHEDULES,
+             f"one of {', '.join(LAMBDA_SCHEDULES)}"),
+            ("sft_go_lambda_min", _in_range(self.sft_go_lambda_min, 0, self.sft_go_lambda, False, False)
+             if _in_range(self.sft_go_lambda, 0, 1, False, False) else True, "a number in [0, `sft_go_lambda`]"),
+        ]  # fmt: skip
+        for name, ok, wanted in checks:
+            if not ok:
+                raise ValueError(f"`{name}` must be {wanted}, got {getattr(self, name)!r}.")
+
+        if self.sft_go_grouping == "llmlingua2":
+            if self.sft_go_classifier is None:
+                raise ValueError(
+                    "`sft_go_grouping: llmlingua2` needs `sft_go_classifier`: the path of a token-classification "
+                    "model (for example an LLMLingua-2 checkpoint)."
+                )
+            if not os.path.isdir(os.path.expanduser(self.sft_go_classifier)):
+                raise ValueError(
+                    f"`sft_go_classifier` path {self.sft_go_classifier!r} does not exist. Point it at a local "
+                    "token-classification model directory."
+                )
+        elif self.sft_go_classifier is not None:
+            raise ValueError(
+                f"`sft_go_classifier` is only used by `sft_go_grouping: llmlingua2`, not {self.sft_go_grouping}. "
+                "Remove it, or set `sft_go_grouping: llmlingua2`."
+            )
+
+
 def _looks_like_local_path(name: str) -> bool:
     # Hub ids are "org/name"; anything absolute, relative-dotted or home-based is meant as a local path.
     return os.path.isabs(name) or name.startswith(("./", "../", "~", ".\\")) or name.count("/") > 1
+
+
+def _check_reference_vocabulary(policy: str, reference: str, trust_remote_code: bool) -> None:
+    """The reference must score the policy's token ids: same vocabulary size, and same tokens where both ship a
+    tokenizer. Reads configs and tokenizers only, never weights."""
+    if not (os.path.isdir(reference) and os.path.isdir(os.path.expanduser(policy))):
+        return  # hub ids are checked by the loader itself
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    def vocab_size(path: str):
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return getattr(config.get_text_config(), "vocab_size", None)
+
+    sizes = vocab_size(os.path.expanduser(policy)), vocab_size(reference)
+    if None not in sizes and sizes[0] != sizes[1]:
+        raise ValueError(
+            f"`ref_model` {reference!r} has a vocabulary of {sizes[1]} tokens, the policy {policy!r} one of {sizes[0]}: "
+            "the reference must use the policy's tokenizer. Point `ref_model` at a model of the same family."
+        )
+
+    def vocab(path: str):
+        if not any(os.path.exists(os.path.join(path, name)) for name in ("tokenizer.json", "tokenizer_config.json")):
+            return None
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code).get_vocab()
+
+    vocabularies = vocab(os.path.expanduser(policy)), vocab(reference)
+    if None not in vocabularies and vocabularies[0] != vocabularies[1]:
+        raise ValueError(
+            f"`ref_model` {reference!r} has another tokenizer vocabulary than the policy {policy!r}: its log-probs "
+            "would score other tokens. Point `ref_model` at a model with the policy's tokenizer."
+        )
 
 
 def verify_reference_sft_args(model_args, data_args, training_args, finetuning_args, dataset_attrs) -> None:
@@ -135,6 +275,8 @@ def verify_reference_sft_args(model_args, data_args, training_args, finetuning_a
                 f"`ref_model` path {finetuning_args.ref_model!r} does not exist. Point `ref_model` at a model "
                 "directory, or remove it to use the initial model as the reference."
             )
+
+        _check_reference_vocabulary(model_args.model_name_or_path, ref, model_args.trust_remote_code)
 
     if data_args.packing or data_args.neat_packing:
         raise ValueError(

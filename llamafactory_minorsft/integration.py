@@ -105,10 +105,10 @@ def wants_reference_sft(args: dict[str, Any] | list[str]) -> bool:
         known, _ = peek.parse_known_args(args)
         stage, track = known.stage, known.track_deviation
 
-    from . import REFERENCE_SFT_STAGES
+    from . import NEW_STAGES
 
     track = track if isinstance(track, bool) else str(track).strip().lower() in _TRUE
-    return stage in REFERENCE_SFT_STAGES or (stage == "sft" and track)
+    return stage in NEW_STAGES or (stage == "sft" and track)
 
 
 def _reference_sft_training_function(tuner, config: dict[str, Any]) -> None:
@@ -118,14 +118,11 @@ def _reference_sft_training_function(tuner, config: dict[str, Any]) -> None:
 
     from llamafactory.train.trainer_utils import get_swanlab_callback
 
-    from .hparams import verify_reference_sft_args
     from .train.workflow import run_reference_sft
 
     callbacks: list[Any] = config.get("callbacks")
     model_args, data_args, training_args, finetuning_args, generating_args = tuner.get_train_args(config.get("args"))
-    verify_reference_sft_args(
-        model_args, data_args, training_args, finetuning_args, dataset_attrs=_dataset_attrs(data_args)
-    )
+    verify_reference_sft_run(model_args, data_args, training_args, finetuning_args)
 
     # the stock callbacks of tuner._training_function (PiSSA is rejected for these stages)
     callbacks.append(tuner.LogCallback())
@@ -151,6 +148,13 @@ def _reference_sft_training_function(tuner, config: dict[str, Any]) -> None:
         from llamafactory.extras.logging import get_logger
 
         get_logger(__name__).warning(f"Failed to destroy process group: {err}.")
+
+
+def verify_reference_sft_run(model_args, data_args, training_args, finetuning_args) -> None:
+    """The cross-argument checks of this package's stages, before anything loads (also called by the fork patch)."""
+    from .hparams import verify_reference_sft_args
+
+    verify_reference_sft_args(model_args, data_args, training_args, finetuning_args, _dataset_attrs(data_args))
 
 
 def _dataset_attrs(data_args) -> list:

@@ -14,6 +14,10 @@ import torch.nn.functional as F
 
 
 IGNORE_INDEX = -100  # LLaMA-Factory's extras.constants.IGNORE_INDEX (kept here so this module stays pure)
+# A reference that gives an answer probability 0 (log πref = −inf, e.g. a masked or underflowed token) would make
+# r = +inf and the deviation metric inf. Its log-prob counts as this floor instead: e^(−1e6) is 0 in every float
+# format, and no real answer reaches it (that would take 100,000 tokens at 10 nats each), so no real value moves.
+REF_LOGPS_FLOOR = -1.0e6
 
 
 class AnswerLogps(NamedTuple):
@@ -85,8 +89,16 @@ def answer_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int =
 
 
 def log_ratio(policy_logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
-    """r_i = log πθ(y_i|x_i) − log πref(y_i|x_i); β·r_i is the implicit reward r̂θ of §3.1."""
-    return policy_logps.float() - ref_logps.float()
+    """r_i = log πθ(y_i|x_i) − log πref(y_i|x_i); β·r_i is the implicit reward r̂θ of §3.1.
+
+    log πref is floored at ``REF_LOGPS_FLOOR`` (a reference probability of 0 stays finite), in float32.
+    """
+    return policy_logps.float() - floored_ref_logps(ref_logps)
+
+
+def floored_ref_logps(ref_logps: torch.Tensor) -> torch.Tensor:
+    """log πref(y|x) in float32, with −inf (a reference probability 0) raised to ``REF_LOGPS_FLOOR``."""
+    return ref_logps.float().nan_to_num(neginf=REF_LOGPS_FLOOR).clamp(min=REF_LOGPS_FLOOR)
 
 
 def minorsft_loss(

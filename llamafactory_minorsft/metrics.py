@@ -7,10 +7,12 @@ number as one big batch (the paper's Eq. 8 is a mean over the N samples of a bat
 
 import torch
 
-from .losses import log_ratio, normalized_log_ratio
+from .losses import floored_ref_logps, log_ratio, normalized_log_ratio
 
 
 METRIC_NAMES = ("deviation", "rewards", "coef", "logps/policy", "logps/ref")
+DEVIATION_SUMS_SIZE = len(METRIC_NAMES) + 1
+GROUP_SUMS_SIZE = 6
 
 
 def metric_sums(
@@ -29,7 +31,7 @@ def metric_sums(
             beta * log_ratio(policy_logps, ref_logps),
             coef.float(),
             policy_logps.float(),
-            ref_logps.float(),
+            floored_ref_logps(ref_logps),
         ]
     ).double()
     sums = torch.where(valid, per_sample, torch.zeros_like(per_sample)).sum(-1)
@@ -43,3 +45,30 @@ def metric_means(sums: torch.Tensor, prefix: str = "") -> dict[str, float]:
         return {}
 
     return {f"{prefix}{name}": float(value) / count for name, value in zip(METRIC_NAMES, sums[:-1].tolist())}
+
+
+GROUP_METRIC_NAMES = ("group_loss/important", "group_loss/unimportant", "worst_group/important")
+
+
+def group_sums(important: torch.Tensor, unimportant: torch.Tensor, worst_is_important: torch.Tensor,
+               num_tokens: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """SFT-GO sums, each followed by its own count: a float64 vector of 6.
+
+    - ``group_loss/important`` / ``group_loss/unimportant``: a group's mean token NLL, over the samples where
+      that group is not empty (NaN marks an empty group);
+    - ``worst_group/important``: the fraction of valid samples whose worst (higher-loss) group is the important one.
+    """
+    valid = num_tokens > 0
+    parts = []
+    for values in (important, unimportant):
+        present = ~torch.isnan(values) & valid
+        parts += [torch.where(present, values, torch.zeros_like(values)).double().sum(), present.sum().double()]
+    parts += [(worst_is_important & valid).sum().double(), valid.sum().double()]
+    return torch.stack(parts)
+
+
+def group_means(sums: torch.Tensor, prefix: str = "") -> dict[str, float]:
+    """Logged means of (all-reduced) ``group_sums``; a metric without any sample is left out."""
+    values = sums.tolist()
+    return {f"{prefix}{name}": values[2 * i] / values[2 * i + 1]
+            for i, name in enumerate(GROUP_METRIC_NAMES) if values[2 * i + 1] > 0}  # fmt: skip

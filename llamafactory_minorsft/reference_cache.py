@@ -68,8 +68,12 @@ def cache_key(reference: dict[str, Any], dataset) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def load(path: str, num_samples: int) -> Optional[dict[str, torch.Tensor]]:
-    """The cached values, or None when the file is missing, unreadable, partial or of another size."""
+def load(path: str, num_samples: int, per_token: bool = False) -> Optional[dict[str, torch.Tensor]]:
+    """The cached values, or None when the file is missing, unreadable, partial or of another size.
+
+    With ``per_token`` the file must also hold every answer token's log-prob (``token_logps``, flat, in
+    sample order: Σ num_tokens values), as SFT-GO's Rho-1 grouping needs them.
+    """
     if not os.path.exists(path):
         return None
 
@@ -82,12 +86,30 @@ def load(path: str, num_samples: int) -> Optional[dict[str, torch.Tensor]]:
     if logps.shape != (num_samples,) or num_tokens.shape != (num_samples,) or torch.isnan(logps).any():
         return None
 
-    return {"logps": logps, "num_tokens": num_tokens}
+    values = {"logps": logps, "num_tokens": num_tokens}
+    if per_token:
+        token_logps = cached.get("token_logps")
+        if not isinstance(token_logps, torch.Tensor) or token_logps.shape != (int(num_tokens.sum()),):
+            return None
+        if torch.isnan(token_logps).any():
+            return None
+        values["token_logps"] = token_logps
+
+    return values
 
 
-def save(path: str, logps: torch.Tensor, num_tokens: torch.Tensor, info: dict[str, Any]) -> None:
+def save(
+    path: str,
+    logps: torch.Tensor,
+    num_tokens: torch.Tensor,
+    info: dict[str, Any],
+    token_logps: Optional[torch.Tensor] = None,
+) -> None:
     """Write atomically: a crash mid-write never leaves a file that ``load`` accepts."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp_path = f"{path}.tmp.{os.getpid()}"
-    torch.save({"logps": logps.float().cpu(), "num_tokens": num_tokens.long().cpu(), "info": info}, tmp_path)
+    values = {"logps": logps.float().cpu(), "num_tokens": num_tokens.long().cpu(), "info": info}
+    if token_logps is not None:
+        values["token_logps"] = token_logps.float().cpu()
+    torch.save(values, tmp_path)
     os.replace(tmp_path, path)

@@ -151,3 +151,22 @@ def build_tiny_setup(output_dir: str, seed: int = 0, num_samples: int = 256, **s
     build_model(tokenizer, paths["model"], seed=seed, **size)
     build_model(tokenizer, paths["ref_model"], seed=seed + 1, **size)
     return paths
+
+
+def build_token_classifier(texts: list[str], output_dir: str, seed: int = 0, vocab_size: int = 300) -> None:
+    """A tiny 2-label token classifier (an LLMLingua-2 stand-in for SFT-GO's `llmlingua2` grouping).
+
+    It has its own, smaller BPE vocabulary, so its tokens do not line up with the LLM's and the scores must
+    be mapped through character offsets, as with a real LLMLingua-2 (XLM-RoBERTa) model.
+    """
+    import torch
+    from transformers import Qwen2Config, Qwen2ForTokenClassification
+
+    tokenizer = build_tokenizer(texts, output_dir, vocab_size=vocab_size)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+        num_labels=2, id2label={0: "drop", 1: "keep"}, label2id={"drop": 0, "keep": 1},
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    Qwen2ForTokenClassification(config).save_pretrained(output_dir)

@@ -42,6 +42,10 @@ def write_report(grid_dir: str, docs_dir: str, general: dict[str, float], minute
         shutil.copy(os.path.join(grid_dir, name), os.path.join(figures, f"reproduction_{name}"))
 
     best = {m: max((k for k in settings if k[0] == m), key=lambda k: score(settings[k])) for m in METHODS}
+    sft_lrs = " / ".join(f"{k[1]:g}" for k in sorted(k for k in settings if k[0] == "sft"))
+    betas = " / ".join(f"{b:g}" for b in sorted({k[2] for k in settings if k[2] is not None}))
+    seeds = len(next(iter(settings.values()))["final_loss"])
+    runs = sum(len(v["final_loss"]) for v in settings.values())
     lines = [
         "# Small-scale reproduction of arXiv 2408.10642",
         "",
@@ -50,15 +54,21 @@ def write_report(grid_dir: str, docs_dir: str, general: dict[str, float], minute
         "",
         "**Setup.** A tiny Qwen2 model (hidden 128, 4 layers, 643k parameters) first gets a *general* ability: SFT "
         "(5 epochs, lr 1e-3) on 800 generated questions \"Which kind of thing is a <word>?\" in the paper's ceval "
-        "multiple-choice prompt, answered by a letter; the options (animal, colour, fruit, tool) come in a fixed "
-        "order and the category shows in the word's suffix. It is then fine-tuned on a *domain*, 400 questions "
-        "about four other categories (metal, river, city, star) in the same format, by each method over a grid: "
-        "raw SFT (with `track_deviation`) at lr 1e-4 / 3e-4 / 1e-3; SFT using DPO and MinorSFT at twice those "
-        "learning rates (the paper's best settings are at 2x SFT's) × β 0.04 / 0.2; two seeds each (30 runs, "
-        "batch 16, warm-up 0.1, linear decay, 1 epoch). Accuracy is read from the next-token scores of A-D on "
-        "held-out question sets of 200 words never seen in training: `domain_mc` and `general_mc` (retention). "
-        "Values are mean ± std over the two seeds. This is a toy: it checks the direction of the paper's claims "
-        "on a task a 643k-parameter model can learn in seconds, not their size on Qwen2-7B.",
+        "multiple-choice prompt, answered by a letter. The options (animal, colour, fruit, tool) come in a fixed "
+        "order, and the category shows in the word's suffix (-ox, -el, -ap, -ik). It is then fine-tuned on a "
+        "*domain* of 400 questions \"On the star chart, what is the place named <word>?\" with the options metal, "
+        "river, city, star. The domain uses the same four suffixes with a deranged mapping (-ox is an animal, "
+        "option A, in the general task, but a city, option C, in the domain). A model that learns the domain through "
+        "the shortcut \"suffix → letter\" therefore forgets the general task: tuning interferes with what the model "
+        "knew, which is the situation the paper's deviation constraint addresses. Each method runs over a grid: "
+        f"raw SFT (with `track_deviation`) at lr {sft_lrs}; SFT using DPO and MinorSFT at twice those learning "
+        f"rates (the paper's best settings are at 2x SFT's) × β {betas}; {seeds} seeds each "
+        f"({runs} runs, batch 16, warm-up 0.1, linear decay, 1 epoch = 25 steps). Accuracy is read from the "
+        "next-token scores of A-D on held-out question sets of 200 new words each: `domain_mc` and `general_mc` "
+        "(retention). Values are mean ± std (population) over the seeds. A method's *best setting* is the one with "
+        "the highest mean of the two accuracies, mirroring the paper's average over its evaluation sets. This is a "
+        "toy: it checks the direction of the paper's claims on a task a 643k-parameter model learns in seconds, "
+        "not their size on Qwen2-7B.",
         "",
         f"Before domain tuning the general model scores domain {general['domain_mc']:.3f}, general "
         f"{general['general_mc']:.3f} (chance is 0.25).",

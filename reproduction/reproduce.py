@@ -30,18 +30,23 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_SIZE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2)  # fmt: skip
-SFT_LRS = [1.0e-4, 3.0e-4, 1.0e-3]
+SFT_LRS = [1.0e-4, 3.0e-4, 1.0e-3, 3.0e-3]
 REFERENCE_LRS = [2 * lr for lr in SFT_LRS]  # the paper: the reference methods peak at twice SFT's learning rate
 BETAS = [0.04, 0.2]
-SEEDS = [1, 2]
+SEEDS = [1, 2, 3]
 
 
 # Each task: words whose category shows in a suffix, asked as a ceval multiple-choice question whose four options
-# (in a fixed order) are the categories; new stems make held-out questions the model can answer by generalising.
+# (in a fixed order) are the task's categories; new stems make held-out questions the model can answer only by
+# generalising. The domain reuses the general task's suffixes with a different question and a deranged mapping
+# (ox is an animal, option A, in the general task but a city, option C, in the domain), so a model that learns
+# the domain by the shortcut "suffix → letter" forgets the general task: domain tuning interferes, as in the paper.
 TASKS = {
-    "general": {"animal": "ox", "colour": "el", "fruit": "ap", "tool": "ik"},
-    "domain": {"metal": "um", "river": "ar", "city": "os", "star": "is"},
-}
+    "general": {"question": "Which kind of thing is a {word}?",
+                "categories": {"animal": "ox", "colour": "el", "fruit": "ap", "tool": "ik"}},
+    "domain": {"question": "On the star chart, what is the place named {word}?",
+               "categories": {"metal": "ap", "river": "ik", "city": "ox", "star": "el"}},
+}  # fmt: skip
 
 
 def stem(rng: random.Random) -> str:
@@ -50,12 +55,13 @@ def stem(rng: random.Random) -> str:
 
 def mc_set(task: str, count: int, seed: int) -> list[dict[str, str]]:
     rng = random.Random(seed)
-    categories = list(TASKS[task])
+    categories = TASKS[task]["categories"]
+    names = list(categories)
     questions = []
     for _ in range(count):
         answer = rng.randrange(4)
-        word = f"{stem(rng)}-{TASKS[task][categories[answer]]}"
-        questions.append({"question": f"Which kind of thing is a {word}?", **dict(zip("ABCD", categories)),
+        word = f"{stem(rng)}-{categories[names[answer]]}"
+        questions.append({"question": TASKS[task]["question"].format(word=word), **dict(zip("ABCD", names)),
                           "answer": "ABCD"[answer]})  # fmt: skip
     return questions
 

@@ -3,6 +3,7 @@
 import pytest
 
 from conftest import base_config, run_cli
+from llamafactory_minorsft.tiny import build_model, build_tokenizer
 
 
 CASES = {
@@ -13,12 +14,28 @@ CASES = {
     "unknown_stage": (dict(stage="minor_sft"), "Unknown `stage: minor_sft`"),
     "track_deviation_on_dpo": (dict(stage="dpo", dataset="pairs", track_deviation=True), "`track_deviation`"),
     "packing": (dict(packing=True), "`packing`"),
+    "sft_go_eta": (dict(stage="sft_go", sft_go_eta=1.5), "`sft_go_eta` must be a fraction strictly between 0 and 1"),
+    "sft_go_lambda": (dict(stage="sft_go", sft_go_lambda=-0.1), "`sft_go_lambda` must be a number in [0, 1]"),
+    "ref_vocabulary_mismatch": (dict(ref_model="OTHER_TOKENIZER"), "vocabulary"),
+    "precompute_streaming": (dict(precompute_ref_logps=True, streaming=True, max_steps=1), "`streaming: true`"),
+    "track_deviation_on_pt": (dict(stage="pt", track_deviation=True), "`track_deviation` means nothing"),
+    "sft_go_no_classifier": (dict(stage="sft_go", sft_go_grouping="llmlingua2"), "needs `sft_go_classifier`"),
 }
 
 
+@pytest.fixture(scope="module")
+def other_tokenizer_model(tmp_path_factory) -> str:
+    """A tiny model whose tokenizer was trained on other text: another vocabulary than the policy's."""
+    path = str(tmp_path_factory.mktemp("other_tokenizer"))
+    build_model(build_tokenizer(["entirely different words for another vocabulary"] * 4, path, vocab_size=300), path)
+    return path
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_fails_early_and_clearly(tiny, tmp_path, case):
+def test_bad_input_fails_early_and_clearly(tiny, tmp_path, case, request):
     overrides, message = CASES[case]
+    if overrides.get("ref_model") == "OTHER_TOKENIZER":
+        overrides = dict(overrides, ref_model=request.getfixturevalue("other_tokenizer_model"))
     out = tmp_path / "out"
     proc = run_cli(base_config(tiny, out, **overrides), tmp_path / "run", check=False)
     output = proc.stdout + proc.stderr

@@ -15,7 +15,8 @@ TINY_CONFIGS = sorted(EXAMPLES.glob("tiny/*.yaml"))
 
 
 def test_paper_configs_mirror_the_paper_setup():
-    assert [p.name for p in PAPER_CONFIGS] == ["qwen2_minorsft.yaml", "qwen2_sft.yaml", "qwen2_sft_dpo.yaml"]
+    names = ["qwen2_minorsft.yaml", "qwen2_sft.yaml", "qwen2_sft_dpo.yaml", "qwen2_sft_go.yaml"]
+    assert [p.name for p in PAPER_CONFIGS] == names
     for path in PAPER_CONFIGS:
         config = yaml.safe_load(path.read_text())
         assert config["model_name_or_path"] == "Qwen/Qwen2-7B-Instruct" and config["template"] == "qwen"
@@ -27,6 +28,8 @@ def test_paper_configs_mirror_the_paper_setup():
         assert config["num_train_epochs"] == 1.0
         if config["stage"] == "sft":
             assert config["learning_rate"] == 1e-5 and config["track_deviation"] is True
+        elif config["stage"] == "sft_go":  # SFT-GO reweights SFT: SFT's learning rate, β unused
+            assert config["learning_rate"] == 1e-5 and config["sft_go_grouping"] == "rho1" and "pref_beta" not in config
         else:
             assert config["learning_rate"] == 2e-5 and config["pref_beta"] == 0.04
 

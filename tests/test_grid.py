@@ -1,4 +1,4 @@
-"""The grid runner and the multiple-choice evaluator, end to end on the tiny model (a two-run mini grid)."""
+"""The grid runner and the multiple-choice evaluator, end to end on the tiny model (a three-run mini grid)."""
 
 import csv
 import json
@@ -44,7 +44,9 @@ def write_grid(tiny, tmp_path, **extra) -> Path:
         base="base.yaml", output_dir=str(tmp_path / "grid_out"),
         eval=dict(files=["domain_mc.jsonl", "general_mc.csv"], prompt="ceval"),
         blocks=[dict(name="sft", set=dict(stage="sft", track_deviation=True), grid=dict(learning_rate=[1e-3])),
-                dict(name="minorsft", set=dict(stage="minorsft"), grid=dict(learning_rate=[2e-3], pref_beta=[0.04]))],
+                dict(name="minorsft", set=dict(stage="minorsft"), grid=dict(learning_rate=[2e-3], pref_beta=[0.04])),
+                dict(name="sft_go", set=dict(stage="sft_go", sft_go_grouping="rho1", learning_rate=1e-3),
+                     grid=dict(sft_go_lambda=[0.5]))],
         **extra,
     )  # fmt: skip
     path = tmp_path / "grid.yaml"
@@ -73,18 +75,19 @@ def test_mini_grid_trains_evaluates_plots_and_resumes(tiny, tmp_path):
     write_mc(tmp_path)
     grid = write_grid(tiny, tmp_path)
     dry = tool("grid", grid, "--dry-run", cwd=tmp_path)
-    assert "2 runs" in dry.stdout and "minorsft-learning_rate=0.002-pref_beta=0.04" in dry.stdout
+    assert "3 runs" in dry.stdout and "minorsft-learning_rate=0.002-pref_beta=0.04" in dry.stdout
+    assert "sft_go-sft_go_lambda=0.5: stage=sft_go sft_go_lambda=0.5" in dry.stdout
     assert not (tmp_path / "grid_out").exists()
 
     tool("grid", grid, cwd=tmp_path)
     out = tmp_path / "grid_out"
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["method"] for r in rows] == ["sft", "minorsft"] and all(r["status"] == "done" for r in rows)
+    assert [r["method"] for r in rows] == ["sft", "minorsft", "sft_go"] and all(r["status"] == "done" for r in rows)
     for row in rows:
         assert float(row["final_deviation"]) != 0 and 0 <= float(row["acc_domain_mc"]) <= 1
         assert row["final_loss"] and row["acc_general_mc"]
-    assert rows[1]["pref_beta"] == "0.04" and rows[0]["pref_beta"] == ""
+    assert rows[1]["pref_beta"] == "0.04" and rows[0]["pref_beta"] == "" and rows[2]["sft_go_lambda"] == "0.5"
     for figure in ("fig1_deviation.png", "fig2a_lr_beta.png", "fig2b_best_accuracy.png"):
         assert (out / figure).stat().st_size > 0
     assert "| minorsft-learning_rate=0.002-pref_beta=0.04 | minorsft |" in (out / "results.md").read_text()

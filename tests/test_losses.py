@@ -126,6 +126,14 @@ def test_losses_stay_finite_for_huge_log_ratios():
         losses, coef = loss_fn(policy, ref, m, 0.5)
         (grad,) = torch.autograd.grad(losses.sum(), policy)
         assert torch.isfinite(losses).all() and torch.isfinite(grad).all() and torch.isfinite(coef).all()
+    # the limits are right, not just finite: |β·r| = 5000
+    losses, coef = minorsft_loss(policy, ref, m, 0.5)
+    assert coef.tolist()[:2] == [2.0, 0.0] and losses[0].item() == pytest.approx(2 * 1e4 / 100)
+    losses, coef = sft_dpo_loss(policy, ref, m, 0.5)
+    assert losses[0].item() == pytest.approx(0.5 * 1e4) and losses[1].item() == 0.0
+    # a reference probability 0 (log πref = −inf) leaves the deviation metric and rewards finite
+    means = metric_means(metric_sums(policy.detach(), ref, m, coef, 0.5))
+    assert all(torch.isfinite(torch.tensor(value)) for value in means.values()), means
 
 
 def test_metric_sums_are_eq8_means_over_valid_samples():

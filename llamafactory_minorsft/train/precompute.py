@@ -1,7 +1,7 @@
 """``precompute_ref_logps``: attach cached or freshly computed reference log-probs to the data sets.
 
-The values travel as a ``ref_logps`` column of the tokenized data set, so every sampler (shuffling, data
-parallel sharding, resuming mid-epoch) hands each process the right value for each of its samples.
+The values travel as a ``ref_logps`` column of the tokenized data set (see ``columns``), plus a
+``ref_token_logps`` column of per-token values where SFT-GO's Rho-1 grouping needs them.
 """
 
 import os
@@ -12,28 +12,13 @@ import torch
 import torch.distributed as dist
 
 from .. import reference_cache
-from .trainer import REF_LOGPS
+from .columns import REF_LOGPS, REF_TOKEN_LOGPS
 
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
     from .trainer import ReferenceSFTTrainer
-
-
-class ReferenceLogpsCollator:
-    """LLaMA-Factory's SFT collator, plus ``ref_logps`` (one float per sample) when the data set has it."""
-
-    def __init__(self, collator) -> None:
-        self.collator = collator
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        ref_logps = [feature[REF_LOGPS] for feature in features] if REF_LOGPS in features[0] else None
-        batch = self.collator([{k: v for k, v in feature.items() if k != REF_LOGPS} for feature in features])
-        if ref_logps is not None:
-            batch[REF_LOGPS] = torch.tensor(ref_logps, dtype=torch.float32)
-
-        return batch
 
 
 def reference_identity(model_args, data_args, finetuning_args) -> dict[str, Any]:
@@ -54,7 +39,13 @@ def reference_identity(model_args, data_args, finetuning_args) -> dict[str, Any]
         "compute_dtype": str(model_args.compute_dtype),
         "template": data_args.template,
         "cutoff_len": data_args.cutoff_len,
+        "per_token": wants_token_logps(finetuning_args),
     }
+
+
+def wants_token_logps(finetuning_args) -> bool:
+    """SFT-GO's Rho-1 grouping needs every answer token's reference log-prob, not only their sum."""
+    return finetuning_args.stage == "sft_go" and finetuning_args.sft_go_grouping == "rho1"
 
 
 def _split_datasets(dataset_module: dict[str, Any]) -> dict[str, "Dataset"]:
@@ -86,6 +77,7 @@ class PrecomputedReference:
 
     def __init__(self, model_args, data_args, finetuning_args, dataset_module: dict[str, Any]) -> None:
         self.splits = _split_datasets(dataset_module)
+        self.per_token = wants_token_logps(finetuning_args)
         identity = reference_identity(model_args, data_args, finetuning_args)
         cache_dir = finetuning_args.ref_logps_cache_dir or reference_cache.default_cache_dir()
         self.paths = {
@@ -94,7 +86,7 @@ class PrecomputedReference:
         }
         self.values: dict[str, Optional[dict[str, torch.Tensor]]] = {}
         for split, dataset in self.splits.items():
-            cached = reference_cache.load(self.paths[split], len(dataset))
+            cached = reference_cache.load(self.paths[split], len(dataset), per_token=self.per_token)
             self.values[split] = cached if _all_processes_agree(cached is not None) else None
 
     @property
@@ -107,15 +99,17 @@ class PrecomputedReference:
         for split, dataset in self.splits.items():
             if self.values[split] is None:
                 start = time.perf_counter()
-                logps, num_tokens = trainer.compute_reference_logps(dataset, desc=f"Reference log-probs ({split})")
+                values = trainer.compute_reference_logps(
+                    dataset, desc=f"Reference log-probs ({split})", per_token=self.per_token
+                )
                 metrics[f"ref_precompute_{split}_runtime"] = round(time.perf_counter() - start, 4)
                 if trainer.is_world_process_zero():
-                    reference_cache.save(self.paths[split], logps, num_tokens, {"split": split})
-                self.values[split] = {"logps": logps, "num_tokens": num_tokens}
+                    reference_cache.save(self.paths[split], values["logps"], values["num_tokens"], {"split": split},
+                                         token_logps=values.get("token_logps"))  # fmt: skip
+                self.values[split] = values
 
         trainer.accelerator.wait_for_everyone()
-        columns = {split: dataset.add_column(REF_LOGPS, self.values[split]["logps"].tolist())
-                   for split, dataset in self.splits.items()}  # fmt: skip
+        columns = {split: self._with_columns(dataset, self.values[split]) for split, dataset in self.splits.items()}
         if "train" in columns:
             trainer.train_dataset = columns["train"]
         if "eval" in columns:
@@ -125,3 +119,10 @@ class PrecomputedReference:
 
         trainer.release_reference()
         return metrics
+
+    def _with_columns(self, dataset: "Dataset", values: dict[str, torch.Tensor]) -> "Dataset":
+        dataset = dataset.add_column(REF_LOGPS, values["logps"].tolist())
+        if self.per_token:  # split the flat per-token values back into one list per sample
+            per_sample = values["token_logps"].split(values["num_tokens"].tolist())
+            dataset = dataset.add_column(REF_TOKEN_LOGPS, [row.tolist() for row in per_sample])
+        return dataset

@@ -1,4 +1,4 @@
-"""Trainer of the reference-aware stages: LLaMA-Factory's SFT trainer with a reference model.
+"""Trainer of this package's stages: LLaMA-Factory's SFT trainer with a reference model and per-sample losses.
 
 ``CustomSeq2SeqTrainer`` already prepares a ``ref_model`` for DeepSpeed, FSDP or plain accelerate the way
 DPO does; we override ``compute_loss`` (TRL style: log-probs → loss function → metrics) and keep the
@@ -14,9 +14,11 @@ from tqdm import tqdm
 from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
 from typing_extensions import override
 
-from .. import REFERENCE_SFT_STAGES
-from ..losses import IGNORE_INDEX, answer_logps, minorsft_loss, sft_dpo_loss
-from ..metrics import METRIC_NAMES, metric_means, metric_sums
+from .. import NEW_STAGES, SFT_GO_STAGE
+from ..losses import IGNORE_INDEX, answer_token_logps, minorsft_loss, sft_dpo_loss
+from ..metrics import DEVIATION_SUMS_SIZE, GROUP_SUMS_SIZE, group_means, group_sums, metric_means, metric_sums
+from ..sft_go import rho1_scores, scheduled_lambda, sft_go_loss, tfidf_scores, top_fraction_mask
+from .columns import EXTRA_COLUMNS, REF_LOGPS, REF_TOKEN_LOGPS, TOKEN_IMPORTANCE, answer_values
 
 
 if TYPE_CHECKING:
@@ -26,7 +28,6 @@ if TYPE_CHECKING:
 
 
 LOSS_FUNCTIONS = {"minorsft": minorsft_loss, "sft_dpo": sft_dpo_loss}
-REF_LOGPS = "ref_logps"  # the batch key of precomputed log πref(y|x)
 
 
 def count_answered_samples(batch_samples: list[dict[str, torch.Tensor]]) -> int:
@@ -35,9 +36,9 @@ def count_answered_samples(batch_samples: list[dict[str, torch.Tensor]]) -> int:
 
 
 class ReferenceSFTTrainer(CustomSeq2SeqTrainer):
-    r"""SFT trainer for `minorsft`, `sft_dpo` and `sft` + `track_deviation`.
+    r"""SFT trainer for `minorsft`, `sft_dpo`, `sft_go` and `sft` + `track_deviation`.
 
-    Loss normalisation (minorsft, sft_dpo): the loss of a micro-batch is Σ_i L_i / N · P, where N is the
+    Loss normalisation (minorsft, sft_dpo, sft_go): the loss of a micro-batch is Σ_i L_i / N · P, where N is the
     number of valid samples in the whole global batch (all accumulation steps, all P processes, counted in
     ``get_batch_samples``). Gradient accumulation sums the micro-batches and data parallelism averages the
     processes, so the update is that of the mean over the global batch, as one big batch would give.
@@ -47,24 +48,33 @@ class ReferenceSFTTrainer(CustomSeq2SeqTrainer):
         self,
         finetuning_args: "ReferenceSFTFinetuningArguments",
         ref_model: Optional["PreTrainedModel"] = None,
+        idf: Optional[torch.Tensor] = None,
         **kwargs,
     ) -> None:
         super().__init__(finetuning_args=finetuning_args, ref_model=ref_model, **kwargs)
-        self.loss_type = finetuning_args.stage  # "minorsft", "sft_dpo", or "sft" (stock loss, metrics only)
+        self.loss_type = finetuning_args.stage  # "minorsft", "sft_dpo", "sft_go", or "sft" (stock loss, metrics only)
         self.beta = finetuning_args.pref_beta
-        if self.loss_type in REFERENCE_SFT_STAGES:
+        self.uses_reference = finetuning_args.needs_reference
+        self.go_args = finetuning_args  # sft_go_* options
+        self.idf = idf  # SFT-GO TF-IDF grouping: idf of every token id over the training answers
+        if self.loss_type in NEW_STAGES:
             # compute_loss normalises by the global batch itself, so the Trainer must neither divide by the
             # accumulation steps (it does when this is False) nor let the model average the loss.
             self.model_accepts_loss_kwargs = True
 
         self.precomputed_reference = False
         self._num_answered_samples: Optional[torch.Tensor] = None
-        self._stored_sums: dict[str, Optional[torch.Tensor]] = {"train": None, "eval": None}
+        self._train_lambda: Optional[float] = None
+        self._stored_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
+        # every process logs the same metric groups, so their all-reduce in ``log`` is collective-safe
+        self._metric_groups = {"deviation": DEVIATION_SUMS_SIZE} if self.uses_reference else {}
+        if self.loss_type == SFT_GO_STAGE:
+            self._metric_groups["groups"] = GROUP_SUMS_SIZE
 
     @override
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if self.loss_type in REFERENCE_SFT_STAGES:
+        if self.loss_type in NEW_STAGES:
             count = torch.tensor(count_answered_samples(batch_samples), device=device, dtype=torch.float32)
             if self.accelerator.num_processes > 1:
                 count = self.accelerator.reduce(count, reduction="sum")
@@ -74,28 +84,37 @@ class ReferenceSFTTrainer(CustomSeq2SeqTrainer):
         return batch_samples, num_items_in_batch
 
     @torch.no_grad()
-    def compute_reference_logps(self, dataset, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """One no-grad pass of the reference over ``dataset`` in order: (summed answer logps, m) per sample.
+    def compute_reference_logps(self, dataset, desc: str, per_token: bool = False) -> dict[str, torch.Tensor]:
+        """One no-grad pass of the reference over ``dataset`` in order.
 
-        Batched by ``per_device_eval_batch_size`` through the trainer's own (distributed) eval loader; every
-        process returns the values of the whole data set.
+        Returns the summed answer log-probs ``logps`` and answer lengths ``num_tokens`` per sample, and with
+        ``per_token`` also ``token_logps``: every answer token's log-prob, flat in sample order. Batched by
+        ``per_device_eval_batch_size`` through the trainer's own (distributed) eval loader; every process
+        returns the values of the whole data set.
         """
         dataloader = self.get_eval_dataloader(dataset)
-        logps, num_tokens = [], []
+        logps, num_tokens, token_logps = [], [], []
         model = self.model  # only used (adapters disabled) when there is no separate reference
         was_training = model.training
         model.eval()  # no dropout in the reference pass
         for batch in tqdm(dataloader, desc=desc, disable=not self.is_local_process_zero()):
             batch = self._prepare_inputs(batch)
             labels = batch["labels"]
-            model_inputs = {key: value for key, value in batch.items() if key not in ("labels", REF_LOGPS)}
-            batch_logps = self.reference_logps(model, model_inputs, labels)
-            batch_tokens = (labels[:, 1:] != IGNORE_INDEX).sum(-1)
-            logps.append(self.accelerator.gather_for_metrics(batch_logps).cpu())
-            num_tokens.append(self.accelerator.gather_for_metrics(batch_tokens).cpu())
+            model_inputs = {key: value for key, value in batch.items() if key not in ("labels",) + EXTRA_COLUMNS}
+            batch_token_logps, mask = self.reference_token_logps(model, model_inputs, labels)
+            logps.append(self.accelerator.gather_for_metrics(batch_token_logps.sum(-1)).cpu())
+            num_tokens.append(self.accelerator.gather_for_metrics(mask.sum(-1)).cpu())
+            if per_token:  # rows of different lengths on each process: pad to a common length, then gather
+                padded = self.accelerator.pad_across_processes(batch_token_logps, dim=1)
+                padded_mask = self.accelerator.pad_across_processes(mask.long(), dim=1)
+                gathered = self.accelerator.gather_for_metrics((padded, padded_mask))
+                token_logps += [row[row_mask.bool()].cpu() for row, row_mask in zip(*gathered)]
 
         model.train(was_training)
-        return torch.cat(logps)[: len(dataset)], torch.cat(num_tokens)[: len(dataset)]
+        values = {"logps": torch.cat(logps)[: len(dataset)], "num_tokens": torch.cat(num_tokens)[: len(dataset)]}
+        if per_token:
+            values["token_logps"] = torch.cat(token_logps[: len(dataset)]) if token_logps else torch.zeros(0)
+        return values
 
     def release_reference(self) -> None:
         """Free the reference model once its log-probs are precomputed: training then holds the policy only."""
@@ -109,8 +128,10 @@ class ReferenceSFTTrainer(CustomSeq2SeqTrainer):
             torch.cuda.empty_cache()
 
     @torch.no_grad()
-    def reference_logps(self, model: "PreTrainedModel", model_inputs: dict, labels: torch.Tensor) -> torch.Tensor:
-        """log πref(y|x) summed over answer tokens: the frozen ``ref_model``, or the policy without adapters."""
+    def reference_token_logps(
+        self, model: "PreTrainedModel", model_inputs: dict, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """log πref of each answer token and the answer mask: the frozen ``ref_model``, or the policy without adapters."""
         if self.ref_model is None:  # LoRA: the base model with the adapters disabled, no second copy
             ref_model, ref_context = model, self.accelerator.unwrap_model(model).disable_adapter()
         else:
@@ -119,62 +140,111 @@ class ReferenceSFTTrainer(CustomSeq2SeqTrainer):
         with ref_context:
             logits = ref_model(**model_inputs, use_cache=False).logits
 
-        return answer_logps(logits, labels).logps
+        return answer_token_logps(logits, labels)
+
+    def _reference(self, model, model_inputs: dict, inputs: dict, labels: torch.Tensor, mask: torch.Tensor):
+        """(per-token log πref or None, summed log πref): precomputed columns, or a reference forward."""
+        need_tokens = self.loss_type == SFT_GO_STAGE and self.go_args.sft_go_grouping == "rho1"
+        if not self.precomputed_reference:
+            ref_token_logps, _ = self.reference_token_logps(model, model_inputs, labels)
+            return ref_token_logps, ref_token_logps.sum(-1)
+
+        needed = (REF_LOGPS, REF_TOKEN_LOGPS) if need_tokens else (REF_LOGPS,)
+        if any(name not in inputs for name in needed):
+            raise RuntimeError("precompute_ref_logps: a batch came without its precomputed reference log-probs.")
+        ref_token_logps = answer_values(inputs[REF_TOKEN_LOGPS], mask, REF_TOKEN_LOGPS) if need_tokens else None
+        return ref_token_logps, inputs[REF_LOGPS].float()
+
+    def current_lambda(self) -> float:
+        """SFT-GO's λ at this step of training (its schedule runs over ``max_steps``)."""
+        args = self.go_args
+        progress = self.state.global_step / self.state.max_steps if self.state.max_steps else 0.0
+        return scheduled_lambda(args.sft_go_lambda, args.sft_go_lambda_min, args.sft_go_lambda_schedule, progress)
+
+    def _important_tokens(self, inputs, labels, token_logps, mask, ref_token_logps) -> torch.Tensor:
+        grouping = self.go_args.sft_go_grouping
+        if grouping == "tfidf":
+            scores = tfidf_scores(labels[:, 1:], mask, self.idf)
+        elif grouping == "rho1":
+            scores = rho1_scores(token_logps, ref_token_logps)
+        else:  # llmlingua2: keep-probabilities computed before training
+            if TOKEN_IMPORTANCE not in inputs:
+                raise RuntimeError("sft_go llmlingua2: a batch came without its token importance column.")
+            scores = answer_values(inputs[TOKEN_IMPORTANCE], mask, TOKEN_IMPORTANCE)
+
+        return top_fraction_mask(scores, mask, self.go_args.sft_go_eta)
 
     @override
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
-        model_inputs = {key: value for key, value in inputs.items() if key not in ("labels", REF_LOGPS)}
+        model_inputs = {key: value for key, value in inputs.items() if key not in ("labels",) + EXTRA_COLUMNS}
         train_eval = "train" if model.training else "eval"
         if self.loss_type == "sft":  # track_deviation: the stock SFT loss, untouched
+            stock_inputs = {key: value for key, value in inputs.items() if key not in EXTRA_COLUMNS}
             loss, outputs = super().compute_loss(
-                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+                model, stock_inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
             )
-            policy = answer_logps(outputs.logits.detach(), labels)
-            coef = torch.ones_like(policy.logps)
+            token_logps, mask = answer_token_logps(outputs.logits.detach(), labels)
         else:
             outputs = model(**model_inputs, use_cache=False)
-            policy = answer_logps(outputs.logits, labels)
+            token_logps, mask = answer_token_logps(outputs.logits, labels)
 
-        if self.precomputed_reference:
-            if REF_LOGPS not in inputs:
-                raise RuntimeError("precompute_ref_logps: a batch came without precomputed reference log-probs.")
-            ref_logps = inputs[REF_LOGPS].float()
-        else:
-            ref_logps = self.reference_logps(model, model_inputs, labels)
+        policy_logps, num_tokens = token_logps.sum(-1), mask.sum(-1)
+        ref_token_logps = ref_logps = None
+        if self.uses_reference:
+            ref_token_logps, ref_logps = self._reference(model, model_inputs, inputs, labels, mask)
+
+        coef = torch.ones_like(policy_logps)
+        if self.loss_type in LOSS_FUNCTIONS:
+            losses, coef = LOSS_FUNCTIONS[self.loss_type](policy_logps, ref_logps, num_tokens, self.beta)
+        elif self.loss_type == SFT_GO_STAGE:
+            important = self._important_tokens(inputs, labels, token_logps, mask, ref_token_logps)
+            if train_eval == "train":
+                self._train_lambda = self.current_lambda()  # logged as used, not as of the next step
+            groups = sft_go_loss(token_logps, mask, important, self.current_lambda())
+            losses = groups.losses
+            self._store_sums(train_eval, "groups", group_sums(*groups[1:], num_tokens))
 
         if self.loss_type != "sft":
-            losses, coef = LOSS_FUNCTIONS[self.loss_type](policy.logps, ref_logps, policy.num_tokens, self.beta)
             if train_eval == "train" and self._num_answered_samples is not None:
                 denominator = self._num_answered_samples.clamp(min=1) / self.accelerator.num_processes
             else:  # evaluation: the mean over this batch's valid samples
-                denominator = (policy.num_tokens > 0).sum().clamp(min=1)
+                denominator = (num_tokens > 0).sum().clamp(min=1)
 
             loss = losses.sum() / denominator
 
-        self._store_sums(train_eval, metric_sums(policy.logps, ref_logps, policy.num_tokens, coef, self.beta))
+        if self.uses_reference:
+            self._store_sums(train_eval, "deviation", metric_sums(policy_logps, ref_logps, num_tokens, coef, self.beta))
         return (loss, outputs) if return_outputs else loss
 
-    def _store_sums(self, train_eval: str, sums: torch.Tensor) -> None:
-        stored = self._stored_sums[train_eval]
-        self._stored_sums[train_eval] = sums if stored is None else stored + sums
+    def _store_sums(self, train_eval: str, group: str, sums: torch.Tensor) -> None:
+        stored = self._stored_sums[train_eval].get(group)
+        self._stored_sums[train_eval][group] = sums if stored is None else stored + sums
 
     @override
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         r"""Add the means of the stored metrics since the last log (all processes reduced) to ``logs``."""
         train_eval = "train" if "loss" in logs else "eval" if "eval_loss" in logs else None
-        if train_eval is not None:  # every process logs the same keys, so the reduce below is collective-safe
-            sums = self._stored_sums[train_eval]
-            self._stored_sums[train_eval] = None
-            sums = sums if sums is not None else torch.zeros(len(METRIC_NAMES) + 1, dtype=torch.float64)
-            sums = sums.to(self.accelerator.device)
-            if self.accelerator.num_processes > 1:
+        if train_eval is not None and self._metric_groups:
+            stored = self._stored_sums[train_eval]
+            self._stored_sums[train_eval] = {}
+            sums = torch.cat([
+                stored.get(group, torch.zeros(size, dtype=torch.float64)).double().cpu()
+                for group, size in self._metric_groups.items()
+            ]).to(self.accelerator.device)  # fmt: skip
+            if self.accelerator.num_processes > 1:  # one reduce for every metric
                 sums = self.accelerator.reduce(sums, reduction="sum")
 
-            means = metric_means(sums.cpu(), prefix="eval_" if train_eval == "eval" else "")
-            if self.loss_type == "sft":  # no dynamic coefficient in plain SFT
-                means = {key: value for key, value in means.items() if not key.endswith("coef")}
-
-            logs.update(means)
+            prefix = "eval_" if train_eval == "eval" else ""
+            parts = dict(zip(self._metric_groups, sums.cpu().split(list(self._metric_groups.values()))))
+            if "deviation" in parts:
+                means = metric_means(parts["deviation"], prefix=prefix)
+                if self.loss_type not in LOSS_FUNCTIONS:  # no dynamic coefficient in sft / sft_go
+                    means = {key: value for key, value in means.items() if not key.endswith("coef")}
+                logs.update(means)
+            if "groups" in parts:
+                logs.update(group_means(parts["groups"], prefix=prefix))
+                if train_eval == "train" and self._train_lambda is not None:
+                    logs["sft_go_lambda"] = self._train_lambda
 
         return super().log(logs, *args, **kwargs)

@@ -1,5 +1,6 @@
-"""Workflow of `minorsft`, `sft_dpo` and `sft` + `track_deviation`, mirroring LLaMA-Factory's sft workflow:
-tokenizer → template → dataset → model → reference → trainer → train / eval → plots → model card."""
+"""Workflow of `minorsft`, `sft_dpo`, `sft_go` and `sft` + `track_deviation`, mirroring LLaMA-Factory's sft
+workflow: tokenizer → template → dataset → (SFT-GO importance) → model → reference → trainer → train / eval →
+plots → model card."""
 
 from typing import TYPE_CHECKING, Optional
 
@@ -15,7 +16,9 @@ from llamafactory.train.trainer_utils import create_modelcard_and_push, create_r
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .callbacks import DeviationLogCallback
-from .precompute import PrecomputedReference, ReferenceLogpsCollator
+from .columns import ExtraColumnsCollator
+from .importance import KeepProbabilityScorer, add_llmlingua2_importance, training_idf
+from .precompute import PrecomputedReference
 from .trainer import ReferenceSFTTrainer
 
 
@@ -36,6 +39,33 @@ def load_base_model(model_args: "ModelArguments"):
     return load_model(load_tokenizer(base_args)["tokenizer"], base_args, FinetuningArguments(), is_trainable=False)
 
 
+def prepare_sft_go(tokenizer, dataset_module: dict, finetuning_args) -> dict:
+    """Importance fixed before training: the TF-IDF table, or an LLMLingua-2 column on every split."""
+    grouping = finetuning_args.sft_go_grouping
+    if grouping == "rho1" and finetuning_args.ref_model is None:
+        logger.warning_rank0(
+            "sft_go rho1 without `ref_model`: the initial model is the reference, so every excess loss is 0 until "
+            "the policy moves. Rho-1 uses a reference trained on high-quality data; set `ref_model` to one."
+        )
+    if grouping == "tfidf":
+        if dataset_module.get("train_dataset") is None:
+            raise ValueError("`sft_go_grouping: tfidf` takes its IDF from the training answers: set `do_train: true`.")
+        return {"idf": training_idf(dataset_module["train_dataset"], len(tokenizer))}
+
+    if grouping == "llmlingua2":
+        scorer = KeepProbabilityScorer(finetuning_args.sft_go_classifier)
+        for key in ("train_dataset", "eval_dataset"):
+            split = dataset_module.get(key)
+            if isinstance(split, dict):
+                dataset_module[key] = {name: add_llmlingua2_importance(data, tokenizer, scorer, f"LLMLingua-2 ({name})")
+                                       for name, data in split.items()}  # fmt: skip
+            elif split is not None:
+                dataset_module[key] = add_llmlingua2_importance(split, tokenizer, scorer, f"LLMLingua-2 ({key})")
+        del scorer
+
+    return {}
+
+
 def run_reference_sft(
     model_args: "ModelArguments",
     data_args: "DataArguments",
@@ -48,13 +78,16 @@ def run_reference_sft(
     template = get_template_and_fix_tokenizer(tokenizer, data_args)
     # the stock sft data pipeline: prompt tokens are IGNORE_INDEX, answer tokens are labels
     dataset_module = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
+    go_kwargs = prepare_sft_go(tokenizer, dataset_module, finetuning_args) if finetuning_args.stage == "sft_go" else {}
     model = load_model(tokenizer, model_args, finetuning_args, training_args.do_train)
     precomputed = None
     if finetuning_args.precompute_ref_logps:  # a cache hit on every split: no reference model is loaded at all
         precomputed = PrecomputedReference(model_args, data_args, finetuning_args, dataset_module)
 
     ref_model = None
-    if precomputed is None or precomputed.needs_reference_model:
+    if not finetuning_args.needs_reference:
+        pass  # sft_go with TF-IDF or LLMLingua-2 grouping and no deviation tracking: no reference at all
+    elif precomputed is None or precomputed.needs_reference_model:
         # the initial model (frozen copy; None for LoRA = adapters disabled) or `ref_model`, as DPO does;
         # it is built from `model_name_or_path`, never from a checkpoint we resume from
         ref_model = create_ref_model(model_args, finetuning_args)
@@ -74,8 +107,7 @@ def run_reference_sft(
         compute_dtype=model_args.compute_dtype,
         **tokenizer_module,
     )
-    if precomputed is not None:
-        data_collator = ReferenceLogpsCollator(data_collator)
+    data_collator = ExtraColumnsCollator(data_collator)
 
     metric_module = {}
     if finetuning_args.compute_accuracy:
@@ -89,6 +121,7 @@ def run_reference_sft(
         finetuning_args=finetuning_args,
         data_collator=data_collator,
         callbacks=[*(callbacks or []), DeviationLogCallback()],
+        **go_kwargs,
         **dataset_module,
         **tokenizer_module,
         **metric_module,
@@ -108,8 +141,11 @@ def run_reference_sft(
         trainer.save_metrics("train", train_result.metrics)
         trainer.save_state()
         if trainer.is_world_process_zero() and finetuning_args.plot_loss:
-            # training_loss.png as stock sft, plus training_deviation.png (the paper's Fig. 1)
-            plot_loss(training_args.output_dir, keys=["loss", "eval_loss", "deviation", "eval_deviation"])
+            # training_loss.png as stock sft, plus training_deviation.png (the paper's Fig. 1) and SFT-GO's groups
+            keys = ["loss", "eval_loss", "deviation", "eval_deviation"]
+            if finetuning_args.stage == "sft_go":
+                keys += ["group_loss/important", "group_loss/unimportant", "worst_group/important"]
+            plot_loss(training_args.output_dir, keys=keys)
 
     if training_args.do_eval:
         metrics = trainer.evaluate(metric_key_prefix="eval")

@@ -1,0 +1,66 @@
+"""Per-sample values computed before training that travel as columns of the tokenized data set.
+
+As columns they follow their samples through every sampler (shuffling, data-parallel sharding, resuming
+mid-epoch). Scalar columns become a (batch,) tensor; per-answer-token columns (one value per answer token
+after the causal shift, in order) become a (batch, max tokens) tensor padded with NaN, which
+``answer_values`` scatters back onto the answer positions and checks against the labels.
+"""
+
+from typing import Any
+
+import torch
+
+from ..losses import IGNORE_INDEX
+
+
+REF_LOGPS = "ref_logps"  # log πref(y|x) of the sample (precompute_ref_logps)
+REF_TOKEN_LOGPS = "ref_token_logps"  # log πref of each answer token (precompute_ref_logps + SFT-GO Rho-1)
+TOKEN_IMPORTANCE = "token_importance"  # SFT-GO LLMLingua-2 keep-probability of each answer token
+SCALAR_COLUMNS = (REF_LOGPS,)
+TOKEN_COLUMNS = (REF_TOKEN_LOGPS, TOKEN_IMPORTANCE)
+EXTRA_COLUMNS = SCALAR_COLUMNS + TOKEN_COLUMNS
+
+
+def answer_tokens(labels: list[int]) -> list[int]:
+    """The answer tokens of one tokenized sample, as the loss sees them (labels[1:], not IGNORE_INDEX)."""
+    return [label for label in labels[1:] if label != IGNORE_INDEX]
+
+
+class ExtraColumnsCollator:
+    """LLaMA-Factory's SFT collator, plus the extra columns the data set carries."""
+
+    def __init__(self, collator) -> None:
+        self.collator = collator
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        present = [name for name in EXTRA_COLUMNS if name in features[0]]
+        extra = {name: [feature[name] for feature in features] for name in present}
+        batch = self.collator([{k: v for k, v in feature.items() if k not in present} for feature in features])
+        for name, values in extra.items():
+            if name in SCALAR_COLUMNS:
+                batch[name] = torch.tensor(values, dtype=torch.float32)
+            else:
+                padded = torch.full((len(values), max(1, max(len(v) for v in values))), torch.nan)
+                for row, value in enumerate(values):
+                    padded[row, : len(value)] = torch.tensor(value, dtype=torch.float32)
+                batch[name] = padded
+
+        return batch
+
+
+def answer_values(padded: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Tensor:
+    """Scatter a NaN-padded (batch, max tokens) column onto the answer positions ``mask`` (batch, length).
+
+    Raises if a row's number of values differs from its number of answer tokens: the column was computed for
+    other data (a stale cache would otherwise be silently misaligned).
+    """
+    counts = mask.sum(-1, keepdim=True)
+    filled = ~torch.isnan(padded)
+    positions = torch.arange(padded.size(1), device=padded.device).unsqueeze(0)
+    too_short = int(counts.max()) > padded.size(1) if counts.numel() else False
+    if too_short or not torch.equal(filled, positions < counts.to(padded.device)):
+        raise RuntimeError(f"Column {name!r} does not match the answer tokens of its batch; rebuild it.")
+
+    values = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    values[mask] = padded[filled].to(mask.device)
+    return values

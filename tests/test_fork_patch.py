@@ -1,0 +1,62 @@
+"""The fork patch: up to date with the plugin, applies to a pristine v0.9.5 tree, and trains with the plugin's
+automatic registration off, so that the patched LLaMA-Factory code path is the one that runs."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import base_config, cli_env, run_cli, step_logs
+
+
+PATCHES = Path(__file__).resolve().parents[1] / "patches"
+sys.path.insert(0, str(PATCHES))
+import make_patch  # noqa: E402
+
+
+def test_committed_patch_is_what_the_generator_makes(tmp_path):
+    proc = subprocess.run([sys.executable, str(PATCHES / "make_patch.py"), "--check"], capture_output=True, text=True,
+                          env=cli_env(LLAMAFACTORY_MINORSFT_DISABLE="1"), cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def patched_tree(tmp_path_factory) -> Path:
+    root = Path(make_patch.pristine_tree(str(tmp_path_factory.mktemp("llamafactory-0.9.5"))))
+    patch = str(PATCHES / make_patch.os.path.basename(make_patch.PATCH))
+    if shutil.which("patch"):  # the other documented way applies cleanly too (dry run)
+        dry = subprocess.run(["patch", "-p1", "--dry-run", "-i", patch], cwd=root, capture_output=True, text=True)
+        assert dry.returncode == 0, dry.stdout + dry.stderr
+    proc = subprocess.run(["git", "apply", "--verbose", patch], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return root
+
+
+def fork_env(tree: Path) -> dict:
+    env = cli_env(LLAMAFACTORY_MINORSFT_DISABLE="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree / "src"), env.get("PYTHONPATH")]))
+    return env
+
+
+def test_patched_tree_runs_minorsft_with_the_plugin_hooks_off(tiny, tmp_path, patched_tree):
+    env = fork_env(patched_tree)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import llamafactory.train.tuner as t, llamafactory.extras.constants as c; "
+         "print(t.__file__); print(getattr(t, '_minorsft_patched', False)); print(c.TRAINING_STAGES['MinorSFT'])"],
+        env=env, capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    tuner_file, hooked, stage = probe.stdout.split()
+    assert tuner_file.startswith(str(patched_tree)) and hooked == "False" and stage == "minorsft"
+
+    out = tmp_path / "out"
+    run_cli(base_config(tiny, out, dataset="minorsft_demo", cutoff_len=128, max_steps=2, learning_rate=1e-2), tmp_path, env=env)
+    logs = step_logs(out)
+    assert len(logs) == 2 and all("deviation" in entry and "coef" in entry for entry in logs)
+
+    # the same bad input is still refused early by the patched tuner
+    bad = run_cli(base_config(tiny, tmp_path / "bad", pref_beta=0.0), tmp_path / "bad_run", env=env, check=False)
+    assert bad.returncode != 0 and "`pref_beta`" in bad.stderr and not (tmp_path / "bad").exists()

@@ -1,0 +1,172 @@
+"""`stage: sft_go` through the stock CLI: one exact SGD step per grouping, the logged group metrics, LoRA with
+gradient accumulation and precomputed per-token reference log-probs, and LLMLingua-2 grouping with a tiny
+token-classification model built here.
+
+The expected SGD step is computed independently of the package: per-sample forward passes in float64, the
+grouping from its definition (Python counters for TF-IDF, excess loss for Rho-1), and autograd of
+L_i = (1 − λ)·CE_i + λ·max(L_important,i, L_unimportant,i), averaged over the samples.
+"""
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import base_config, run_cli, step_logs
+from llamafactory_minorsft.tiny import build_token_classifier
+from test_sgd_step import encode
+
+
+ETA, LAM = 0.5, 0.7
+
+
+def answer_token_logps(model, prompt: list[int], answer: list[int]) -> torch.Tensor:
+    ids = torch.tensor([prompt + answer])
+    logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), dim=-1)
+    targets = ids[0, 1:]
+    return logprobs[torch.arange(targets.numel()), targets][len(prompt) - 1 :]
+
+
+def important_positions(scores: list[float]) -> set[int]:
+    """The ceil(η·m) highest scores; ties go to the earlier position."""
+    order = sorted(range(len(scores)), key=lambda t: (-scores[t], t))
+    return set(order[: math.ceil(ETA * len(scores))])
+
+
+def expected_sft_go_step(tiny, grouping: str):
+    samples = json.loads(Path(tiny.data, "four.json").read_text())
+    encoded = encode(tiny.model, samples)
+    policy = AutoModelForCausalLM.from_pretrained(tiny.model, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(tiny.ref_model, dtype=torch.float32)
+    params = dict(policy.named_parameters())
+    documents = Counter(token for _, answer in encoded for token in set(answer))
+    idf = {token: math.log((1 + len(encoded)) / (1 + df)) + 1 for token, df in documents.items()}
+    total, rows = 0, []
+    for prompt, answer in encoded:
+        logps = answer_token_logps(policy, prompt, answer)
+        if grouping == "rho1":
+            with torch.no_grad():
+                ref_logps = answer_token_logps(ref, prompt, answer)
+            scores = (ref_logps - logps.detach()).tolist()  # policy loss − reference loss
+        else:
+            counts = Counter(answer)
+            scores = [counts[token] * idf[token] for token in answer]
+        important = important_positions(scores)
+        nll = -logps
+        imp = torch.stack([nll[t] for t in sorted(important)]).mean()
+        unimp = torch.stack([nll[t] for t in range(len(answer)) if t not in important]).mean()
+        loss = (1 - LAM) * nll.mean() + LAM * torch.maximum(imp, unimp)
+        total = total + loss / len(encoded)
+        rows.append(dict(loss=loss.item(), imp=imp.item(), unimp=unimp.item(), worst_imp=float(imp.item() >= unimp.item())))
+        if grouping == "rho1":  # Eq. 8 of the MinorSFT paper, logged because a reference is loaded anyway
+            rows[-1]["deviation"] = (logps.sum().item() - ref_logps.sum().item()) / len(answer)
+
+    grads = torch.autograd.grad(total, list(params.values()))
+    descent = {name: -grad.double() for name, grad in zip(params, grads)}
+    theta0 = {name: p.detach().double() for name, p in params.items()}
+    mean = lambda key: sum(row[key] for row in rows) / len(rows)  # noqa: E731
+    metrics = {"loss": mean("loss"), "group_loss/important": mean("imp"), "group_loss/unimportant": mean("unimp"),
+               "worst_group/important": mean("worst_imp"), "sft_go_lambda": LAM}  # fmt: skip
+    if grouping == "rho1":
+        metrics["deviation"] = mean("deviation")
+    return theta0, descent, metrics
+
+
+@pytest.mark.parametrize("grouping", ["rho1", "tfidf"])
+def test_one_sgd_step_matches_the_sft_go_gradient(tiny, tmp_path, grouping):
+    out = tmp_path / "out"
+    config = base_config(tiny, out, stage="sft_go", sft_go_grouping=grouping, sft_go_eta=ETA, sft_go_lambda=LAM,
+                         pref_beta=None, ref_model=tiny.ref_model if grouping == "rho1" else None)  # fmt: skip
+    run_cli(config, tmp_path)
+    theta0, descent, metrics = expected_sft_go_step(tiny, grouping)
+
+    trained = dict(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).named_parameters())
+    biggest = max(d.abs().max().item() for d in descent.values())
+    assert biggest > 1e-4
+    for name, theta in theta0.items():
+        torch.testing.assert_close(trained[name].detach().double() - theta, descent[name], rtol=1e-4,
+                                   atol=1e-6 * biggest, msg=name)  # fmt: skip
+
+    logged = step_logs(out)[0]
+    assert abs(metrics["group_loss/important"] - metrics["group_loss/unimportant"]) > 1e-3  # the groups differ
+    for key, value in metrics.items():
+        assert logged[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    assert ("deviation" in logged) == (grouping == "rho1")  # a reference is loaded only where one is needed
+
+
+def test_lora_accumulation_and_precomputed_token_logps_match_the_big_batch(tiny, tmp_path):
+    """Rho-1 + LoRA: batch 1 × accumulation 4 with precomputed per-token reference log-probs (cached, then
+    reused) gives the same steps as batch 4 with the online reference.
+
+    The reference is a separate `ref_model`: with the initial model as reference every excess loss is 0 at the
+    first step, and the grouping would be decided by float noise that differs between batch shapes."""
+    common = dict(stage="sft_go", sft_go_grouping="rho1", sft_go_lambda=LAM, sft_go_lambda_schedule="linear",
+                  finetuning_type="lora", lora_target="all", pref_beta=None, ref_model=tiny.ref_model, dataset="minorsft_demo", cutoff_len=128,
+                  max_steps=3, learning_rate=0.05, disable_shuffling=True, ref_logps_cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    run_cli(base_config(tiny, tmp_path / "big", **common), tmp_path / "big_run")
+    accumulated = dict(common, per_device_train_batch_size=1, gradient_accumulation_steps=4, precompute_ref_logps=True)
+    first = run_cli(base_config(tiny, tmp_path / "acc", **accumulated), tmp_path / "acc_run")
+    again = run_cli(base_config(tiny, tmp_path / "acc2", **accumulated), tmp_path / "acc2_run")
+    assert "Reference log-probs" in first.stderr and "Reference log-probs" not in again.stderr  # cache reused
+
+    big, acc, acc2 = step_logs(tmp_path / "big"), step_logs(tmp_path / "acc"), step_logs(tmp_path / "acc2")
+    assert len(big) == len(acc) == len(acc2) == 3
+    assert [a["loss"] for a in acc] == [b["loss"] for b in acc2]  # the cached values are the computed ones
+    keys = ("loss", "deviation", "group_loss/important", "group_loss/unimportant", "worst_group/important",
+            "sft_go_lambda")  # fmt: skip
+    for one, other in zip(big, acc):
+        for key in keys:
+            assert other[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), (one["step"], key)
+    assert [entry["sft_go_lambda"] for entry in big] == pytest.approx([LAM, LAM * 2 / 3, LAM / 3])  # linear decay
+    assert abs(big[-1]["deviation"]) > 1e-5  # the adapters moved the policy
+
+
+def test_llmlingua2_grouping_with_a_tiny_token_classifier(tiny, tmp_path):
+    texts = [sample["output"] for sample in json.loads(Path(tiny.data, "minorsft_demo.json").read_text())]
+    classifier = tmp_path / "classifier"
+    build_token_classifier(texts, str(classifier))
+    out = tmp_path / "out"
+    config = base_config(tiny, out, stage="sft_go", sft_go_grouping="llmlingua2", sft_go_classifier=str(classifier),
+                         pref_beta=None, dataset="minorsft_demo", cutoff_len=128, max_steps=4, learning_rate=1e-3,
+                         optim="adamw_torch", per_device_train_batch_size=8, do_eval=True,
+                         eval_dataset="minorsft_demo_eval", eval_strategy="steps", eval_steps=4, plot_loss=True)  # fmt: skip
+    proc = run_cli(config, tmp_path)
+    assert "LLMLingua-2 (train_dataset)" in proc.stderr and "LLMLingua-2 (eval_dataset)" in proc.stderr
+    logs = step_logs(out)
+    assert len(logs) == 4 and all(math.isfinite(entry["loss"]) for entry in logs)
+    assert all(0 <= entry["worst_group/important"] <= 1 for entry in logs)
+    assert logs[-1]["loss"] < logs[0]["loss"]
+    final_eval = [entry for entry in json.loads((out / "trainer_state.json").read_text())["log_history"] if "eval_loss" in entry][-1]
+    assert math.isfinite(final_eval["eval_group_loss/important"]) and "deviation" not in logs[0]
+    assert (out / "training_loss.png").exists() and (out / "training_group_loss_important.png").exists()
+
+
+def test_llmlingua2_scores_land_on_the_right_tokens(tiny, tmp_path):
+    """A classifier that shares the LLM's tokenizer must give each answer token exactly its own keep-probability:
+    the character-offset mapping is then the identity, so any misalignment shows."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForTokenClassification
+
+    from llamafactory_minorsft.train.importance import KeepProbabilityScorer, add_llmlingua2_importance
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny.model)
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), num_labels=2, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    classifier = Qwen2ForTokenClassification(config).eval()
+    classifier.save_pretrained(tmp_path / "clf")
+    tokenizer.save_pretrained(tmp_path / "clf")
+
+    samples = json.loads(Path(tiny.data, "four.json").read_text())
+    encoded = encode(tiny.model, samples)
+    dataset = Dataset.from_dict({"labels": [[-100] * len(prompt) + answer for prompt, answer in encoded]})
+    column = add_llmlingua2_importance(dataset, tokenizer, KeepProbabilityScorer(str(tmp_path / "clf")), "test")
+    for (_, answer), values in zip(encoded, column["token_importance"]):
+        with torch.no_grad():
+            keep = torch.softmax(classifier(input_ids=torch.tensor([answer])).logits[0], -1)[:, 1]
+        assert len(values) == len(answer)
+        torch.testing.assert_close(torch.tensor(values), keep, rtol=1e-4, atol=1e-6)
