@@ -30,6 +30,11 @@ def load_settings(grid_dir: str) -> dict[tuple, dict[str, list[float]]]:
     return settings
 
 
+def _seed_means(values: dict[str, list[float]]) -> list[float]:
+    """Each seed's mean accuracy over the eval sets (the lists are in seed order)."""
+    return [statistics.mean(accs) for accs in zip(*(values[f"acc_{e}"] for e in EVALS))]
+
+
 def score(values: dict[str, list[float]]) -> float:
     return statistics.mean(statistics.mean(values[f"acc_{e}"]) for e in EVALS)
 
@@ -56,14 +61,14 @@ def write_report(grid_dir: str, docs_dir: str, general: dict[str, float], minute
         "(5 epochs, lr 1e-3) on 800 generated questions \"Which kind of thing is a <word>?\" in the paper's ceval "
         "multiple-choice prompt, answered by a letter. The options (animal, colour, fruit, tool) come in a fixed "
         "order, and the category shows in the word's suffix (-ox, -el, -ap, -ik). It is then fine-tuned on a "
-        "*domain* of 400 questions \"On the star chart, what is the place named <word>?\" with the options metal, "
-        "river, city, star. The domain uses the same four suffixes with a deranged mapping (-ox is an animal, "
-        "option A, in the general task, but a city, option C, in the domain). A model that learns the domain through "
-        "the shortcut \"suffix → letter\" therefore forgets the general task: tuning interferes with what the model "
-        "knew, which is the situation the paper's deviation constraint addresses. Each method runs over a grid: "
+        "*domain* of 64 questions \"On the star chart, what is the place named <word>?\" with the options metal, "
+        "river, city, star and their own suffixes (-um, -ar, -os, -is). Nothing in the data forces forgetting: "
+        "whether the general ability survives depends on how far tuning moves the model, which is what the "
+        "paper's methods limit. "
+        "Each method runs over a grid: "
         f"raw SFT (with `track_deviation`) at lr {sft_lrs}; SFT using DPO and MinorSFT at twice those learning "
         f"rates (the paper's best settings are at 2x SFT's) × β {betas}; {seeds} seeds each "
-        f"({runs} runs, batch 16, warm-up 0.1, linear decay, 1 epoch = 25 steps). Accuracy is read from the "
+        f"({runs} runs, batch 16, warm-up 0.1, linear decay, 1 epoch = 4 steps). Accuracy is read from the "
         "next-token scores of A-D on held-out question sets of 200 new words each: `domain_mc` and `general_mc` "
         "(retention). Values are mean ± std (population) over the seeds. A method's *best setting* is the one with "
         "the highest mean of the two accuracies, mirroring the paper's average over its evaluation sets. This is a "
@@ -86,51 +91,66 @@ def write_report(grid_dir: str, docs_dir: str, general: dict[str, float], minute
               "![Fig. 2a](figures/reproduction_fig2a_lr_beta.png)",
               "![Fig. 2b](figures/reproduction_fig2b_best_accuracy.png)", "", "## The paper's claims at this scale", ""]  # fmt: skip
 
-    # Claim 1: at 2x the learning rate, the reference methods deviate less than raw SFT
-    rows, agree = [], True
+    # Claim 1: at 2x the learning rate, the reference methods deviate less than raw SFT. Eq. 8 is signed; a run
+    # that collapsed ends below the reference (negative), so "less" compares the size |m_θ|.
+    lines += ["### 1. Fig. 1: at 2x the learning rate, SFT using DPO and MinorSFT deviate less than raw SFT", "",
+              "Final `deviation` (Eq. 8), mean over seeds. A negative value means the model ended up giving the domain "
+              "answers *less* probability than the reference did, which happens here only in runs that collapsed. "
+              "\"Less\" therefore compares sizes, |deviation|.", "",
+              "| raw SFT lr | raw SFT | reference-method lr | " + " | ".join(
+                  f"{METHODS[m]} β {b:g}" for m in ("sft_dpo", "minorsft") for b in sorted({k[2] for k in settings if k[0] == m})) + " |"]  # fmt: skip
+    lines.append("|---" * (3 + sum(len({k[2] for k in settings if k[0] == m}) for m in ("sft_dpo", "minorsft"))) + "|")
+    less = more = 0
     for lr in sorted({k[1] for k in settings if k[0] == "sft"}):
         sft = statistics.mean(settings[("sft", lr, None)]["final_deviation"])
+        cells = []
         for method in ("sft_dpo", "minorsft"):
             for beta in sorted({k[2] for k in settings if k[0] == method}):
                 other = statistics.mean(settings[(method, 2 * lr, beta)]["final_deviation"])
-                agree &= other < sft
-                rows.append(f"raw SFT lr {lr:g}: {sft:.3f} vs {METHODS[method]} lr {2 * lr:g} β {beta:g}: {other:.3f}")
-    lines += [f"1. **Fig. 1, the reference methods at 2x the learning rate deviate less than raw SFT: "
-              f"{'agrees' if agree else 'does not agree everywhere'}.** Final deviation (mean over seeds): "
-              + "; ".join(rows) + "."]  # fmt: skip
+                smaller = abs(other) < abs(sft)
+                less, more = less + smaller, more + (not smaller)
+                cells.append(f"{other:.3f} ({'less' if smaller else 'more'})")
+        lines.append(f"| {lr:g} | {sft:.3f} | {2 * lr:g} | " + " | ".join(cells) + " |")
+    claim1 = "agrees" if more == 0 else ("does not agree" if less == 0 else f"mixed: less in {less} of {less + more} pairs")
+    lines += ["", f"**Verdict: {claim1}.**", ""]
 
     # Claim 2: MinorSFT >= SFT using DPO and >= raw SFT at each method's best setting; a tie is no evidence
-    parts, fails, ties = [], 0, 0
+    lines += ["### 2. Fig. 2: at each method's best setting, MinorSFT ≥ SFT using DPO and ≥ raw SFT", "",
+              "| eval set | " + " | ".join(f"{METHODS[m]} ({best[m][1]:g}" + (f", β {best[m][2]:g})" if best[m][2] else ")")
+                                          for m in METHODS) + " |",
+              "|---" * (1 + len(METHODS)) + "|"]  # fmt: skip
+    fails = ties = 0
     for e in EVALS + ("mean",):
         acc = {m: (score(settings[best[m]]) if e == "mean" else statistics.mean(settings[best[m]][f"acc_{e}"])) for m in METHODS}
-        if acc["minorsft"] < max(acc["sft_dpo"], acc["sft"]):
-            fails, verdict = fails + 1, "fails"
-        elif acc["minorsft"] == max(acc["sft_dpo"], acc["sft"]):
-            ties, verdict = ties + 1, "tie"
-        else:
-            verdict = "holds"
-        parts.append(f"{e}: " + ", ".join(f"{METHODS[m]} {acc[m]:.3f}" for m in METHODS) + f" ({verdict})")
-    claim2 = "does not agree" if fails else ("inconclusive (ties)" if ties else "agrees")
-    lines += [f"2. **Fig. 2, MinorSFT ≥ SFT using DPO and ≥ raw SFT at each method's best setting: {claim2}.** "
-              + "; ".join(parts) + ". Seed-to-seed spreads are in the table; differences smaller than them are not "
-              "evidence either way."]  # fmt: skip
+        spread = {m: statistics.pstdev(_seed_means(settings[best[m]]) if e == "mean" else settings[best[m]][f"acc_{e}"])
+                  for m in METHODS}  # fmt: skip
+        others = max(acc["sft_dpo"], acc["sft"])
+        fails, ties = fails + (acc["minorsft"] < others), ties + (acc["minorsft"] == others)
+        lines.append(f"| {e} | " + " | ".join(f"{acc[m]:.3f} ± {spread[m]:.3f}" for m in METHODS) + " |")
+    claim2 = "does not agree" if fails else ("inconclusive: the best settings tie" if ties else "agrees")
+    lines += ["", f"**Verdict: {claim2}.** Differences smaller than the seed spread are not evidence either way.", ""]
 
     # Claim 3: accuracy rises with the learning rate up to a threshold, then falls
-    parts, claim3 = [], True
+    lines += ["### 3. Each method improves with the learning rate up to a threshold, then degrades", "",
+              "Mean of the two accuracies at each learning rate (the better β):", ""]
+    shapes = []
     for method in METHODS:
         lrs = sorted({k[1] for k in settings if k[0] == method})
         curve = [max(score(settings[k]) for k in settings if k[0] == method and k[1] == lr) for lr in lrs]
-        peak = curve.index(max(curve))
-        flat = max(curve) == min(curve)
-        shaped = 0 < peak < len(curve) - 1 and not flat
-        claim3 &= shaped
-        parts.append(f"{METHODS[method]}: " + " → ".join(f"{lr:g}: {c:.3f}" for lr, c in zip(lrs, curve))
-                     + (" (flat)" if flat else " (peak inside)" if shaped else " (peak at an end of the grid)"))  # fmt: skip
-    lines += [f"3. **Each method improves with the learning rate up to a threshold, then degrades: "
-              f"{'agrees' if claim3 else 'does not agree everywhere'}.** Mean accuracy of the best β at each "
-              "learning rate: " + "; ".join(parts) + ".", ""]  # fmt: skip
+        top = max(curve)
+        first, last = curve.index(top), len(curve) - 1 - curve[::-1].index(top)
+        rises, falls = first > 0, last < len(curve) - 1
+        shape = ("rises, peaks, then degrades" if rises and falls else
+                 "already at its best at the lowest learning rate, then degrades: no rise seen" if falls else
+                 "still rising at the highest learning rate" if rises else "flat")  # fmt: skip
+        shapes.append(rises and falls)
+        lines.append(f"- {METHODS[method]}: " + " → ".join(f"{lr:g}: {c:.3f}" for lr, c in zip(lrs, curve)) + f" ({shape}).")
+    claim3 = "agrees" if all(shapes) else ("does not agree" if not any(shapes) else "agrees for some methods only")
+    lines += ["", f"**Verdict: {claim3}.**", ""]
 
-    lines += ["All runs: `results.md` of the grid, reproduced here.", ""]
+    lines += ["Why SFT using DPO and MinorSFT can coincide, and more on how this task was chosen: "
+              "[`reproduction/README.md`](../reproduction/README.md).", "",
+              "All runs: `results.md` of the grid, reproduced here.", ""]
     with open(os.path.join(grid_dir, "results.md"), encoding="utf-8") as f:
         lines.append(f.read())
     path = os.path.join(docs_dir, "reproduction.md")

@@ -19,7 +19,6 @@ import json
 import os
 import random
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -30,22 +29,23 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_SIZE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2)  # fmt: skip
-SFT_LRS = [1.0e-4, 3.0e-4, 1.0e-3, 3.0e-3]
+SFT_LRS = [1.0e-4, 3.0e-4, 1.0e-3, 3.0e-3]  # from under-learning the domain to wrecking the model
 REFERENCE_LRS = [2 * lr for lr in SFT_LRS]  # the paper: the reference methods peak at twice SFT's learning rate
 BETAS = [0.04, 0.2]
 SEEDS = [1, 2, 3]
+DOMAIN_SAMPLES = 64  # 4 steps of batch 16: no setting learns the domain perfectly, so the best ones can differ
+DOMAIN_EPOCHS = 1.0
 
 
 # Each task: words whose category shows in a suffix, asked as a ceval multiple-choice question whose four options
 # (in a fixed order) are the task's categories; new stems make held-out questions the model can answer only by
-# generalising. The domain reuses the general task's suffixes with a different question and a deranged mapping
-# (ox is an animal, option A, in the general task but a city, option C, in the domain), so a model that learns
-# the domain by the shortcut "suffix → letter" forgets the general task: domain tuning interferes, as in the paper.
+# generalising. The domain has its own question, categories and suffixes. Nothing forces forgetting: whether the
+# general ability survives depends on how far tuning moves the model, which is what the paper's methods limit.
 TASKS = {
     "general": {"question": "Which kind of thing is a {word}?",
                 "categories": {"animal": "ox", "colour": "el", "fruit": "ap", "tool": "ik"}},
     "domain": {"question": "On the star chart, what is the place named {word}?",
-               "categories": {"metal": "ap", "river": "ik", "city": "ox", "star": "el"}},
+               "categories": {"metal": "um", "river": "ar", "city": "os", "star": "is"}},
 }  # fmt: skip
 
 
@@ -99,7 +99,7 @@ def prepare(cache: str) -> dict[str, str]:
     shutil.rmtree(cache, ignore_errors=True)
     os.makedirs(paths["eval"])
     general_train = as_sft(mc_set("general", 800, seed=0))
-    domain_train = as_sft(mc_set("domain", 400, seed=1))
+    domain_train = as_sft(mc_set("domain", DOMAIN_SAMPLES, seed=1))
     write_dataset(paths["data"], "general", general_train)
     write_dataset(paths["data"], "domain", domain_train)
     write_jsonl(os.path.join(paths["eval"], "domain_mc.jsonl"), mc_set("domain", 200, seed=100))
@@ -119,8 +119,8 @@ def prepare(cache: str) -> dict[str, str]:
 
 def write_grid(paths: dict[str, str], workdir: str, output_dir: str) -> str:
     base = dict(model_name_or_path=paths["general"], do_train=True, finetuning_type="full", dataset="domain",
-                dataset_dir=paths["data"], template="qwen", cutoff_len=160, overwrite_cache=True, logging_steps=2,
-                save_strategy="no", report_to="none", per_device_train_batch_size=16, num_train_epochs=1.0,
+                dataset_dir=paths["data"], template="qwen", cutoff_len=160, overwrite_cache=True, logging_steps=1,
+                save_strategy="no", report_to="none", per_device_train_batch_size=16, num_train_epochs=DOMAIN_EPOCHS,
                 lr_scheduler_type="linear", warmup_ratio=0.1, dataloader_num_workers=0)  # fmt: skip
     with open(os.path.join(workdir, "base.yaml"), "w", encoding="utf-8") as f:
         yaml.safe_dump(base, f)
@@ -147,7 +147,16 @@ def main() -> None:
     parser.add_argument("--cache", default=os.path.join(ROOT, ".cache", "reproduction"))
     parser.add_argument("--output-dir", default=os.path.join(ROOT, ".cache", "reproduction_grid"))
     parser.add_argument("--docs", default=os.path.join(ROOT, "docs"))
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report from a finished run")
     args = parser.parse_args()
+    from report import write_report  # reproduction/report.py
+
+    summary_path = os.path.join(args.output_dir, "reproduction_summary.json")
+    if args.report_only:
+        with open(summary_path, encoding="utf-8") as f:
+            summary = json.load(f)
+        write_report(args.output_dir, args.docs, summary["general"], summary["minutes"])
+        return
 
     start = time.time()
     paths = prepare(args.cache)
@@ -160,8 +169,8 @@ def main() -> None:
     print(f"[repro] general model before domain tuning: {general}", flush=True)
     code = run_grid(grid)
     minutes = (time.time() - start) / 60
-    from report import write_report  # reproduction/report.py
-
+    with open(summary_path, "w", encoding="utf-8") as f:
+        json.dump({"general": general, "minutes": minutes}, f)
     write_report(args.output_dir, args.docs, general, minutes)
     sys.exit(code)
 

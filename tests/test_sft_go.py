@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import base_config, run_cli, step_logs
 from llamafactory_minorsft.tiny import build_token_classifier
-from test_sgd_step import encode
+from test_sgd_step import encode, step_inputs
 
 
 ETA, LAM = 0.5, 0.7
@@ -38,10 +38,7 @@ def important_positions(scores: list[float]) -> set[int]:
 
 
 def expected_sft_go_step(tiny, grouping: str):
-    samples = json.loads(Path(tiny.data, "four.json").read_text())
-    encoded = encode(tiny.model, samples)
-    policy = AutoModelForCausalLM.from_pretrained(tiny.model, dtype=torch.float32)
-    ref = AutoModelForCausalLM.from_pretrained(tiny.ref_model, dtype=torch.float32)
+    encoded, policy, ref = step_inputs(tiny)
     params = dict(policy.named_parameters())
     documents = Counter(token for _, answer in encoded for token in set(answer))
     idf = {token: math.log((1 + len(encoded)) / (1 + df)) + 1 for token, df in documents.items()}

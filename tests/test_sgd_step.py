@@ -43,12 +43,17 @@ def summed_answer_logp(model, prompt: list[int], answer: list[int]) -> torch.Ten
     return token_logps[len(prompt) - 1 :].sum()  # the positions that predict the answer tokens
 
 
-def expected_step(tiny, stage: str):
-    """Return (θ0 parameters by name, expected −gradient by name, expected step-1 metrics)."""
-    samples = json.loads(Path(tiny.data, "four.json").read_text())
-    encoded = encode(tiny.model, samples)
+def step_inputs(tiny):
+    """The `four` samples encoded, and fresh float32 copies of the tiny policy and reference."""
+    encoded = encode(tiny.model, json.loads(Path(tiny.data, "four.json").read_text()))
     policy = AutoModelForCausalLM.from_pretrained(tiny.model, dtype=torch.float32)
     ref = AutoModelForCausalLM.from_pretrained(tiny.ref_model, dtype=torch.float32)
+    return encoded, policy, ref
+
+
+def expected_step(tiny, stage: str):
+    """Return (θ0 parameters by name, expected −gradient by name, expected step-1 metrics)."""
+    encoded, policy, ref = step_inputs(tiny)
     params = dict(policy.named_parameters())
     descent = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
     n = len(encoded)

@@ -92,12 +92,14 @@ def test_zero_answer_tokens_after_truncation_give_no_nan(tiny, tmp_path):
     normal = make_instruction_data(2, seed=11)
     long_prompt = [{"instruction": " ".join(["river planet garden"] * 60), "input": "", "output": "ok"}] * 2
     write_dataset(tiny.data, "truncated", normal + long_prompt)
-    for stage in ("minorsft", "sft_dpo"):
+    for stage in ("minorsft", "sft_dpo", "sft_go"):
         out = tmp_path / stage
-        run_cli(base_config(tiny, out, stage=stage, dataset="truncated", cutoff_len=24, max_steps=2,
-                            optim="adamw_torch", learning_rate=1e-3, ref_model=tiny.ref_model), tmp_path / f"{stage}_run")  # fmt: skip
+        go = dict(sft_go_grouping="rho1", sft_go_lambda=1.0) if stage == "sft_go" else {}
+        run_cli(base_config(tiny, out, stage=stage, dataset="truncated", cutoff_len=24, max_steps=2, optim="adamw_torch",
+                            learning_rate=1e-3, ref_model=tiny.ref_model, **go), tmp_path / f"{stage}_run")  # fmt: skip
+        keys = ("group_loss/important", "deviation") if stage == "sft_go" else METRICS
         for entry in step_logs(out):
-            assert all(math.isfinite(entry[key]) for key in ("loss", "grad_norm") + METRICS), entry
+            assert all(math.isfinite(entry[key]) for key in ("loss", "grad_norm") + keys), entry
         assert all(torch.isfinite(w).all() for w in weights(out).values())
 
 
