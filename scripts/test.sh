@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set everything up (idempotent) and run the full test suite (about 12 minutes on 2 CPU cores).
+# Set everything up (idempotent) and run the full test suite on both cores (pytest-xdist; 84 tests in about
+# 7.5 minutes on 2 CPU cores, measured 2026-11-22). PYTEST_WORKERS=0 runs them in one process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -10,4 +11,4 @@ if ! command -v chromium >/dev/null 2>&1; then
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
 fi
 export PATH="$PWD/.venv/bin:$PATH" HF_HUB_OFFLINE=1
-exec python -m pytest "$@"
+exec python -m pytest -n "${PYTEST_WORKERS:-2}" "$@"
