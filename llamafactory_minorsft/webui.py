@@ -1,5 +1,5 @@
-"""LLaMA-Board (``llamafactory-cli webui``) pieces of the reference-aware stages: stage labels, the reference
-controls and their translations, the arguments they produce, and the live deviation plot.
+"""LLaMA-Board (``llamafactory-cli webui``) pieces of this package's stages: stage labels, the reference and
+SFT-GO controls and their translations, the arguments they produce, and the live deviation plot.
 
 ``integration`` hooks these into LLaMA-Factory's web UI modules; nothing here patches anything itself.
 """
@@ -8,11 +8,12 @@ import json
 import os
 from typing import Any, Callable
 
-from . import REFERENCE_SFT_STAGES
+from . import REFERENCE_SFT_STAGES, SFT_GO_STAGE
+from .sft_go import GROUPINGS, LAMBDA_SCHEDULES
 
 
 #: label → stage, appended to LLaMA-Factory's TRAINING_STAGES (its stage labels are the same in every language)
-STAGE_LABELS = {"MinorSFT": "minorsft", "SFT using DPO": "sft_dpo"}
+STAGE_LABELS = {"MinorSFT": "minorsft", "SFT using DPO": "sft_dpo", "SFT-GO": "sft_go"}
 DEVIATION_LOG = "trainer_deviation.jsonl"  # beside LLaMA-Factory's trainer_log.jsonl, read by the live plot
 
 LOCALES = {
@@ -31,11 +32,11 @@ LOCALES = {
         "ja": {"label": "参照モデルのパス", "info": "空欄：初期モデル（LoRA：アダプタ無効）。Beta は RLHF 設定で指定します。"},
     },
     "track_deviation": {
-        "en": {"label": "Track deviation", "info": "Supervised Fine-Tuning only: log the deviation from the reference model."},
-        "ru": {"label": "Отслеживать отклонение", "info": "Только для SFT: записывать отклонение от эталонной модели."},
-        "zh": {"label": "记录偏移度", "info": "仅用于监督微调：记录相对参考模型的偏移度。"},
-        "ko": {"label": "편차 추적", "info": "지도 미세 조정 전용: 참조 모델과의 편차를 기록합니다."},
-        "ja": {"label": "乖離度を記録", "info": "教師ありファインチューニングのみ：参照モデルからの乖離度を記録します。"},
+        "en": {"label": "Track deviation", "info": "Supervised Fine-Tuning and SFT-GO: log the deviation from the reference model."},
+        "ru": {"label": "Отслеживать отклонение", "info": "Для SFT и SFT-GO: записывать отклонение от эталонной модели."},
+        "zh": {"label": "记录偏移度", "info": "用于监督微调和 SFT-GO：记录相对参考模型的偏移度。"},
+        "ko": {"label": "편차 추적", "info": "지도 미세 조정과 SFT-GO: 참조 모델과의 편차를 기록합니다."},
+        "ja": {"label": "乖離度を記録", "info": "教師ありファインチューニングと SFT-GO：参照モデルからの乖離度を記録します。"},
     },
     "precompute_ref_logps": {
         "en": {"label": "Precompute reference log-probs", "info": "One reference pass before training, cached; then the reference is released."},
@@ -43,6 +44,48 @@ LOCALES = {
         "zh": {"label": "预计算参考模型对数概率", "info": "训练前计算一次并缓存，随后释放参考模型。"},
         "ko": {"label": "참조 로그 확률 사전 계산", "info": "학습 전에 한 번 계산해 캐시하고 참조 모델을 해제합니다."},
         "ja": {"label": "参照の対数確率を事前計算", "info": "学習前に一度だけ計算してキャッシュし、参照モデルを解放します。"},
+    },
+    "sft_go_tab": {
+        "en": {"label": "SFT-GO (group-optimized SFT)"},
+        "ru": {"label": "SFT-GO (SFT с групповой оптимизацией)"},
+        "zh": {"label": "SFT-GO（分组优化监督微调）"},
+        "ko": {"label": "SFT-GO (그룹 최적화 SFT)"},
+        "ja": {"label": "SFT-GO（グループ最適化 SFT）"},
+    },
+    "sft_go_grouping": {
+        "en": {"label": "Token grouping", "info": "tfidf: no extra model; rho1: excess loss against the reference; llmlingua2: a token classifier."},
+        "ru": {"label": "Группировка токенов", "info": "tfidf: без доп. модели; rho1: избыточная потеря относительно эталона; llmlingua2: классификатор токенов."},
+        "zh": {"label": "词元分组", "info": "tfidf：无需额外模型；rho1：相对参考模型的超额损失；llmlingua2：词元分类模型。"},
+        "ko": {"label": "토큰 그룹화", "info": "tfidf: 추가 모델 없음; rho1: 참조 대비 초과 손실; llmlingua2: 토큰 분류 모델."},
+        "ja": {"label": "トークンのグループ化", "info": "tfidf：追加モデル不要；rho1：参照に対する超過損失；llmlingua2：トークン分類モデル。"},
+    },
+    "sft_go_eta": {
+        "en": {"label": "Important fraction (η)", "info": "The share of each answer's tokens in the important group."},
+        "ru": {"label": "Доля важных токенов (η)", "info": "Доля токенов каждого ответа в группе важных."},
+        "zh": {"label": "重要比例 (η)", "info": "每个回答中划入重要组的词元比例。"},
+        "ko": {"label": "중요 비율 (η)", "info": "각 답변에서 중요 그룹에 속하는 토큰의 비율."},
+        "ja": {"label": "重要トークンの割合 (η)", "info": "各回答のうち重要グループに入るトークンの割合。"},
+    },
+    "sft_go_lambda": {
+        "en": {"label": "Worst-group weight (λ)", "info": "L = (1 − λ)·CE + λ·max(group losses); the start value of a schedule."},
+        "ru": {"label": "Вес худшей группы (λ)", "info": "L = (1 − λ)·CE + λ·max(потерь групп); начальное значение расписания."},
+        "zh": {"label": "最差组权重 (λ)", "info": "L = (1 − λ)·CE + λ·max(各组损失)；调度的初始值。"},
+        "ko": {"label": "최악 그룹 가중치 (λ)", "info": "L = (1 − λ)·CE + λ·max(그룹 손실); 스케줄의 시작 값."},
+        "ja": {"label": "最悪グループの重み (λ)", "info": "L = (1 − λ)·CE + λ·max(グループ損失)；スケジュールの初期値。"},
+    },
+    "sft_go_lambda_schedule": {
+        "en": {"label": "λ schedule", "info": "constant, or decay to 0 over training."},
+        "ru": {"label": "Расписание λ", "info": "constant или спад до 0 за время обучения."},
+        "zh": {"label": "λ 调度", "info": "constant，或在训练中衰减到 0。"},
+        "ko": {"label": "λ 스케줄", "info": "constant 또는 학습 동안 0으로 감소."},
+        "ja": {"label": "λ のスケジュール", "info": "constant、または学習中に 0 まで減衰。"},
+    },
+    "sft_go_classifier": {
+        "en": {"label": "LLMLingua-2 classifier path", "info": "A local 2-label token-classification model (llmlingua2 grouping only)."},
+        "ru": {"label": "Путь к классификатору LLMLingua-2", "info": "Локальная модель классификации токенов с 2 метками (только llmlingua2)."},
+        "zh": {"label": "LLMLingua-2 分类模型路径", "info": "本地二分类词元分类模型（仅用于 llmlingua2 分组）。"},
+        "ko": {"label": "LLMLingua-2 분류 모델 경로", "info": "로컬 2-레이블 토큰 분류 모델 (llmlingua2 그룹화 전용)."},
+        "ja": {"label": "LLMLingua-2 分類モデルのパス", "info": "ローカルの 2 ラベルのトークン分類モデル（llmlingua2 のみ）。"},
     },
 }  # fmt: skip
 
@@ -55,11 +98,16 @@ def create_reference_elems() -> dict[str, Any]:
         ref_model=gr.Textbox(value="", render=False),
         track_deviation=gr.Checkbox(value=False, render=False),
         precompute_ref_logps=gr.Checkbox(value=False, render=False),
+        sft_go_grouping=gr.Dropdown(choices=list(GROUPINGS), value="tfidf", render=False),
+        sft_go_eta=gr.Slider(minimum=0.05, maximum=0.95, value=0.5, step=0.05, render=False),
+        sft_go_lambda=gr.Slider(minimum=0.0, maximum=1.0, value=0.5, step=0.05, render=False),
+        sft_go_lambda_schedule=gr.Dropdown(choices=list(LAMBDA_SCHEDULES), value="constant", render=False),
+        sft_go_classifier=gr.Textbox(value="", render=False),
     )
 
 
 def render_reference_elems(elems: dict[str, Any]) -> dict[str, Any]:
-    """Place the controls in their own accordion of the train tab; returns them with the accordion."""
+    """Place the controls in two accordions of the train tab; returns them with the accordions."""
     import gradio as gr
 
     with gr.Accordion(open=False) as ref_tab:
@@ -68,13 +116,25 @@ def render_reference_elems(elems: dict[str, Any]) -> dict[str, Any]:
             elems["track_deviation"].render()
             elems["precompute_ref_logps"].render()
 
-    return dict(ref_tab=ref_tab, **elems)
+    with gr.Accordion(open=False) as sft_go_tab:
+        with gr.Row():
+            for name in ("sft_go_grouping", "sft_go_eta", "sft_go_lambda", "sft_go_lambda_schedule", "sft_go_classifier"):
+                elems[name].render()
+
+    return dict(ref_tab=ref_tab, sft_go_tab=sft_go_tab, **elems)
 
 
 def add_reference_args(args: dict[str, Any], get: Callable[[str], Any]) -> dict[str, Any]:
     """Complete the train arguments LLaMA-Board built (``get`` reads a UI value by element id)."""
-    track = args["stage"] == "sft" and bool(get("train.track_deviation"))
-    if args["stage"] in REFERENCE_SFT_STAGES or track:
+    stage = args["stage"]
+    track = stage in ("sft", SFT_GO_STAGE) and bool(get("train.track_deviation"))
+    if stage == SFT_GO_STAGE:
+        grouping = get("train.sft_go_grouping")
+        args.update(sft_go_grouping=grouping, sft_go_eta=get("train.sft_go_eta"), sft_go_lambda=get("train.sft_go_lambda"),
+                    sft_go_lambda_schedule=get("train.sft_go_lambda_schedule"))  # fmt: skip
+        if grouping == "llmlingua2":
+            args["sft_go_classifier"] = (get("train.sft_go_classifier") or "").strip() or None
+    if stage in REFERENCE_SFT_STAGES or track or (stage == SFT_GO_STAGE and get("train.sft_go_grouping") == "rho1"):
         args["pref_beta"] = get("train.pref_beta")
         if track:
             args["track_deviation"] = True

@@ -133,7 +133,7 @@ def drive_the_ui(page, url: str, tiny, workdir: Path) -> None:
         page.get_by_text(LOCALES["ref_tab"][lang]["label"]).filter(visible=True).wait_for(timeout=10_000)
         page.get_by_label(LF_LOCALES["training_stage"][lang]["label"], exact=True).filter(visible=True).click()
         options = page.get_by_role("option").filter(visible=True).all_inner_texts()
-        assert "MinorSFT" in options and "SFT using DPO" in options and "DPO" in options, (lang, options)
+        assert {"MinorSFT", "SFT using DPO", "SFT-GO", "DPO"} <= set(options), (lang, options)
         page.keyboard.press("Escape")
         page.wait_for_timeout(300)
 
@@ -189,3 +189,17 @@ def drive_the_ui(page, url: str, tiny, workdir: Path) -> None:
     page.get_by_label("Track deviation").filter(visible=True).check()
     command = preview(page)
     assert "--track_deviation True" in command and "--pref_beta 0.2" in command
+    page.get_by_label("Track deviation").filter(visible=True).uncheck()
+
+    # SFT-GO: its own accordion; Rho-1 grouping brings the reference arguments along
+    pick(page, "Stage", "SFT-GO")
+    choose_dataset(page, "minorsft_demo")
+    open_accordion(page, LOCALES["sft_go_tab"]["en"]["label"])
+    command = preview(page)
+    assert "--stage sft_go" in command and "--sft_go_grouping tfidf" in command and "--pref_beta" not in command
+    pick(page, "Token grouping", "rho1")
+    pick(page, "λ schedule", "linear")
+    command = preview(page)
+    assert "--sft_go_grouping rho1" in command and "--sft_go_eta 0.5" in command and "--sft_go_lambda 0.5" in command
+    assert "--sft_go_lambda_schedule linear" in command and "--pref_beta 0.2" in command
+    assert "--sft_go_classifier" not in command and "--track_deviation" not in command
