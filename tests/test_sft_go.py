@@ -122,13 +122,13 @@ def test_lora_accumulation_and_precomputed_token_logps_match_the_big_batch(tiny,
     assert abs(big[-1]["deviation"]) > 1e-5  # the adapters moved the policy
 
 
-def test_llmlingua2_grouping_with_a_tiny_token_classifier(tiny, tmp_path):
+def test_llmlingua2_grouping_with_a_tiny_token_classifier_and_track_deviation(tiny, tmp_path):
     texts = [sample["output"] for sample in json.loads(Path(tiny.data, "minorsft_demo.json").read_text())]
     classifier = tmp_path / "classifier"
     build_token_classifier(texts, str(classifier))
     out = tmp_path / "out"
     config = base_config(tiny, out, stage="sft_go", sft_go_grouping="llmlingua2", sft_go_classifier=str(classifier),
-                         pref_beta=None, dataset="minorsft_demo", cutoff_len=128, max_steps=4, learning_rate=1e-3,
+                         track_deviation=True, dataset="minorsft_demo", cutoff_len=128, max_steps=4, learning_rate=1e-3,
                          optim="adamw_torch", per_device_train_batch_size=8, do_eval=True,
                          eval_dataset="minorsft_demo_eval", eval_strategy="steps", eval_steps=4, plot_loss=True)  # fmt: skip
     proc = run_cli(config, tmp_path)
@@ -138,7 +138,9 @@ def test_llmlingua2_grouping_with_a_tiny_token_classifier(tiny, tmp_path):
     assert all(0 <= entry["worst_group/important"] <= 1 for entry in logs)
     assert logs[-1]["loss"] < logs[0]["loss"]
     final_eval = [entry for entry in json.loads((out / "trainer_state.json").read_text())["log_history"] if "eval_loss" in entry][-1]
-    assert math.isfinite(final_eval["eval_group_loss/important"]) and "deviation" not in logs[0]
+    assert math.isfinite(final_eval["eval_group_loss/important"]) and math.isfinite(final_eval["eval_deviation"])
+    # track_deviation loads the initial model as reference: 0 at the first step, then the policy moves away
+    assert logs[0]["deviation"] == 0.0 and logs[-1]["deviation"] > 0 and "coef" not in logs[0]
     assert (out / "training_loss.png").exists() and (out / "training_group_loss_important.png").exists()
 
 
