@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set everything up (idempotent) and run the full test suite on both cores (pytest-xdist; 84 tests in about
-# 7.5 minutes on 2 CPU cores, measured 2026-11-22). PYTEST_WORKERS=0 runs them in one process.
+# Set everything up (idempotent) and run the full test suite on both cores (pytest-xdist; 84 tests in 7.5 to
+# 8.5 minutes on 2 CPU cores, measured 2026-11-22). PYTEST_WORKERS=0 runs them in one process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
