@@ -84,10 +84,8 @@ def run_reference_sft(
     if finetuning_args.precompute_ref_logps:  # a cache hit on every split: no reference model is loaded at all
         precomputed = PrecomputedReference(model_args, data_args, finetuning_args, dataset_module)
 
-    ref_model = None
-    if not finetuning_args.needs_reference:
-        pass  # sft_go with TF-IDF or LLMLingua-2 grouping and no deviation tracking: no reference at all
-    elif precomputed is None or precomputed.needs_reference_model:
+    ref_model = None  # also when no reference is needed (sft_go with TF-IDF/LLMLingua-2, no deviation tracking)
+    if finetuning_args.needs_reference and (precomputed is None or precomputed.needs_reference_model):
         # the initial model (frozen copy; None for LoRA = adapters disabled) or `ref_model`, as DPO does;
         # it is built from `model_name_or_path`, never from a checkpoint we resume from
         ref_model = create_ref_model(model_args, finetuning_args)
