@@ -113,11 +113,11 @@ def wants_reference_sft(args: dict[str, Any] | list[str]) -> bool:
 
 def _reference_sft_training_function(tuner, config: dict[str, Any]) -> None:
     """``tuner._training_function`` for the reference-aware runs: same callbacks, our workflow."""
-    import torch.distributed as dist
     from transformers import EarlyStoppingCallback
 
     from llamafactory.train.trainer_utils import get_swanlab_callback
 
+    from .train.teardown import shut_down_process_group
     from .train.workflow import run_reference_sft
 
     callbacks: list[Any] = config.get("callbacks")
@@ -142,8 +142,7 @@ def _reference_sft_training_function(tuner, config: dict[str, Any]) -> None:
     run_reference_sft(model_args, data_args, training_args, finetuning_args, callbacks)
 
     try:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shut_down_process_group()  # the stock function only destroys it: see train/teardown.py for why
     except Exception as err:  # as the stock function: a failed clean-up must not fail a finished run
         from llamafactory.extras.logging import get_logger
 

@@ -87,6 +87,13 @@ def _edits() -> dict[str, list[tuple[str, str]]]:
                 "        run_reference_sft(model_args, data_args, training_args, finetuning_args, callbacks)\n"
                 '    elif finetuning_args.stage == "sft" and finetuning_args.use_hyper_parallel:\n',
             ),
+            (
+                "        if dist.is_initialized():\n            dist.destroy_process_group()\n",
+                f"        if finetuning_args.uses_reference_sft:  {MARK}: avoids Gloo's exit race, see its docstring\n"
+                "            from llamafactory_minorsft.train.teardown import shut_down_process_group\n\n"
+                "            shut_down_process_group()\n"
+                "        elif dist.is_initialized():\n            dist.destroy_process_group()\n",
+            ),
         ],
         "extras/constants.py": [
             ('    "Pre-Training": "pt",\n}\n', '    "Pre-Training": "pt",\n' + stage_lines + "}\n"),
