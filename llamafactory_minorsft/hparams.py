@@ -254,12 +254,29 @@ def _check_reference_vocabulary(policy: str, reference: str, trust_remote_code: 
         )
 
 
+#: transformers releases whose FlashAttention-2 path crashes (huggingface/transformers#45588, LLaMA-Factory #10610).
+FA2_BROKEN_TRANSFORMERS = ("5.6.0",)
+
+
+def check_flash_attention(flash_attn, transformers_version: str) -> None:
+    """Refuse `flash_attn: fa2` on a transformers release whose FlashAttention-2 forward is broken."""
+    if str(getattr(flash_attn, "value", flash_attn)) == "fa2" and transformers_version in FA2_BROKEN_TRANSFORMERS:
+        raise ValueError(
+            f"`flash_attn: fa2` crashes on transformers {transformers_version}: its flash_attention_forward calls "
+            "`s_aux.to(...)` on None (huggingface/transformers#45588, LLaMA-Factory #10610). Install transformers "
+            "5.5.4 (this project's pin) or >= 5.6.1 where your LLaMA-Factory allows it, or set `flash_attn: sdpa`."
+        )
+
+
 def verify_reference_sft_args(model_args, data_args, training_args, finetuning_args, dataset_attrs) -> None:
     """Cross-argument checks of the reference-aware workflow, run before anything is loaded or written.
 
     ``dataset_attrs`` are LLaMA-Factory's ``DatasetAttr`` of the train and eval datasets.
     """
+    import transformers
+
     stage = finetuning_args.stage
+    check_flash_attention(model_args.flash_attn, transformers.__version__)
     ranking = sorted({attr.dataset_name for attr in dataset_attrs if attr.ranking})
     if ranking:
         raise ValueError(
@@ -297,5 +314,9 @@ def verify_reference_sft_args(model_args, data_args, training_args, finetuning_a
             "Set `streaming: false`, or remove `precompute_ref_logps` to run the reference online."
         )
 
-    if getattr(finetuning_args, "use_mca", False) or getattr(finetuning_args, "use_hyper_parallel", False):
-        raise ValueError(f"`use_mca`/`use_hyper_parallel` are not supported with `stage: {stage}`.")
+    other_engines = [name for name in ("use_mca", "use_hyper_parallel", "use_megatron_bridge") if getattr(finetuning_args, name, False)]
+    if other_engines:
+        raise ValueError(
+            f"`{'`/`'.join(other_engines)}` cannot be used with `stage: {stage}`: those engines have their own "
+            "trainers, which have no reference model. Remove it."
+        )

@@ -12,36 +12,76 @@ Each patch is applied right after its module is imported (post-import hooks from
   ``webui.runner.Runner._parse_train_args`` their arguments, ``webui.control.get_trainer_info`` the live
   deviation plot.
 
-Before touching anything, each patch checks the LLaMA-Factory version and that every attribute it
-replaces is there, so an unknown LLaMA-Factory fails loudly instead of being half-patched.
+Before touching anything, each patch finds the installed LLaMA-Factory in ``LAYOUTS`` and checks that every
+attribute it replaces is there, so an unknown LLaMA-Factory fails loudly instead of being half-patched.
+
+``LAYOUTS`` is all this package knows about LLaMA-Factory versions: what differs between the tested releases is
+one row each, and the rest of the code is the same for all of them.
 """
 
 import argparse
 import functools
 import json
 import os
+import warnings
+from dataclasses import dataclass
 from typing import Any
 
 
-SUPPORTED_LLAMAFACTORY_VERSIONS = ("0.9.5",)
+#: Set to 1 to patch a LLaMA-Factory version that is not in ``LAYOUTS`` (every patch target is still checked).
+ALLOW_UNTESTED_ENV = "LLAMAFACTORY_MINORSFT_ALLOW_UNTESTED"
 
-_PARSER_LISTS = ("_TRAIN_ARGS", "_INFER_ARGS", "_EVAL_ARGS")
-_TRUE = ("true", "1", "yes", "y", "on")
+
+@dataclass(frozen=True)
+class Layout:
+    """What one LLaMA-Factory version offers the patches."""
+
+    label: str  # as the README and the errors name it
+    parser_lists: tuple[str, ...]  # parser lists that hold ``FinetuningArguments`` (``_TRAIN_MCA_ARGS`` is extra)
+    profiler_callbacks: bool  # ``tuner`` has TorchProfilerCallback and ModuleProfilerCallback
+
+
+_LISTS = ("_TRAIN_ARGS", "_INFER_ARGS", "_EVAL_ARGS")
+
+#: ``llamafactory.extras.env.VERSION`` → layout. Tested: the 0.9.4 and 0.9.5 releases, main at commit ff6d4d12e.
+LAYOUTS = {
+    "0.9.4": Layout("0.9.4", _LISTS, profiler_callbacks=False),
+    "0.9.5": Layout("0.9.5", _LISTS, profiler_callbacks=True),
+    "0.9.6.dev0": Layout("main (0.9.6.dev0, commit ff6d4d12e)", _LISTS + ("_TRAIN_MBRIDGE_ARGS",), True),
+}
+SUPPORTED_LLAMAFACTORY_VERSIONS = tuple(LAYOUTS)
 
 
 class UnsupportedLlamaFactoryError(RuntimeError):
     pass
 
 
-def _check_version() -> None:
+@functools.cache
+def layout() -> Layout:
+    """The layout of the installed LLaMA-Factory, or an error that names it, the supported ones and the override."""
     from llamafactory.extras.env import VERSION
+    from packaging.version import Version
 
-    if VERSION not in SUPPORTED_LLAMAFACTORY_VERSIONS:
+    if VERSION in LAYOUTS:
+        return LAYOUTS[VERSION]
+
+    supported = ", ".join(layout.label for layout in LAYOUTS.values())
+    if os.getenv(ALLOW_UNTESTED_ENV, "0").lower() not in ("true", "y", "1"):  # as LF's is_env_enabled
         raise UnsupportedLlamaFactoryError(
-            f"llamafactory-minorsft supports LLaMA-Factory {', '.join(SUPPORTED_LLAMAFACTORY_VERSIONS)} only, "
-            f"but LLaMA-Factory {VERSION} is installed. Install `llamafactory==0.9.5`, or set "
-            "LLAMAFACTORY_MINORSFT_DISABLE=1 to run this LLaMA-Factory without the MinorSFT stages."
+            f"llamafactory-minorsft does not support LLaMA-Factory {VERSION}; it supports {supported}. Install one "
+            f"of those, or set {ALLOW_UNTESTED_ENV}=1 to try this version anyway (every patch target is still checked)."
         )
+
+    # the newest tested layout not newer than the installed version (else the oldest)
+    older = [key for key in LAYOUTS if Version(key) <= Version(VERSION)]
+    chosen = LAYOUTS[max(older, key=Version) if older else min(LAYOUTS, key=Version)]
+    # a plain warning: this runs inside LLaMA-Factory's own imports, before its logging can be imported
+    warnings.warn(
+        f"{ALLOW_UNTESTED_ENV}=1: patching LLaMA-Factory {VERSION}, which llamafactory-minorsft has not been tested "
+        f"with (tested: {supported}), as LLaMA-Factory {chosen.label}.",
+        stacklevel=2,
+    )
+    return chosen
 
 
 def _has(obj, dotted: str) -> bool:
@@ -56,8 +96,8 @@ def _require(module, *names: str) -> None:
     missing = [name for name in names if not _has(module, name)]
     if missing:
         raise UnsupportedLlamaFactoryError(
-            f"{module.__name__} lacks {', '.join(missing)}: this is not the LLaMA-Factory "
-            f"{'/'.join(SUPPORTED_LLAMAFACTORY_VERSIONS)} layout that llamafactory-minorsft patches. Nothing was patched."
+            f"{module.__name__} lacks {', '.join(missing)}: this is not the LLaMA-Factory {layout().label} layout "
+            "that llamafactory-minorsft patches. Nothing was patched."
         )
 
 
@@ -69,21 +109,21 @@ def _should_patch(module, *names: str) -> bool:
     if getattr(module, "_minorsft_patched", False):
         return False
 
-    _check_version()
+    layout()
     _require(module, *names)
     return True
 
 
 def patch_parser(parser) -> None:
     """Swap ``FinetuningArguments`` for ``ReferenceSFTFinetuningArguments`` in the parser lists (in place)."""
-    if not _should_patch(parser, *_PARSER_LISTS):
+    if not _should_patch(parser, *layout().parser_lists):
         return
 
     from llamafactory.hparams.finetuning_args import FinetuningArguments
 
     from .hparams import ReferenceSFTFinetuningArguments
 
-    lists = [getattr(parser, name) for name in _PARSER_LISTS]
+    lists = [getattr(parser, name) for name in layout().parser_lists]
     lists += [parser._TRAIN_MCA_ARGS] if getattr(parser, "_TRAIN_MCA_ARGS", None) else []  # empty without mcore
     if not all(FinetuningArguments in arg_list for arg_list in lists):
         raise UnsupportedLlamaFactoryError(f"{parser.__name__}: FinetuningArguments not found in its parser lists.")
@@ -107,7 +147,7 @@ def wants_reference_sft(args: dict[str, Any] | list[str]) -> bool:
 
     from . import NEW_STAGES
 
-    track = track if isinstance(track, bool) else str(track).strip().lower() in _TRUE
+    track = track if isinstance(track, bool) else str(track).strip().lower() in ("yes", "true", "t", "y", "1")
     return stage in NEW_STAGES or (stage == "sft" and track)
 
 
@@ -132,10 +172,10 @@ def _reference_sft_training_function(tuner, config: dict[str, Any]) -> None:
     if finetuning_args.early_stopping_steps is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=finetuning_args.early_stopping_steps))
 
-    if getattr(training_args, "enable_torch_profiler", False):
+    if layout().profiler_callbacks and getattr(training_args, "enable_torch_profiler", False):
         callbacks.append(tuner.TorchProfilerCallback(training_args))
 
-    if getattr(training_args, "profile_modules", None):
+    if layout().profiler_callbacks and getattr(training_args, "profile_modules", None):
         callbacks.append(tuner.ModuleProfilerCallback(training_args.profile_modules))
 
     callbacks.append(tuner.ReporterCallback(model_args, data_args, finetuning_args, generating_args))  # add to last
@@ -166,10 +206,8 @@ def _dataset_attrs(data_args) -> list:
 
 def patch_tuner(tuner) -> None:
     """Route the reference-aware runs of ``tuner._training_function`` to our workflow."""
-    if not _should_patch(
-        tuner, "_training_function", "get_train_args", "LogCallback", "ReporterCallback",
-        "TorchProfilerCallback", "ModuleProfilerCallback",
-    ):  # fmt: skip
+    profilers = ("TorchProfilerCallback", "ModuleProfilerCallback") if layout().profiler_callbacks else ()
+    if not _should_patch(tuner, "_training_function", "get_train_args", "LogCallback", "ReporterCallback", *profilers):
         return
     stock_training_function = tuner._training_function
 

@@ -1,52 +1,134 @@
-"""Generate (or check) the fork patch against LLaMA-Factory v0.9.5's source tree.
+"""Generate (or check) the fork patches against pristine LLaMA-Factory source trees.
 
-    .venv/bin/python patches/make_patch.py            # rewrite patches/llamafactory-v0.9.5-minorsft.patch
-    .venv/bin/python patches/make_patch.py --check    # exit 1 if the committed patch differs from a fresh one
+    python patches/make_patch.py                     # rewrite all three patches
+    python patches/make_patch.py --check             # exit 1 if a committed patch differs from a fresh one
+    python patches/make_patch.py --version 0.9.4     # one version only (0.9.4, 0.9.5 or main)
 
-The pristine tree is rebuilt from the installed ``llamafactory==0.9.5`` wheel: every file of its RECORD is copied
-to ``src/llamafactory/...`` and checked against the RECORD's sha256, so a locally modified install is refused.
-The edits below are made on a copy, each at an anchor that must occur exactly once; the stage names and labels
-come from ``llamafactory_minorsft`` itself, so the patch cannot drift from the plugin.
+Pristine trees:
+- a release (0.9.4, 0.9.5): the installed ``llamafactory`` distribution when it is that version, else its wheel from
+  the package registry (``pip download``); every file is checked against the RECORD's sha256, so a locally
+  modified install is refused;
+- main: ``src/llamafactory`` of the source archive ``../shared/llamafactory-src/llamafactory-main-ff6d4d12e.tar.gz``,
+  whose sha256 is checked.
+
+The edits are the same for every version. Each is made at an anchor that must occur exactly once; the parser's
+argument lists are rewritten wherever they name ``FinetuningArguments``. The stage names and labels come from
+``llamafactory_minorsft`` itself, so a patch cannot drift from the plugin.
 """
 
 import argparse
 import base64
+import csv
 import difflib
 import hashlib
+import io
 import os
-import shutil
+import re
+import subprocess
 import sys
+import tarfile
 import tempfile
+import zipfile
 from importlib import metadata
 
 
-VERSION = "0.9.5"
 HERE = os.path.dirname(os.path.abspath(__file__))
-PATCH = os.path.join(HERE, f"llamafactory-v{VERSION}-minorsft.patch")
 MARK = "# llamafactory-minorsft"
+MAIN_COMMIT = "ff6d4d12e"
+MAIN_ARCHIVE = os.path.join(HERE, "..", "..", "shared", "llamafactory-src", f"llamafactory-main-{MAIN_COMMIT}.tar.gz")
+MAIN_ARCHIVE_SHA256 = "a557405e923e401e7f2009b07f189c735451b5d80282ef627938c1b9200d6dcd"
+#: version → patch file
+PATCHES = {
+    "0.9.4": "llamafactory-v0.9.4-minorsft.patch",
+    "0.9.5": "llamafactory-v0.9.5-minorsft.patch",
+    "main": f"llamafactory-main-{MAIN_COMMIT}-minorsft.patch",
+}
+#: the parser lists every version has; main adds ``_TRAIN_MBRIDGE_ARGS``, and ``_TRAIN_MCA_ARGS`` is everywhere
+REQUIRED_LISTS = ("_TRAIN_ARGS", "_INFER_ARGS", "_EVAL_ARGS", "_TRAIN_MCA_ARGS")
 
 
-def pristine_tree(dest: str) -> str:
-    """Rebuild ``dest/src/llamafactory`` from the installed release, verified file by file; returns ``dest``."""
+def patch_path(version: str) -> str:
+    return os.path.join(HERE, PATCHES[version])
+
+
+def installed_version() -> str | None:
+    """The key of ``PATCHES`` that the installed LLaMA-Factory is, if any."""
+    try:
+        dist = metadata.distribution("llamafactory")
+    except metadata.PackageNotFoundError:
+        return None
+    if dist.version == "0.9.6.dev0":
+        return "main"
+    return dist.version if dist.version in PATCHES else None
+
+
+def _record_digest(data: bytes) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+def _write(dest: str, path: str, data: bytes) -> None:
+    target = os.path.join(dest, "src", path)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(target, "wb") as f:
+        f.write(data)
+
+
+def _release_files(version: str):
+    """(path, bytes, RECORD sha256) of every ``llamafactory/`` file of the release."""
     dist = metadata.distribution("llamafactory")
-    if dist.version != VERSION:
-        raise SystemExit(f"llamafactory {dist.version} is installed; the fork patch is made against {VERSION}.")
+    if dist.version == version:
+        for entry in dist.files:
+            if entry.hash is not None:
+                yield str(entry), entry.locate().read_bytes(), entry.hash.value
+        return
 
-    for entry in dist.files:
-        path = str(entry)
+    with tempfile.TemporaryDirectory() as tmp:  # not installed here: the registry's wheel
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", tmp]
+        subprocess.run([*cmd, f"llamafactory=={version}"], check=True, stdout=subprocess.DEVNULL)
+        (wheel,) = [os.path.join(tmp, name) for name in os.listdir(tmp) if name.endswith(".whl")]
+        with zipfile.ZipFile(wheel) as archive:
+            (record,) = [name for name in archive.namelist() if name.endswith(".dist-info/RECORD")]
+            for path, digest, _ in csv.reader(io.TextIOWrapper(archive.open(record), encoding="utf-8")):
+                if digest:
+                    yield path, archive.read(path), digest.split("=", 1)[1]
+
+
+def pristine_tree(version: str, dest: str) -> str:
+    """Rebuild ``dest/src/llamafactory`` of ``version``, verified file by file; returns ``dest``."""
+    if version == "main":
+        with open(MAIN_ARCHIVE, "rb") as f:
+            data = f.read()
+        if hashlib.sha256(data).hexdigest() != MAIN_ARCHIVE_SHA256:
+            raise SystemExit(f"{MAIN_ARCHIVE} is not the LLaMA-Factory main archive at {MAIN_COMMIT} (sha256 differs).")
+        with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+            for member in archive.getmembers():
+                path = member.name.split("/", 1)[-1]  # drop the archive's top folder
+                if member.isfile() and path.startswith("src/llamafactory/"):
+                    _write(dest, path[len("src/") :], archive.extractfile(member).read())
+        return dest
+
+    for path, data, digest in _release_files(version):
         if not path.startswith("llamafactory/") or "__pycache__" in path:
             continue
-        source = entry.locate()
-        if entry.hash is not None:
-            with open(source, "rb") as f:
-                digest = base64.urlsafe_b64encode(hashlib.sha256(f.read()).digest()).rstrip(b"=").decode()
-            if digest != entry.hash.value:
-                raise SystemExit(f"{source} differs from the llamafactory {VERSION} release (RECORD hash); reinstall it.")
-        target = os.path.join(dest, "src", path)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.copy2(source, target)
-
+        if _record_digest(data) != digest:
+            raise SystemExit(f"{path} differs from the llamafactory {version} release (RECORD hash); reinstall it.")
+        _write(dest, path, data)
     return dest
+
+
+def _swap_parser_lists(text: str) -> str:
+    """``FinetuningArguments`` → ``ReferenceSFTFinetuningArguments`` in every ``_*_ARGS = [...]`` list."""
+    found = []
+
+    def swap(match: re.Match) -> str:
+        found.append(match.group(2))
+        return match.group(1) + re.sub(r"\bFinetuningArguments\b", "ReferenceSFTFinetuningArguments", match.group(3))
+
+    text = re.sub(r"^(\s*(_\w+_ARGS) = )(\[[^\]]*\bFinetuningArguments\b[^\]]*\])", swap, text, flags=re.M)
+    missing = set(REQUIRED_LISTS) - set(found)
+    if missing:
+        raise SystemExit(f"hparams/parser.py: {', '.join(sorted(missing))} not found with FinetuningArguments.")
+    return text
 
 
 def _edits() -> dict[str, list[tuple[str, str]]]:
@@ -56,6 +138,7 @@ def _edits() -> dict[str, list[tuple[str, str]]]:
 
     stages = "[" + ", ".join(f'"{stage}"' for stage in REFERENCE_SFT_STAGES) + "]"
     stage_lines = "".join(f'    "{label}": "{stage}",  {MARK}\n' for label, stage in STAGE_LABELS.items())
+    last_callback = "    callbacks.append(ReporterCallback(model_args, data_args, finetuning_args, generating_args))  # add to last\n\n"  # noqa: E501
     return {
         "hparams/parser.py": [
             (
@@ -63,12 +146,6 @@ def _edits() -> dict[str, list[tuple[str, str]]]:
                 "from .finetuning_args import FinetuningArguments\n"
                 f"from llamafactory_minorsft.hparams import ReferenceSFTFinetuningArguments  {MARK}: new stages + options\n",
             ),
-            ("    TrainingArguments,\n    FinetuningArguments,\n    GeneratingArguments,\n]",
-             "    TrainingArguments,\n    ReferenceSFTFinetuningArguments,\n    GeneratingArguments,\n]"),
-            ("_INFER_ARGS = [ModelArguments, DataArguments, FinetuningArguments, GeneratingArguments]",
-             "_INFER_ARGS = [ModelArguments, DataArguments, ReferenceSFTFinetuningArguments, GeneratingArguments]"),
-            ("_EVAL_ARGS = [ModelArguments, DataArguments, EvaluationArguments, FinetuningArguments]",
-             "_EVAL_ARGS = [ModelArguments, DataArguments, EvaluationArguments, ReferenceSFTFinetuningArguments]"),
         ],
         "train/tuner.py": [
             (
@@ -81,11 +158,11 @@ def _edits() -> dict[str, list[tuple[str, str]]]:
                 "    callbacks.append(LogCallback())\n",
             ),
             (
-                '    if finetuning_args.stage == "sft" and finetuning_args.use_hyper_parallel:\n',
-                f"    if finetuning_args.uses_reference_sft:  {MARK}: minorsft, sft_dpo, sft_go, track_deviation\n"
+                last_callback + "    if ",
+                last_callback + f"    if finetuning_args.uses_reference_sft:  {MARK}: minorsft, sft_dpo, sft_go, track_deviation\n"
                 "        from llamafactory_minorsft.train.workflow import run_reference_sft\n\n"
                 "        run_reference_sft(model_args, data_args, training_args, finetuning_args, callbacks)\n"
-                '    elif finetuning_args.stage == "sft" and finetuning_args.use_hyper_parallel:\n',
+                "    elif ",
             ),
             (
                 "        if dist.is_initialized():\n            dist.destroy_process_group()\n",
@@ -109,9 +186,9 @@ def _edits() -> dict[str, list[tuple[str, str]]]:
     }
 
 
-def make_patch() -> str:
+def make_patch(version: str) -> str:
     with tempfile.TemporaryDirectory() as tmp:
-        root = pristine_tree(tmp)
+        root = pristine_tree(version, tmp)
         chunks = []
         for rel, edits in _edits().items():
             path = os.path.join(root, "src", "llamafactory", rel)
@@ -120,8 +197,10 @@ def make_patch() -> str:
             after = before
             for anchor, replacement in edits:
                 if after.count(anchor) != 1:
-                    raise SystemExit(f"{rel}: anchor found {after.count(anchor)} times, expected once:\n{anchor}")
+                    raise SystemExit(f"{version} {rel}: anchor found {after.count(anchor)} times, expected once:\n{anchor}")
                 after = after.replace(anchor, replacement)
+            if rel == "hparams/parser.py":
+                after = _swap_parser_lists(after)
             name = f"src/llamafactory/{rel}"
             chunks.append(f"diff --git a/{name} b/{name}\n")
             chunks += difflib.unified_diff(
@@ -132,19 +211,25 @@ def make_patch() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="fail if the committed patch is not what we generate")
+    parser.add_argument("--check", action="store_true", help="fail if a committed patch is not what we generate")
+    parser.add_argument("--version", choices=list(PATCHES), action="append", help="only this version (repeatable)")
     args = parser.parse_args()
-    patch = make_patch()
-    if args.check:
-        with open(PATCH, encoding="utf-8") as f:
-            if f.read() != patch:
-                sys.exit(f"{PATCH} is out of date: run .venv/bin/python patches/make_patch.py and commit it.")
-        print(f"{PATCH} is up to date")
-        return
+    stale = []
+    for version in args.version or list(PATCHES):
+        patch, path = make_patch(version), patch_path(version)
+        if not args.check:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(patch)
+            print(f"wrote {path}")
+            continue
 
-    with open(PATCH, "w", encoding="utf-8") as f:
-        f.write(patch)
-    print(f"wrote {PATCH}")
+        with open(path, encoding="utf-8") as f:
+            if f.read() != patch:
+                stale.append(path)
+            else:
+                print(f"{path} is up to date")
+    if stale:
+        sys.exit(f"out of date: {', '.join(stale)}. Run `python patches/make_patch.py` and commit them.")
 
 
 if __name__ == "__main__":

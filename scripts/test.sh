@@ -1,14 +1,34 @@
 #!/usr/bin/env bash
-# Set everything up (idempotent) and run the full test suite on both cores (pytest-xdist; 84 tests in 7.5 to
-# 8.5 minutes on 2 CPU cores, measured 2026-11-22). PYTEST_WORKERS=0 runs them in one process.
+# Set everything up (idempotent) and run the tests on every supported LLaMA-Factory version:
+#   1. the full suite on .venv (LLaMA-Factory 0.9.5, the default stack);
+#   2. the compatibility subset (tests marked `compat`) on .venv-lf-main (main at ff6d4d12e) and .venv-lf-0.9.4.
+# Both run on the two cores with pytest-xdist; PYTEST_WORKERS=0 runs them in one process. Extra arguments go to
+# pytest (every run). COMPAT_VERSIONS="" skips step 2. Measured times are in the README.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+COMPAT_VERSIONS="${COMPAT_VERSIONS-main 0.9.4}"
+
 bash scripts/setup.sh
+for version in $COMPAT_VERSIONS; do
+  LLAMAFACTORY_VERSION="$version" bash scripts/setup.sh
+done
+
 # the web UI test drives Debian's Chromium (headless) through Playwright
 if ! command -v chromium >/dev/null 2>&1; then
   echo "[setup] installing Debian's chromium for the web UI test"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
 fi
-export PATH="$PWD/.venv/bin:$PATH" HF_HUB_OFFLINE=1
-exec python -m pytest -n "${PYTEST_WORKERS:-2}" "$@"
+
+run_pytest() {  # run_pytest VENV [pytest args...]
+  local venv="$1"; shift
+  echo "[test] $venv: $("$venv/bin/python" -c 'import llamafactory; print("LLaMA-Factory", llamafactory.__version__)')"
+  PATH="$PWD/$venv/bin:$PATH" HF_HUB_OFFLINE=1 "$venv/bin/python" -m pytest -n "${PYTEST_WORKERS:-2}" "$@"
+}
+
+status=0  # every environment runs even when an earlier one fails; the exit status is the first failure's
+run_pytest .venv "$@" || status=$?
+for version in $COMPAT_VERSIONS; do
+  run_pytest ".venv-lf-$version" -m compat "$@" || { rc=$?; [ "$status" != 0 ] || status=$rc; }
+done
+exit "$status"

@@ -1,5 +1,8 @@
 """Bad input through the stock CLI: a clear error naming the option, before the model loads, nothing written."""
 
+import subprocess
+import sys
+
 import pytest
 
 from conftest import base_config, run_cli
@@ -31,6 +34,7 @@ def other_tokenizer_model(tmp_path_factory) -> str:
     return path
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_fails_early_and_clearly(tiny, tmp_path, case, request):
     overrides, message = CASES[case]
@@ -43,3 +47,30 @@ def test_bad_input_fails_early_and_clearly(tiny, tmp_path, case, request):
     assert message in output, output[-3000:]
     assert "trainable params" not in output  # LLaMA-Factory logs this once the model is loaded
     assert not out.exists()
+
+
+def test_flash_attention_2_on_transformers_5_6_0_is_refused_before_the_model_loads(tiny, tmp_path):
+    """The real transformers 5.6.0, installed beside this environment's, with `flash_attn: fa2`: refused early.
+
+    Run where LLaMA-Factory accepts 5.6.0 (0.9.5's range ends there; main excludes it, 0.9.4 needs 4.x).
+    """
+    from llamafactory.extras.env import VERSION
+
+    if VERSION != "0.9.5":
+        pytest.skip(f"LLaMA-Factory {VERSION} does not accept transformers 5.6.0 itself")
+    target = tmp_path / "transformers-5.6.0"
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), "transformers==5.6.0"]
+    assert subprocess.run(pip, capture_output=True, text=True).returncode == 0
+    env = cli_env(PYTHONPATH=str(target))
+    probe = [sys.executable, "-c", "import transformers; print(transformers.__version__)"]
+    assert subprocess.run(probe, env=env, capture_output=True, text=True).stdout.strip() == "5.6.0"
+    for flash_attn in ("fa2", "sdpa"):
+        out = tmp_path / flash_attn
+        proc = run_cli(base_config(tiny, out, flash_attn=flash_attn), tmp_path / f"{flash_attn}_run", check=False, env=env)
+        output = proc.stdout + proc.stderr
+        if flash_attn == "sdpa":  # the same stack trains: the guard is about fa2 alone
+            assert proc.returncode == 0 and (out / "trainer_state.json").exists(), output[-3000:]
+            continue
+        assert proc.returncode != 0
+        assert "`flash_attn: fa2` crashes on transformers 5.6.0" in output and "transformers#45588" in output, output[-3000:]
+        assert "trainable params" not in output and not out.exists()

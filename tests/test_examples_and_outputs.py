@@ -49,6 +49,7 @@ def test_example_parses_and_trains_two_steps(tiny, tmp_path, path):
     assert len(logs) == 2 and all("deviation" in entry for entry in logs)
 
 
+@pytest.mark.compat
 def test_trained_minorsft_model_exports_and_chats(tiny, tmp_path):
     out = tmp_path / "out"
     run_cli(

@@ -1,5 +1,6 @@
-"""The fork patch: up to date with the plugin, applies to a pristine v0.9.5 tree, and trains with the plugin's
-automatic registration off, so that the patched LLaMA-Factory code path is the one that runs."""
+"""The fork patches: all three up to date with the plugin; the one of the installed LLaMA-Factory applies to its
+pristine tree and trains with the plugin's automatic registration off, so that the patched LLaMA-Factory code path
+is the one that runs (``scripts/test.sh`` runs this on every supported version)."""
 
 import os
 import shutil
@@ -17,7 +18,11 @@ sys.path.insert(0, str(PATCHES))
 import make_patch  # noqa: E402
 
 
-def test_committed_patch_is_what_the_generator_makes(tmp_path):
+INSTALLED = make_patch.installed_version()
+
+
+def test_committed_patches_are_what_the_generator_makes(tmp_path):
+    """All three, against their pristine trees: the releases' wheels and the main source archive."""
     proc = subprocess.run([sys.executable, str(PATCHES / "make_patch.py"), "--check"], capture_output=True, text=True,
                           env=cli_env(LLAMAFACTORY_MINORSFT_DISABLE="1"), cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -25,8 +30,8 @@ def test_committed_patch_is_what_the_generator_makes(tmp_path):
 
 @pytest.fixture(scope="module")
 def patched_tree(tmp_path_factory) -> Path:
-    root = Path(make_patch.pristine_tree(str(tmp_path_factory.mktemp("llamafactory-0.9.5"))))
-    patch = str(PATCHES / make_patch.os.path.basename(make_patch.PATCH))
+    root = Path(make_patch.pristine_tree(INSTALLED, str(tmp_path_factory.mktemp(f"llamafactory-{INSTALLED}"))))
+    patch = make_patch.patch_path(INSTALLED)
     if shutil.which("patch"):  # the other documented way applies cleanly too (dry run)
         dry = subprocess.run(["patch", "-p1", "--dry-run", "-i", patch], cwd=root, capture_output=True, text=True)
         assert dry.returncode == 0, dry.stdout + dry.stderr
@@ -41,6 +46,7 @@ def fork_env(tree: Path) -> dict:
     return env
 
 
+@pytest.mark.compat
 def test_patched_tree_runs_minorsft_with_the_plugin_hooks_off(tiny, tmp_path, patched_tree):
     env = fork_env(patched_tree)
     probe = subprocess.run(

@@ -22,8 +22,8 @@ def run(tiny, tmp_path, name, cache_dir, **overrides):
 @pytest.mark.parametrize(
     "overrides",
     [
-        dict(stage="minorsft", ref_model="REF"),
-        dict(stage="sft_dpo", finetuning_type="lora", lora_target="all"),
+        pytest.param(dict(stage="minorsft", ref_model="REF"), marks=pytest.mark.compat),
+        pytest.param(dict(stage="sft_dpo", finetuning_type="lora", lora_target="all"), marks=pytest.mark.compat),
         dict(stage="sft", track_deviation=True),
     ],
     ids=["minorsft-full-ref_model", "sft_dpo-lora", "sft-track_deviation"],

@@ -4,6 +4,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from conftest import base_config, cli_env, run_cli, step_logs
 
 
@@ -36,10 +38,11 @@ def test_explicit_register_is_idempotent_and_trains(tiny, tmp_path):
     assert "deviation" in step_logs(tmp_path / "out")[0]
 
 
+@pytest.mark.compat
 def test_untested_llamafactory_version_fails_loudly_without_half_patching():
     proc = run_python("""
         import llamafactory.extras.env as env
-        env.VERSION = "0.9.6"
+        env.VERSION = "0.9.7"
         import llamafactory_minorsft
         from llamafactory_minorsft.integration import UnsupportedLlamaFactoryError
         try:
@@ -50,12 +53,54 @@ def test_untested_llamafactory_version_fails_loudly_without_half_patching():
         assert FinetuningArguments in parser._TRAIN_ARGS, "half-patched"
     """, LLAMAFACTORY_MINORSFT_DISABLE="1")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "ERROR: llamafactory-minorsft supports LLaMA-Factory 0.9.5 only, but LLaMA-Factory 0.9.6" in proc.stdout
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("ERROR:")]
+    assert line == (
+        "ERROR: llamafactory-minorsft does not support LLaMA-Factory 0.9.7; it supports 0.9.4, 0.9.5, main "
+        "(0.9.6.dev0, commit ff6d4d12e). Install one of those, or set LLAMAFACTORY_MINORSFT_ALLOW_UNTESTED=1 to try "
+        "this version anyway (every patch target is still checked)."
+    )
 
-    # automatic registration: the import of LLaMA-Factory itself fails, naming the supported version
+    # automatic registration: the import of LLaMA-Factory itself fails with the same line
     proc = run_python("""
         import llamafactory.extras.env as env
-        env.VERSION = "0.9.6"
+        env.VERSION = "0.9.7"
         import llamafactory.train.tuner
     """)
-    assert proc.returncode != 0 and "supports LLaMA-Factory 0.9.5 only" in proc.stderr
+    assert proc.returncode != 0 and "does not support LLaMA-Factory 0.9.7; it supports 0.9.4" in proc.stderr
+
+
+@pytest.mark.compat
+def test_allow_untested_patches_with_a_warning_and_still_checks_every_target(tiny, tmp_path):
+    from llamafactory.extras.env import VERSION
+
+    # an untested version right after the installed one: the layout of the installed one must serve
+    untested = {"0.9.4": "0.9.4.post1", "0.9.5": "0.9.5.post1", "0.9.6.dev0": "0.9.6.dev1"}[VERSION]
+    config = base_config(tiny, tmp_path / "out", max_steps=1)
+    proc = run_python(f"""
+        import llamafactory.extras.env as env
+        env.VERSION = {untested!r}
+        import llamafactory_minorsft
+        llamafactory_minorsft.register()
+        from llamafactory.train import tuner
+        tuner.run_exp({config!r})
+    """, LLAMAFACTORY_MINORSFT_DISABLE="1", LLAMAFACTORY_MINORSFT_ALLOW_UNTESTED="1")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"LLAMAFACTORY_MINORSFT_ALLOW_UNTESTED=1: patching LLaMA-Factory {untested}," in proc.stderr
+    assert "deviation" in step_logs(tmp_path / "out")[0]
+
+    # a missing patch target is still refused, and that module is left as it was
+    proc = run_python(f"""
+        import llamafactory.extras.env as env
+        env.VERSION = {untested!r}
+        from llamafactory.hparams import parser, FinetuningArguments
+        del parser._EVAL_ARGS
+        import llamafactory_minorsft
+        from llamafactory_minorsft.integration import UnsupportedLlamaFactoryError
+        try:
+            llamafactory_minorsft.register()
+        except UnsupportedLlamaFactoryError as err:
+            print("ERROR:", err)
+        assert FinetuningArguments in parser._TRAIN_ARGS, "half-patched"
+    """, LLAMAFACTORY_MINORSFT_DISABLE="1", LLAMAFACTORY_MINORSFT_ALLOW_UNTESTED="1")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "ERROR: llamafactory.hparams.parser lacks _EVAL_ARGS" in proc.stdout and "Nothing was patched" in proc.stdout

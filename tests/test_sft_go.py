@@ -73,6 +73,7 @@ def expected_sft_go_step(tiny, grouping: str):
     return theta0, descent, metrics
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("grouping", ["rho1", "tfidf"])
 def test_one_sgd_step_matches_the_sft_go_gradient(tiny, tmp_path, grouping):
     out = tmp_path / "out"
@@ -122,6 +123,7 @@ def test_lora_accumulation_and_precomputed_token_logps_match_the_big_batch(tiny,
     assert abs(big[-1]["deviation"]) > 1e-5  # the adapters moved the policy
 
 
+@pytest.mark.compat
 def test_llmlingua2_grouping_with_a_tiny_token_classifier_and_track_deviation(tiny, tmp_path):
     texts = [sample["output"] for sample in json.loads(Path(tiny.data, "minorsft_demo.json").read_text())]
     classifier = tmp_path / "classifier"

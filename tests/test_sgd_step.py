@@ -84,6 +84,7 @@ def expected_step(tiny, stage: str):
     return theta0, descent, metrics
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("stage", ["minorsft", "sft_dpo"])
 def test_one_sgd_step_matches_paper_gradient(tiny, tmp_path, stage):
     out = tmp_path / "out"

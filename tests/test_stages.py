@@ -31,6 +31,7 @@ def assert_same_weights(a, b, rtol=1e-5, atol=1e-7):
         torch.testing.assert_close(wa[name], wb[name], rtol=rtol, atol=atol, msg=name)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("stage", ["minorsft", "sft_dpo"])
 def test_gradient_accumulation_gives_the_big_batch_update(tiny, tmp_path, stage):
     big = base_config(tiny, tmp_path / "big", stage=stage, ref_model=tiny.ref_model)
@@ -38,7 +39,9 @@ def test_gradient_accumulation_gives_the_big_batch_update(tiny, tmp_path, stage)
                         per_device_train_batch_size=1, gradient_accumulation_steps=4)  # fmt: skip
     run_cli(big, tmp_path / "big_run")
     run_cli(small, tmp_path / "small_run")
-    assert_same_weights(tmp_path / "big", tmp_path / "small")
+    # float32 sums in another order (4 backward passes vs 1): measured up to 1.6e-7 apart on transformers 5.8
+    # (one embedding element of 32,768); a wrong normalisation moves weights by 1e-2 or more
+    assert_same_weights(tmp_path / "big", tmp_path / "small", atol=1e-6)
     logged_big, logged_small = step_logs(tmp_path / "big")[0], step_logs(tmp_path / "small")[0]
     for key in ("loss",) + METRICS:
         assert logged_small[key] == pytest.approx(logged_big[key], rel=1e-5, abs=1e-6), key
@@ -59,6 +62,7 @@ def test_lora_uses_the_adapter_disabled_base_as_reference(tiny, tmp_path):
     assert all(math.isfinite(entry[key]) for entry in logs for key in ("loss",) + METRICS)
 
 
+@pytest.mark.compat
 def test_sft_track_deviation_keeps_the_stock_loss(tiny, tmp_path):
     common = dict(stage="sft", optim="adamw_torch", learning_rate=1e-2, max_steps=3, dataset="minorsft_demo")
     run_cli(base_config(tiny, tmp_path / "stock", **common), tmp_path / "stock_run")

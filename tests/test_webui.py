@@ -91,6 +91,7 @@ def preview(page) -> str:
     return page.locator("code").filter(visible=True).first.inner_text()
 
 
+@pytest.mark.compat
 def test_minorsft_from_the_web_ui(webui, tiny):
     from playwright.sync_api import sync_playwright
 

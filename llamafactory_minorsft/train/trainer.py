@@ -51,7 +51,8 @@ class ReferenceSFTTrainer(CustomSeq2SeqTrainer):
         idf: Optional[torch.Tensor] = None,
         **kwargs,
     ) -> None:
-        super().__init__(finetuning_args=finetuning_args, ref_model=ref_model, **kwargs)
+        super().__init__(finetuning_args=finetuning_args, **kwargs)
+        self.ref_model = self._prepare_reference(ref_model)
         self.loss_type = finetuning_args.stage  # "minorsft", "sft_dpo", "sft_go", or "sft" (stock loss, metrics only)
         self.beta = finetuning_args.pref_beta
         self.uses_reference = finetuning_args.needs_reference
@@ -70,6 +71,32 @@ class ReferenceSFTTrainer(CustomSeq2SeqTrainer):
         self._metric_groups = {"deviation": DEVIATION_SUMS_SIZE} if self.uses_reference else {}
         if self.loss_type == SFT_GO_STAGE:
             self._metric_groups["groups"] = GROUP_SUMS_SIZE
+
+    def _prepare_reference(self, ref_model: Optional["PreTrainedModel"]) -> Optional[torch.nn.Module]:
+        """Prepare the frozen reference as LLaMA-Factory's DPO trainer does: sharded by DeepSpeed or FSDP, else
+        placed by accelerate in eval mode. Done here because LLaMA-Factory 0.9.4's SFT trainer takes no reference."""
+        if ref_model is None:
+            return None
+
+        if self.is_deepspeed_enabled:
+            if getattr(ref_model, "is_loaded_in_8bit", False) or getattr(ref_model, "is_loaded_in_4bit", False):
+                return ref_model  # quantized models are already on their device
+
+            from trl.models.utils import prepare_deepspeed
+
+            return prepare_deepspeed(ref_model, self.accelerator)
+
+        if self.is_fsdp_enabled:
+            if self.accelerator.is_fsdp2:
+                from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+                return fsdp2_prepare_model(self.accelerator, ref_model)
+
+            from trl.models.utils import prepare_fsdp
+
+            return prepare_fsdp(ref_model, self.accelerator)
+
+        return self.accelerator.prepare_model(ref_model, evaluation_mode=True).eval()
 
     @override
     def get_batch_samples(self, epoch_iterator, num_batches, device):
