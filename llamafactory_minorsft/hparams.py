@@ -268,6 +268,24 @@ def check_flash_attention(flash_attn, transformers_version: str) -> None:
         )
 
 
+#: DeepSpeed releases whose ZeRO-3 gives a wrong reference model here (LLaMA-Factory 0.9.4 caps deepspeed at 0.16.9).
+ZERO3_REFERENCE_MIN_DEEPSPEED = "0.17.0"
+
+
+def check_zero3_reference(deepspeed_version: str) -> None:
+    """Refuse a ZeRO-3 reference model on DeepSpeed < 0.17: measured with 0.16.9 (2 processes, CPU), its reference
+    log-probs differed from one process at step 1 (torch 2.7) or were NaN (torch 2.9 and 2.11; stock DPO too)."""
+    from packaging.version import Version
+
+    if Version(deepspeed_version) < Version(ZERO3_REFERENCE_MIN_DEEPSPEED):
+        raise ValueError(
+            f"`deepspeed` ZeRO-3 with a reference model needs deepspeed >= {ZERO3_REFERENCE_MIN_DEEPSPEED}, but "
+            f"{deepspeed_version} is installed: its ZeRO-3 reference gave wrong or NaN log-probs in our tests (stock "
+            "DPO too). Install deepspeed 0.19.8 (with LLaMA-Factory 0.9.4 also set DISABLE_VERSION_CHECK=1), or use "
+            "ZeRO-2 (`ds_z2_config.json`)."
+        )
+
+
 def verify_reference_sft_args(model_args, data_args, training_args, finetuning_args, dataset_attrs) -> None:
     """Cross-argument checks of the reference-aware workflow, run before anything is loaded or written.
 
@@ -301,6 +319,13 @@ def verify_reference_sft_args(model_args, data_args, training_args, finetuning_a
             + (" + `track_deviation`" if stage == "sft" else "")
             + ": packed sequences mix several samples, so per-sample log-probs are not defined. Set `packing: false`."
         )
+
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if finetuning_args.needs_reference and is_deepspeed_zero3_enabled():
+        from importlib.metadata import version
+
+        check_zero3_reference(version("deepspeed"))
 
     if training_args.predict_with_generate or training_args.do_predict:
         raise ValueError(

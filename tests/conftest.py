@@ -76,6 +76,14 @@ def cli_env(**extra) -> dict:
     return env
 
 
+def deepspeed_env(**extra) -> dict:
+    """``cli_env`` for a DeepSpeed run. LLaMA-Factory 0.9.4 caps deepspeed at 0.16.9, whose ZeRO-3 reference is wrong
+    (see ``check_zero3_reference``); its stack here has 0.19.8, which its version check accepts only when disabled."""
+    from llamafactory.extras.env import VERSION
+
+    return cli_env(**({"DISABLE_VERSION_CHECK": "1"} if VERSION == "0.9.4" else {}), **extra)
+
+
 def run_cli(config: dict, workdir, *args, check: bool = True, env: dict | None = None, timeout: int = 600):
     """``llamafactory-cli train <config>.yaml`` in a subprocess, from ``workdir``; returns CompletedProcess."""
     workdir = Path(workdir)

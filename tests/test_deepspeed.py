@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import base_config, cli_env, run_cli, step_logs
+from conftest import base_config, deepspeed_env, run_cli, step_logs
 
 
 DEEPSPEED = Path(__file__).resolve().parents[1] / "examples_yaml" / "deepspeed"
@@ -40,7 +40,7 @@ def test_deepspeed_two_processes_match_one(tiny, tmp_path, case):
     run_cli(
         base_config(tiny, tmp_path / "ds", per_device_train_batch_size=2, deepspeed=str(DEEPSPEED / ds_config), **common),
         tmp_path / "ds_run",
-        env=cli_env(FORCE_TORCHRUN="1", NPROC_PER_NODE="2"),
+        env=deepspeed_env(FORCE_TORCHRUN="1", NPROC_PER_NODE="2"),
     )
     one, two = step_logs(tmp_path / "single"), step_logs(tmp_path / "ds")
     assert len(one) == len(two) == 3

@@ -2,13 +2,15 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import base_config, run_cli
+from conftest import base_config, cli_env, run_cli
 from llamafactory_minorsft.tiny import build_model, build_tokenizer
 
 
+DEEPSPEED_Z3 = Path(__file__).resolve().parents[1] / "examples_yaml" / "deepspeed" / "ds_z3_config.json"
 CASES = {
     "zero_beta": (dict(pref_beta=0.0), "`pref_beta`"),
     "negative_beta": (dict(stage="sft_dpo", pref_beta=-0.1), "`pref_beta`"),
@@ -74,3 +76,24 @@ def test_flash_attention_2_on_transformers_5_6_0_is_refused_before_the_model_loa
         assert proc.returncode != 0
         assert "`flash_attn: fa2` crashes on transformers 5.6.0" in output and "transformers#45588" in output, output[-3000:]
         assert "trainable params" not in output and not out.exists()
+
+
+def test_zero3_reference_on_deepspeed_0_16_is_refused_before_the_model_loads(tiny, tmp_path):
+    """The real deepspeed 0.16.9 (LLaMA-Factory 0.9.4's cap), installed beside this environment's, with ZeRO-3 and a
+    reference model: refused early, on every process. Run on the default stack, whose LLaMA-Factory has no cap."""
+    from llamafactory.extras.env import VERSION
+
+    if VERSION != "0.9.5":
+        pytest.skip("the default stack's check; LLaMA-Factory 0.9.4 refuses deepspeed 0.19.8 itself unless told not to")
+    target = tmp_path / "deepspeed-0.16.9"
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target),
+           "deepspeed==0.16.9"]  # fmt: skip
+    assert subprocess.run(pip, capture_output=True, text=True).returncode == 0
+    out = tmp_path / "out"
+    config = base_config(tiny, out, per_device_train_batch_size=2, deepspeed=str(DEEPSPEED_Z3))
+    proc = run_cli(config, tmp_path / "run", check=False,
+                   env=cli_env(PYTHONPATH=str(target), FORCE_TORCHRUN="1", NPROC_PER_NODE="2"))  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "ZeRO-3 with a reference model needs deepspeed >= 0.17.0, but 0.16.9 is installed" in output, output[-3000:]
+    assert "trainable params" not in output and not out.exists()
