@@ -339,7 +339,8 @@ def verify_reference_sft_args(model_args, data_args, training_args, finetuning_a
             "Set `streaming: false`, or remove `precompute_ref_logps` to run the reference online."
         )
 
-    other_engines = [name for name in ("use_mca", "use_hyper_parallel", "use_megatron_bridge") if getattr(finetuning_args, name, False)]
+    engines = ("use_mca", "use_hyper_parallel", "use_megatron_bridge")  # main adds Megatron-Bridge
+    other_engines = [name for name in engines if getattr(finetuning_args, name, False)]
     if other_engines:
         raise ValueError(
             f"`{'`/`'.join(other_engines)}` cannot be used with `stage: {stage}`: those engines have their own "

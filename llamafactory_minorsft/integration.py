@@ -65,11 +65,12 @@ def layout() -> Layout:
     if VERSION in LAYOUTS:
         return LAYOUTS[VERSION]
 
-    supported = ", ".join(layout.label for layout in LAYOUTS.values())
+    supported = ", ".join(row.label for row in LAYOUTS.values())
     if os.getenv(ALLOW_UNTESTED_ENV, "0").lower() not in ("true", "y", "1"):  # as LF's is_env_enabled
         raise UnsupportedLlamaFactoryError(
             f"llamafactory-minorsft does not support LLaMA-Factory {VERSION}; it supports {supported}. Install one "
-            f"of those, or set {ALLOW_UNTESTED_ENV}=1 to try this version anyway (every patch target is still checked)."
+            f"of those, or set {ALLOW_UNTESTED_ENV}=1 to try this version anyway "
+            "(every patch target is still checked)."
         )
 
     # the newest tested layout not newer than the installed version (else the oldest)

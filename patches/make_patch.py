@@ -99,7 +99,7 @@ def pristine_tree(version: str, dest: str) -> str:
         with open(MAIN_ARCHIVE, "rb") as f:
             data = f.read()
         if hashlib.sha256(data).hexdigest() != MAIN_ARCHIVE_SHA256:
-            raise SystemExit(f"{MAIN_ARCHIVE} is not the LLaMA-Factory main archive at {MAIN_COMMIT} (sha256 differs).")
+            raise SystemExit(f"{MAIN_ARCHIVE} is not LLaMA-Factory main at {MAIN_COMMIT} (sha256 differs).")
         with tarfile.open(fileobj=io.BytesIO(data)) as archive:
             for member in archive.getmembers():
                 path = member.name.split("/", 1)[-1]  # drop the archive's top folder
@@ -159,7 +159,8 @@ def _edits() -> dict[str, list[tuple[str, str]]]:
             ),
             (
                 last_callback + "    if ",
-                last_callback + f"    if finetuning_args.uses_reference_sft:  {MARK}: minorsft, sft_dpo, sft_go, track_deviation\n"
+                last_callback
+                + f"    if finetuning_args.uses_reference_sft:  {MARK}: minorsft, sft_dpo, sft_go, track_deviation\n"
                 "        from llamafactory_minorsft.train.workflow import run_reference_sft\n\n"
                 "        run_reference_sft(model_args, data_args, training_args, finetuning_args, callbacks)\n"
                 "    elif ",
@@ -197,7 +198,8 @@ def make_patch(version: str) -> str:
             after = before
             for anchor, replacement in edits:
                 if after.count(anchor) != 1:
-                    raise SystemExit(f"{version} {rel}: anchor found {after.count(anchor)} times, expected once:\n{anchor}")
+                    found = after.count(anchor)
+                    raise SystemExit(f"{version} {rel}: anchor found {found} times, expected once:\n{anchor}")
                 after = after.replace(anchor, replacement)
             if rel == "hparams/parser.py":
                 after = _swap_parser_lists(after)

@@ -43,7 +43,16 @@ def test_pip_install_keeps_the_installed_llamafactory(tmp_path):
     assert installed == ["llamafactory-minorsft"]
 
     probe = "import importlib.metadata as m, llamafactory; print(m.version('llamafactory'), llamafactory.__file__)"
-    version, location = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    probed = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True)
+    version, location = probed.stdout.split()
     assert version == metadata.version("llamafactory")
     assert location.startswith(sysconfig.get_paths()["purelib"])
     assert not list(site.glob("llamafactory-*.dist-info"))  # nothing of LLaMA-Factory went into the user's venv
+
+
+def test_setup_refuses_an_unknown_llamafactory_version(tmp_path):
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "setup.sh")], capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "LLAMAFACTORY_VERSION": "0.9.3"})  # fmt: skip
+    assert proc.returncode == 2
+    assert "LLAMAFACTORY_VERSION=0.9.3 is not supported. Valid values: 0.9.5 (default, .venv), main" in proc.stderr
+    assert "0.9.4 (.venv-lf-0.9.4)" in proc.stderr and not (REPO / ".venv-lf-0.9.3").exists()
