@@ -93,8 +93,11 @@ def test_zero3_reference_on_deepspeed_0_16_is_refused_before_the_model_loads(tin
     assert subprocess.run(pip, capture_output=True, text=True).returncode == 0
     out = tmp_path / "out"
     config = base_config(tiny, out, per_device_train_batch_size=2, deepspeed=str(DEEPSPEED_Z3))
-    proc = run_cli(config, tmp_path / "run", check=False,
-                   env=cli_env(PYTHONPATH=str(target), FORCE_TORCHRUN="1", NPROC_PER_NODE="2"))  # fmt: skip
+    # DeepSpeed JIT-builds its CPU shm op into one cache per torch build, whatever its own version: 0.16.9's op there
+    # makes a concurrent 0.19.8 run fail with "no attribute 'vector_kernel_level'", so it builds into its own
+    env = cli_env(PYTHONPATH=str(target), FORCE_TORCHRUN="1", NPROC_PER_NODE="2",
+                  TORCH_EXTENSIONS_DIR=str(tmp_path / "torch_extensions"))  # fmt: skip
+    proc = run_cli(config, tmp_path / "run", check=False, env=env)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "ZeRO-3 with a reference model needs deepspeed >= 0.17.0, but 0.16.9 is installed" in output, output[-3000:]
