@@ -15,13 +15,14 @@ from typing import Literal
 from llamafactory.hparams.finetuning_args import FinetuningArguments
 
 from . import NEW_STAGES, REFERENCE_SFT_STAGES, SFT_GO_STAGE
-from .sft_go import GROUPINGS, LAMBDA_SCHEDULES
+from .sft_go import GROUP_REDUCTIONS, GROUPINGS, LAMBDA_SCHEDULES
 
 
 STOCK_STAGES: tuple[str, ...] = typing.get_args(typing.get_type_hints(FinetuningArguments)["stage"])
 ALL_STAGES: tuple[str, ...] = STOCK_STAGES + NEW_STAGES
 #: Stages that can log the deviation metric: the reference stages always do, sft and sft_go on request.
 DEVIATION_STAGES = ("sft", SFT_GO_STAGE) + REFERENCE_SFT_STAGES
+SFT_LOSS_REDUCTIONS = ("token", "sample")
 
 
 @dataclass
@@ -47,6 +48,17 @@ class ReferenceSFTArguments:
             )
         },
     )
+    sft_loss_reduction: Literal["token", "sample"] | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "For `stage: sft` only: how the answer-token NLLs of a batch are averaged. `token` (the default, "
+                "stock LLaMA-Factory): over all answer tokens of the global batch, so long answers weigh more. "
+                "`sample`: each sample's mean token NLL, averaged over samples (arXiv 2408.10642 Eq. 5), the "
+                "reduction of MinorSFT and SFT using DPO: the like-for-like baseline for them."
+            )
+        },
+    )
     ref_logps_cache_dir: str | None = field(
         default=None,
         metadata={
@@ -67,8 +79,8 @@ class SFTGOArguments:
         metadata={
             "help": (
                 "How SFT-GO ranks a sample's answer tokens by importance. `tfidf`: in-sample frequency × IDF over "
-                "the training answers; `rho1`: excess loss, policy token loss − reference token loss (needs a "
-                "reference, as `ref_model` or the initial model); `llmlingua2`: keep-probabilities of the "
+                "the training answers; `rho1`: excess loss, policy token loss − reference token loss (needs "
+                "`ref_model`); `llmlingua2`: keep-probabilities of the "
                 "token-classification model `sft_go_classifier`. Default tfidf: it needs no extra model."
             )
         },
@@ -77,27 +89,46 @@ class SFTGOArguments:
         default=0.5,
         metadata={
             "help": (
-                "η: the fraction of each sample's answer tokens (rounded up) that forms the important group, in "
-                "(0, 1). Default 0.5: two groups of equal size, since the paper's values are not available to us."
+                "η: the important fraction, i.e. the share of each sample's answer tokens (rounded up) with the "
+                "highest importance scores that forms the important group; in (0, 1). Default 0.5: two groups of "
+                "equal size (the paper's per-grouping values are not public to us)."
             )
         },
     )
     sft_go_lambda: float = field(
-        default=0.5,
+        default=0.9,
         metadata={
             "help": (
-                "λ in [0, 1] of L = (1 − λ)·CE + λ·max(L_important, L_unimportant); 0 is plain SFT, 1 keeps only the "
-                "worst group. With a schedule it is the starting value. Default 0.5: an even mix."
+                "λ in [0, 1] of L = (1 − λ)·CE + λ·max(L_important, L_unimportant): 0 is exactly stock SFT, 1 keeps "
+                "only the worst group. With a decaying schedule it is the starting value. Default 0.9, the value "
+                "the SFT-GO paper uses for all settings."
             )
         },
     )
     sft_go_lambda_schedule: Literal["constant", "linear", "cosine"] = field(
-        default="constant",
-        metadata={"help": "How λ changes over the training steps: `constant`, or decay to `sft_go_lambda_min`."},
+        default="linear",
+        metadata={
+            "help": (
+                "How λ changes over the training steps: `linear` (default) or `cosine` decay from `sft_go_lambda` to "
+                "`sft_go_lambda_min`, or `constant`. The paper decays λ, weighting the worst group early and moving "
+                "back to the standard loss."
+            )
+        },
     )
     sft_go_lambda_min: float = field(
         default=0.0,
-        metadata={"help": "The final λ of a `linear`/`cosine` schedule, in [0, `sft_go_lambda`]."},
+        metadata={"help": "The final λ of a `linear`/`cosine` schedule, in [0, `sft_go_lambda`]. Default 0."},
+    )
+    sft_go_group_reduction: Literal["batch", "sample"] = field(
+        default="batch",
+        metadata={
+            "help": (
+                "Where the group losses are averaged. `batch` (default, Group DRO's mini-batch procedure): each "
+                "group's token mean over the whole micro-batch, then the max of the two. `sample`: each sample's "
+                "own max(L_important,i, L_unimportant,i), averaged over samples (exact under gradient accumulation "
+                "and data parallelism; `batch` treats each micro-batch of each process as one mini-batch)."
+            )
+        },
     )
     sft_go_classifier: str | None = field(
         default=None,
@@ -132,9 +163,15 @@ class ReferenceSFTFinetuningArguments(FinetuningArguments, ReferenceSFTArguments
     )
 
     @property
+    def sample_mean_sft(self) -> bool:
+        """True for `stage: sft` with `sft_loss_reduction: sample` (Eq. 5)."""
+        return self.stage == "sft" and self.sft_loss_reduction == "sample"
+
+    @property
     def uses_reference_sft(self) -> bool:
-        """True when this run takes this package's workflow (minorsft, sft_dpo, sft_go, sft + track_deviation)."""
-        return self.stage in NEW_STAGES or (self.stage == "sft" and self.track_deviation)
+        """True when this run takes this package's workflow (minorsft, sft_dpo, sft_go, sft + track_deviation or
+        `sft_loss_reduction: sample`)."""
+        return self.stage in NEW_STAGES or (self.stage == "sft" and self.track_deviation) or self.sample_mean_sft
 
     @property
     def needs_reference(self) -> bool:
@@ -156,6 +193,18 @@ class ReferenceSFTFinetuningArguments(FinetuningArguments, ReferenceSFTArguments
                 f"`track_deviation` means nothing for `stage: {self.stage}`: it applies to `stage: sft` and "
                 "`stage: sft_go` only (minorsft and sft_dpo always log the deviation). Remove `track_deviation`."
             )
+
+        if self.sft_loss_reduction is not None:
+            if self.stage != "sft":
+                raise ValueError(
+                    f"`sft_loss_reduction` is an option of `stage: sft`, not `{self.stage}` (minorsft, sft_dpo and "
+                    "sft_go define their own reduction). Remove `sft_loss_reduction`."
+                )
+            if self.sft_loss_reduction not in SFT_LOSS_REDUCTIONS:
+                raise ValueError(
+                    f"`sft_loss_reduction` must be one of {', '.join(SFT_LOSS_REDUCTIONS)}, "
+                    f"got {self.sft_loss_reduction!r}."
+                )
 
         if self.precompute_ref_logps and not self.needs_reference:
             raise ValueError(
@@ -192,12 +241,22 @@ class ReferenceSFTFinetuningArguments(FinetuningArguments, ReferenceSFTArguments
             ("sft_go_lambda", _in_range(self.sft_go_lambda, 0, 1, False, False), "a number in [0, 1]"),
             ("sft_go_lambda_schedule", self.sft_go_lambda_schedule in LAMBDA_SCHEDULES,
              f"one of {', '.join(LAMBDA_SCHEDULES)}"),
+            ("sft_go_group_reduction", self.sft_go_group_reduction in GROUP_REDUCTIONS,
+             f"one of {', '.join(GROUP_REDUCTIONS)}"),
             ("sft_go_lambda_min", _in_range(self.sft_go_lambda_min, 0, self.sft_go_lambda, False, False)
              if _in_range(self.sft_go_lambda, 0, 1, False, False) else True, "a number in [0, `sft_go_lambda`]"),
         ]  # fmt: skip
         for name, ok, wanted in checks:
             if not ok:
                 raise ValueError(f"`{name}` must be {wanted}, got {getattr(self, name)!r}.")
+
+        if self.sft_go_grouping == "rho1" and self.ref_model is None:
+            raise ValueError(
+                "`sft_go_grouping: rho1` needs `ref_model`: Rho-1 scores tokens by their excess loss against a "
+                "reference trained on high-quality data. Without one the initial model is the reference, every excess "
+                "loss is 0 at the start, and the important group is just the first tokens by position. Set `ref_model`, "
+                "or use `sft_go_grouping: tfidf`."
+            )
 
         if self.sft_go_grouping == "llmlingua2":
             if self.sft_go_classifier is None:
@@ -286,6 +345,13 @@ def check_zero3_reference(deepspeed_version: str) -> None:
         )
 
 
+def _run_label(finetuning_args) -> str:
+    """`stage: x`, with the option that sends a `stage: sft` run to this package's workflow."""
+    if finetuning_args.stage != "sft":
+        return f"`stage: {finetuning_args.stage}`"
+    return "`stage: sft` + " + ("`track_deviation`" if finetuning_args.track_deviation else "`sft_loss_reduction: sample`")
+
+
 def verify_reference_sft_args(model_args, data_args, training_args, finetuning_args, dataset_attrs) -> None:
     """Cross-argument checks of the reference-aware workflow, run before anything is loaded or written.
 
@@ -313,11 +379,18 @@ def verify_reference_sft_args(model_args, data_args, training_args, finetuning_a
 
         _check_reference_vocabulary(model_args.model_name_or_path, ref, model_args.trust_remote_code)
 
+    run = _run_label(finetuning_args)
     if data_args.packing or data_args.neat_packing:
         raise ValueError(
-            f"`packing`/`neat_packing` cannot be used with `stage: {stage}`"
-            + (" + `track_deviation`" if stage == "sft" else "")
-            + ": packed sequences mix several samples, so per-sample log-probs are not defined. Set `packing: false`."
+            f"`packing`/`neat_packing` cannot be used with {run}: packed sequences mix several samples, so per-sample "
+            "log-probs are not defined. Set `packing: false`."
+        )
+
+    if not data_args.ignore_pad_token_for_loss:
+        raise ValueError(
+            f"`ignore_pad_token_for_loss: false` cannot be used with {run}: pad tokens would count as answer tokens, "
+            "so m, log π(y|x), r and the token groups would depend on how each batch is padded. Remove "
+            "`ignore_pad_token_for_loss` (its default is true)."
         )
 
     from transformers.integrations import is_deepspeed_zero3_enabled

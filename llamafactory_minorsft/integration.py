@@ -138,18 +138,19 @@ def patch_parser(parser) -> None:
 def wants_reference_sft(args: dict[str, Any] | list[str]) -> bool:
     """Peek at raw train args (a config dict, or CLI strings) without parsing them."""
     if isinstance(args, dict):
-        stage, track = args.get("stage"), args.get("track_deviation", False)
+        stage, track, reduction = args.get("stage"), args.get("track_deviation", False), args.get("sft_loss_reduction")
     else:
         peek = argparse.ArgumentParser(add_help=False)
         peek.add_argument("--stage")
         peek.add_argument("--track_deviation", nargs="?", const="true", default="false")
+        peek.add_argument("--sft_loss_reduction")
         known, _ = peek.parse_known_args(args)
-        stage, track = known.stage, known.track_deviation
+        stage, track, reduction = known.stage, known.track_deviation, known.sft_loss_reduction
 
     from . import NEW_STAGES
 
     track = track if isinstance(track, bool) else str(track).strip().lower() in ("yes", "true", "t", "y", "1")
-    return stage in NEW_STAGES or (stage == "sft" and track)
+    return stage in NEW_STAGES or (stage == "sft" and (track or reduction == "sample"))
 
 
 def _reference_sft_training_function(tuner, config: dict[str, Any]) -> None:

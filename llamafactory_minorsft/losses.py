@@ -101,6 +101,17 @@ def floored_ref_logps(ref_logps: torch.Tensor) -> torch.Tensor:
     return ref_logps.float().nan_to_num(neginf=REF_LOGPS_FLOOR).clamp(min=REF_LOGPS_FLOOR)
 
 
+def sft_sample_loss(policy_logps: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+    """SFT per-sample loss as the paper writes it, Eq. 5:  L_i = −(1/m_i)·log πθ(y_i|x_i).
+
+    Eq. 5 averages L_i over the samples of a batch, as MinorSFT (Eq. 7) and SFT using DPO (Eq. 3) do; stock
+    LLaMA-Factory SFT instead averages over all answer tokens of the batch. Returns shape (batch,); invalid
+    samples (m_i = 0) have loss 0.
+    """
+    mean_nll = -policy_logps.float() / num_tokens.clamp(min=1)
+    return torch.where(num_tokens > 0, mean_nll, torch.zeros_like(mean_nll))
+
+
 def minorsft_loss(
     policy_logps: torch.Tensor, ref_logps: torch.Tensor, num_tokens: torch.Tensor, beta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,11 @@ import torch
 from .losses import floored_ref_logps, log_ratio, normalized_log_ratio
 
 
-METRIC_NAMES = ("deviation", "rewards", "coef", "logps/policy", "logps/ref")
+METRIC_NAMES = ("deviation", "rewards", "coef", "coef_below_0.01", "logps/policy", "logps/ref")
+#: The logged names that only the dynamic-coefficient stages (minorsft, sft_dpo) have.
+COEF_METRICS = ("coef", "coef_below_0.01")
+#: A sample whose coefficient is below this has practically stopped training (its gradient is scaled by < 1 %).
+SWITCHED_OFF_COEF = 0.01
 DEVIATION_SUMS_SIZE = len(METRIC_NAMES) + 1
 GROUP_SUMS_SIZE = 6
 
@@ -18,9 +22,11 @@ GROUP_SUMS_SIZE = 6
 def metric_sums(
     policy_logps: torch.Tensor, ref_logps: torch.Tensor, num_tokens: torch.Tensor, coef: torch.Tensor, beta: float
 ) -> torch.Tensor:
-    """Sums over the valid samples of ``METRIC_NAMES`` followed by their count: a float64 vector of 6.
+    """Sums over the valid samples of ``METRIC_NAMES`` followed by their count: a float64 vector of 7.
 
     - ``deviation``: (1/m_i)·r_i, Eq. 8;  - ``rewards``: β·r_i;  - ``coef``: the dynamic coefficient;
+    - ``coef_below_0.01``: 1 where the coefficient is below 0.01 (its mean is the fraction of samples that have
+      practically stopped training: long, well-fit answers reach it without any warning);
     - ``logps/policy`` and ``logps/ref``: summed answer log-probs.
     """
     valid = num_tokens > 0
@@ -30,6 +36,7 @@ def metric_sums(
             normalized_log_ratio(policy_logps, ref_logps, num_tokens),
             beta * log_ratio(policy_logps, ref_logps),
             coef.float(),
+            (coef < SWITCHED_OFF_COEF).float(),
             policy_logps.float(),
             floored_ref_logps(ref_logps),
         ]

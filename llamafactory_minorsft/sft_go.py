@@ -1,13 +1,15 @@
 """The math of SFT-GO (supervised fine-tuning with group optimization, arXiv 2506.15021) as pure functions.
 
 Each sample's answer tokens are split by a token-importance score into an *important* group (the top η
-fraction) and an *unimportant* group (the rest). With L_g the mean token NLL of group g and CE the mean
-token NLL of the whole answer, the per-sample loss is
+fraction) and an *unimportant* group (the rest). The loss is
 
-    L_i = (1 − λ)·CE_i + λ·max(L_important,i, L_unimportant,i)
+    L = (1 − λ)·CE + λ·W
 
-(λ = 1 keeps only the worst group; with Rho-1 grouping that is close to Rho-1 itself). The grouping is a
-selection, not a function to differentiate: scores are always taken without gradient.
+with CE the standard SFT loss (the token mean over the batch's answer tokens, as stock LLaMA-Factory SFT) and W
+the worst-group term, max(L_important, L_unimportant) of Group DRO: per sample then averaged over samples, or
+over the batch (``sft_go_group_reduction``). λ decays during training (``scheduled_lambda``), moving the weight
+from the worst group back to the standard loss. The grouping is a selection, not a function to differentiate:
+scores are always taken without gradient.
 
 Tensors are laid out as ``answer_token_logps`` returns them: (batch, length) with a boolean answer mask.
 """
@@ -19,6 +21,7 @@ import torch
 
 
 GROUPINGS = ("tfidf", "rho1", "llmlingua2")
+GROUP_REDUCTIONS = ("batch", "sample")
 LAMBDA_SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -65,14 +68,21 @@ def rho1_scores(policy_token_logps: torch.Tensor, ref_token_logps: torch.Tensor)
     return ref_token_logps.detach().float() - policy_token_logps.detach().float()
 
 
-def spans_from_pieces(pieces: Sequence[str]) -> tuple[str, list[tuple[int, int]]]:
-    """Join decoded token pieces into one text and return each piece's character span in it."""
-    spans, start = [], 0
-    for piece in pieces:
-        spans.append((start, start + len(piece)))
-        start += len(piece)
+def spans_from_prefix_ends(ends: Sequence[int]) -> list[tuple[int, int]]:
+    """Character span of each token from the decoded length of every token prefix (``ends[k]``: tokens 0..k).
 
-    return "".join(pieces), spans
+    A token inside a multi-byte character (byte-level BPE splits 净 over 3 tokens) adds no whole character:
+    it gets the span of the character it helps complete, as the tokenizer's own offsets give it.
+    """
+    spans, start = [], 0
+    for k, end in enumerate(ends):
+        if end > start:
+            spans.append((start, end))
+            start = end
+        else:
+            spans.append((start, next((later for later in ends[k + 1 :] if later > start), start)))
+
+    return spans
 
 
 def map_scores_by_offsets(
@@ -92,43 +102,63 @@ def map_scores_by_offsets(
 
 
 class GroupLosses(NamedTuple):
-    """Per-sample outputs of ``sft_go_loss``, each of shape (batch,)."""
+    """Per-sample group losses of ``group_losses``, each of shape (batch,)."""
 
-    losses: torch.Tensor  # L_i (0 for samples without answer tokens)
+    worst: torch.Tensor  # max(L_important,i, L_unimportant,i) over the non-empty groups (0 without answer tokens)
     important: torch.Tensor  # L_important,i (nan where the group is empty)
     unimportant: torch.Tensor  # L_unimportant,i (nan where the group is empty)
     worst_is_important: torch.Tensor  # bool: the max is the important group
 
 
-def _group_mean_nll(token_logps: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    size = group.sum(-1)
-    nll = -(token_logps * group).sum(-1) / size.clamp(min=1)
+def _group_mean_nll(token_logps: torch.Tensor, group: torch.Tensor, dim=-1) -> tuple[torch.Tensor, torch.Tensor]:
+    size = group.sum(dim)
+    nll = -(token_logps * group).sum(dim) / size.clamp(min=1)
     return nll, size > 0
 
 
-def sft_go_loss(token_logps: torch.Tensor, mask: torch.Tensor, important: torch.Tensor, lam: float) -> GroupLosses:
-    """SFT-GO per-sample loss L_i = (1 − λ)·CE_i + λ·max(L_important,i, L_unimportant,i).
+def _worst(imp, has_imp, unimp, has_unimp) -> torch.Tensor:
+    """max over the non-empty groups (an empty group never wins), 0 where both are empty; never NaN."""
+    worst = torch.maximum(imp.masked_fill(~has_imp, -math.inf), unimp.masked_fill(~has_unimp, -math.inf))
+    return worst.masked_fill(~(has_imp | has_unimp), 0.0)
 
-    The gradient is (1 − λ)·∇CE_i + λ·∇L_worst,i. An empty group (one answer token, or every token in one
-    group) is left out of the max, so the worst group is the only one and L_i = CE_i; a sample without answer
-    tokens has loss 0 and no gradient. Nothing divides by zero and nothing returns NaN into the loss.
+
+def group_losses(token_logps: torch.Tensor, mask: torch.Tensor, important: torch.Tensor) -> GroupLosses:
+    """Each sample's group losses, ``sft_go_group_reduction: sample``: L_g,i is the mean token NLL of sample i's
+    tokens in group g, and the worst group term of the sample is max(L_important,i, L_unimportant,i).
+
+    An empty group (one answer token, or every token in one group) is left out of the max, so the other group is
+    the worst; a sample without answer tokens has a worst term 0 and no gradient.
     """
     important = important & mask
-    unimportant = mask & ~important
-    ce, valid = _group_mean_nll(token_logps, mask)
     imp, has_imp = _group_mean_nll(token_logps, important)
-    unimp, has_unimp = _group_mean_nll(token_logps, unimportant)
-    # an empty group never wins the max
-    worst = torch.maximum(imp.masked_fill(~has_imp, -math.inf), unimp.masked_fill(~has_unimp, -math.inf))
+    unimp, has_unimp = _group_mean_nll(token_logps, mask & ~important)
+    worst = _worst(imp, has_imp, unimp, has_unimp)
     worst_is_important = has_imp & (~has_unimp | (imp.detach() >= unimp.detach()))
-    losses = torch.where(valid, (1 - lam) * ce + lam * worst.masked_fill(~valid, 0.0), torch.zeros_like(ce))
-    nan = torch.full_like(ce, math.nan)
+    nan = torch.full_like(imp, math.nan)
     return GroupLosses(
-        losses,
+        worst,
         torch.where(has_imp, imp.detach(), nan),
         torch.where(has_unimp, unimp.detach(), nan),
-        worst_is_important & valid,
+        worst_is_important & mask.any(-1),
     )
+
+
+def batch_worst_group(token_logps: torch.Tensor, mask: torch.Tensor, important: torch.Tensor) -> torch.Tensor:
+    """The worst group term over a whole batch, ``sft_go_group_reduction: batch`` (Group DRO's mini-batch
+    procedure): L_g is the mean token NLL of ALL the batch's tokens in group g, and the term is
+    max(L_important, L_unimportant). A scalar; 0 for a batch without answer tokens.
+    """
+    important = important & mask
+    imp, has_imp = _group_mean_nll(token_logps, important, dim=None)
+    unimp, has_unimp = _group_mean_nll(token_logps, mask & ~important, dim=None)
+    return _worst(imp, has_imp, unimp, has_unimp)
+
+
+def sft_go_objective(ce: torch.Tensor, worst: torch.Tensor, lam: float) -> torch.Tensor:
+    """SFT-GO's loss L = (1 − λ)·CE + λ·W: CE is the standard SFT loss, the token mean over the batch's answer
+    tokens (so λ = 0 is exactly stock SFT), and W the worst-group term (``group_losses``/``batch_worst_group``).
+    Its gradient is (1 − λ)·∇CE + λ·∇L_worst."""
+    return (1 - lam) * ce + lam * worst
 
 
 def scheduled_lambda(start: float, end: float, schedule: str, progress: float) -> float:

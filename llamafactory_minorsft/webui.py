@@ -9,7 +9,7 @@ import os
 from typing import Any, Callable
 
 from . import REFERENCE_SFT_STAGES, SFT_GO_STAGE
-from .sft_go import GROUPINGS, LAMBDA_SCHEDULES
+from .sft_go import GROUP_REDUCTIONS, GROUPINGS, LAMBDA_SCHEDULES
 
 
 #: label → stage, appended to LLaMA-Factory's TRAINING_STAGES (its stage labels are the same in every language)
@@ -80,6 +80,13 @@ LOCALES = {
         "ko": {"label": "λ 스케줄", "info": "constant 또는 학습 동안 0으로 감소."},
         "ja": {"label": "λ のスケジュール", "info": "constant、または学習中に 0 まで減衰。"},
     },
+    "sft_go_group_reduction": {
+        "en": {"label": "Group losses", "info": "batch: each group's token mean over the batch (Group DRO); sample: per sample, then averaged."},
+        "ru": {"label": "Потери групп", "info": "batch: среднее по токенам группы во всём батче (Group DRO); sample: по каждому примеру, затем среднее."},
+        "zh": {"label": "组损失", "info": "batch：每组在整个批次上的词元平均（Group DRO）；sample：逐样本计算后取平均。"},
+        "ko": {"label": "그룹 손실", "info": "batch: 배치 전체에서 그룹별 토큰 평균 (Group DRO); sample: 샘플별 계산 후 평균."},
+        "ja": {"label": "グループ損失", "info": "batch：バッチ全体でのグループごとのトークン平均（Group DRO）；sample：サンプルごとに計算して平均。"},
+    },
     "sft_go_classifier": {
         "en": {"label": "LLMLingua-2 classifier path", "info": "A local 2-label token-classification model (llmlingua2 grouping only)."},
         "ru": {"label": "Путь к классификатору LLMLingua-2", "info": "Локальная модель классификации токенов с 2 метками (только llmlingua2)."},
@@ -100,8 +107,9 @@ def create_reference_elems() -> dict[str, Any]:
         precompute_ref_logps=gr.Checkbox(value=False, render=False),
         sft_go_grouping=gr.Dropdown(choices=list(GROUPINGS), value="tfidf", render=False),
         sft_go_eta=gr.Slider(minimum=0.05, maximum=0.95, value=0.5, step=0.05, render=False),
-        sft_go_lambda=gr.Slider(minimum=0.0, maximum=1.0, value=0.5, step=0.05, render=False),
-        sft_go_lambda_schedule=gr.Dropdown(choices=list(LAMBDA_SCHEDULES), value="constant", render=False),
+        sft_go_lambda=gr.Slider(minimum=0.0, maximum=1.0, value=0.9, step=0.05, render=False),
+        sft_go_lambda_schedule=gr.Dropdown(choices=list(LAMBDA_SCHEDULES), value="linear", render=False),
+        sft_go_group_reduction=gr.Dropdown(choices=list(GROUP_REDUCTIONS), value="batch", render=False),
         sft_go_classifier=gr.Textbox(value="", render=False),
     )
 
@@ -118,7 +126,8 @@ def render_reference_elems(elems: dict[str, Any]) -> dict[str, Any]:
 
     with gr.Accordion(open=False) as sft_go_tab:
         with gr.Row():
-            for name in ("sft_go_grouping", "sft_go_eta", "sft_go_lambda", "sft_go_lambda_schedule", "sft_go_classifier"):
+            for name in ("sft_go_grouping", "sft_go_eta", "sft_go_lambda", "sft_go_lambda_schedule",
+                         "sft_go_group_reduction", "sft_go_classifier"):  # fmt: skip
                 elems[name].render()
 
     return dict(ref_tab=ref_tab, sft_go_tab=sft_go_tab, **elems)
@@ -131,7 +140,8 @@ def add_reference_args(args: dict[str, Any], get: Callable[[str], Any]) -> dict[
     if stage == SFT_GO_STAGE:
         grouping = get("train.sft_go_grouping")
         args.update(sft_go_grouping=grouping, sft_go_eta=get("train.sft_go_eta"), sft_go_lambda=get("train.sft_go_lambda"),
-                    sft_go_lambda_schedule=get("train.sft_go_lambda_schedule"))  # fmt: skip
+                    sft_go_lambda_schedule=get("train.sft_go_lambda_schedule"),
+                    sft_go_group_reduction=get("train.sft_go_group_reduction"))  # fmt: skip
         if grouping == "llmlingua2":
             args["sft_go_classifier"] = (get("train.sft_go_classifier") or "").strip() or None
     if stage in REFERENCE_SFT_STAGES or track or (stage == SFT_GO_STAGE and get("train.sft_go_grouping") == "rho1"):

@@ -129,7 +129,7 @@ def write_grid(paths: dict[str, str], workdir: str, output_dir: str) -> str:
         eval=dict(files=[os.path.join(paths["eval"], "domain_mc.jsonl"), os.path.join(paths["eval"], "general_mc.jsonl")],
                   prompt="ceval", batch_size=32),
         blocks=[
-            dict(name="sft", set=dict(stage="sft", track_deviation=True), grid=dict(learning_rate=SFT_LRS, seed=SEEDS)),
+            dict(name="sft", set=dict(stage="sft", sft_loss_reduction="sample", track_deviation=True), grid=dict(learning_rate=SFT_LRS, seed=SEEDS)),
             dict(name="sft_dpo", set=dict(stage="sft_dpo"),
                  grid=dict(learning_rate=REFERENCE_LRS, pref_beta=BETAS, seed=SEEDS)),
             dict(name="minorsft", set=dict(stage="minorsft"),

@@ -20,10 +20,15 @@ CASES = {
     "zero3-sft_dpo-lora-precompute": ("ds_z3_config.json", dict(stage="sft_dpo", finetuning_type="lora",
                                                                  lora_target="all", precompute_ref_logps=True)),
     "zero2-minorsft-full": ("ds_z2_config.json", dict(stage="minorsft")),
-    # SFT-GO Rho-1: per-token reference log-probs gathered across processes (rows of different lengths)
+    # Eq. 5's sample mean: the global sample count, not each process's own
+    "zero2-sft-sample": ("ds_z2_config.json", dict(stage="sft", sft_loss_reduction="sample", track_deviation=True)),
+    # SFT-GO Rho-1: per-token reference log-probs gathered across processes (rows of different lengths); `sample`
+    # group losses, exact across processes (`batch` makes each process's micro-batch its own Group DRO mini-batch)
     "zero2-sft_go-rho1-precompute": ("ds_z2_config.json", dict(stage="sft_go", sft_go_grouping="rho1",
-                                                               ref_model="REF", precompute_ref_logps=True)),
+                                                               sft_go_group_reduction="sample", ref_model="REF",
+                                                               precompute_ref_logps=True)),
 }  # fmt: skip
+SFT_KEYS = ("loss", "deviation", "rewards", "logps/policy", "logps/ref")  # no dynamic coefficient
 GO_KEYS = ("loss", "deviation", "group_loss/important", "group_loss/unimportant", "worst_group/important")
 
 
@@ -45,6 +50,6 @@ def test_deepspeed_two_processes_match_one(tiny, tmp_path, case):
     one, two = step_logs(tmp_path / "single"), step_logs(tmp_path / "ds")
     assert len(one) == len(two) == 3
     for step_one, step_two in zip(one, two):
-        for key in GO_KEYS if overrides["stage"] == "sft_go" else KEYS:
+        for key in {"sft_go": GO_KEYS, "sft": SFT_KEYS}.get(overrides["stage"], KEYS):
             assert step_two[key] == pytest.approx(step_one[key], rel=1e-4, abs=1e-5), (step_one["step"], key)
     assert abs(two[-1]["deviation"]) > 1e-4  # the policy moved, so matching deviations mean something

@@ -25,6 +25,13 @@ CASES = {
     "precompute_streaming": (dict(precompute_ref_logps=True, streaming=True, max_steps=1), "`streaming: true`"),
     "track_deviation_on_pt": (dict(stage="pt", track_deviation=True), "`track_deviation` means nothing"),
     "sft_go_no_classifier": (dict(stage="sft_go", sft_go_grouping="llmlingua2"), "needs `sft_go_classifier`"),
+    "pad_tokens_in_loss": (dict(ignore_pad_token_for_loss=False), "`ignore_pad_token_for_loss: false` cannot"),
+    "pad_tokens_tracked_sft": (dict(stage="sft", track_deviation=True, ignore_pad_token_for_loss=False),
+                               "`stage: sft` + `track_deviation`: pad tokens"),
+    "sft_go_rho1_without_ref_model": (dict(stage="sft_go", sft_go_grouping="rho1"), "`sft_go_grouping: rho1` needs"),
+    "sft_go_group_reduction": (dict(stage="sft_go", sft_go_group_reduction="token"), "`sft_go_group_reduction` must"),
+    "sft_loss_reduction_on_minorsft": (dict(sft_loss_reduction="sample"), "`sft_loss_reduction` is an option of"),
+    "sft_loss_reduction_value": (dict(stage="sft", sft_loss_reduction="samples"), "`sft_loss_reduction` must be one"),
 }
 
 

@@ -29,7 +29,7 @@ def test_paper_configs_mirror_the_paper_setup():
         if config["stage"] == "sft":
             assert config["learning_rate"] == 1e-5 and config["track_deviation"] is True
         elif config["stage"] == "sft_go":  # SFT-GO reweights SFT: SFT's learning rate, β unused
-            assert config["learning_rate"] == 1e-5 and config["sft_go_grouping"] == "rho1" and "pref_beta" not in config
+            assert config["learning_rate"] == 1e-5 and config["sft_go_grouping"] == "tfidf" and "ref_model" not in config
         else:
             assert config["learning_rate"] == 2e-5 and config["pref_beta"] == 0.04
 
@@ -46,7 +46,9 @@ def test_example_parses_and_trains_two_steps(tiny, tmp_path, path):
     config = {key: value for key, value in config.items() if value is not None}
     run_cli(config, tmp_path)
     logs = step_logs(tmp_path / "out")
-    assert len(logs) == 2 and all("deviation" in entry for entry in logs)
+    # SFT-GO's example uses TF-IDF grouping, which needs no reference: its own metrics instead of the deviation
+    metric = "group_loss/important" if config["stage"] == "sft_go" else "deviation"
+    assert len(logs) == 2 and all(metric in entry for entry in logs)
 
 
 @pytest.mark.compat

@@ -45,7 +45,8 @@ def write_grid(tiny, tmp_path, **extra) -> Path:
         eval=dict(files=["domain_mc.jsonl", "general_mc.csv"], prompt="ceval"),
         blocks=[dict(name="sft", set=dict(stage="sft", track_deviation=True), grid=dict(learning_rate=[1e-3])),
                 dict(name="minorsft", set=dict(stage="minorsft"), grid=dict(learning_rate=[2e-3], pref_beta=[0.04])),
-                dict(name="sft_go", set=dict(stage="sft_go", sft_go_grouping="rho1", learning_rate=1e-3),
+                dict(name="sft_go", set=dict(stage="sft_go", sft_go_grouping="tfidf", track_deviation=True,
+                                             learning_rate=1e-3),
                      grid=dict(sft_go_lambda=[0.5]))],
         **extra,
     )  # fmt: skip

@@ -140,11 +140,12 @@ def test_metric_sums_are_eq8_means_over_valid_samples():
     policy = torch.tensor([-10.0, -4.0, 0.0])
     ref = torch.tensor([-12.0, -3.0, 0.0])
     m = torch.tensor([5, 2, 0])  # the third sample has no answer token
-    coef = torch.tensor([0.9, 1.1, 7.0])
+    coef = torch.tensor([0.009, 1.1, 0.0])  # the first sample has practically stopped training
     means = metric_means(metric_sums(policy, ref, m, coef, beta=0.1))
     assert means["deviation"] == pytest.approx(((2 / 5) + (-1 / 2)) / 2)
     assert means["rewards"] == pytest.approx(0.1 * (2 - 1) / 2)
-    assert means["coef"] == pytest.approx(1.0)
+    assert means["coef"] == pytest.approx((0.009 + 1.1) / 2)
+    assert means["coef_below_0.01"] == pytest.approx(1 / 2)  # of the valid samples only
     assert means["logps/policy"] == pytest.approx(-7.0) and means["logps/ref"] == pytest.approx(-7.5)
     # sums from two halves add up to the sums of the whole batch (accumulation/data-parallel safe)
     halves = metric_sums(policy[:1], ref[:1], m[:1], coef[:1], 0.1) + metric_sums(policy[1:], ref[1:], m[1:], coef[1:], 0.1)

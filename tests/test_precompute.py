@@ -3,8 +3,10 @@
 import json
 
 import pytest
+from transformers import AutoTokenizer
 
 from conftest import base_config, run_cli, step_logs
+from llamafactory_minorsft.tiny import build_model
 
 
 METRICS = ("loss", "deviation", "rewards", "coef", "logps/policy", "logps/ref")
@@ -49,3 +51,23 @@ def test_precomputed_equals_online_and_is_cached(tiny, tmp_path, overrides):
     _, third_results, _ = run(tiny, tmp_path, "third", cache, precompute_ref_logps=True, cutoff_len=32, **overrides)
     assert "ref_precompute_train_runtime" in third_results
     assert len(list(cache.glob("*.pt"))) == 2
+
+
+def test_the_reference_never_uses_dropout(tiny, tmp_path):
+    """A base model with attention dropout, LoRA, the adapter-disabled base as reference. The reference forward
+    runs without dropout online (the policy is in train mode), as in the precompute pass; minorsft also turns the
+    policy's dropout off, as LLaMA-Factory's DPO does, so the first step's log-ratio is exactly 0."""
+    model = tmp_path / "dropout_model"
+    build_model(AutoTokenizer.from_pretrained(tiny.model), str(model), seed=0, attention_dropout=0.5)
+    lora = dict(model_name_or_path=str(model), finetuning_type="lora", lora_target="all")
+    minorsft, _, _ = run(tiny, tmp_path, "minorsft", tmp_path / "cache", stage="minorsft", **lora)
+    assert minorsft[0]["deviation"] == 0 and minorsft[0]["logps/policy"] == minorsft[0]["logps/ref"]
+    assert minorsft[-1]["deviation"] != 0  # the adapters moved
+    # sft keeps the stock (dropout) policy forward; its reference is the same deterministic base, online or not
+    online, _, _ = run(tiny, tmp_path, "online", tmp_path / "cache", stage="sft", track_deviation=True, **lora)
+    first, _, _ = run(tiny, tmp_path, "first", tmp_path / "cache", stage="sft", track_deviation=True,
+                      precompute_ref_logps=True, **lora)  # fmt: skip
+    assert online[0]["logps/ref"] == pytest.approx(minorsft[0]["logps/ref"], rel=1e-6)
+    for step_online, step_first in zip(online, first, strict=True):
+        assert step_first["logps/ref"] == pytest.approx(step_online["logps/ref"], rel=1e-6)
+    assert online[0]["logps/policy"] != online[0]["logps/ref"]  # the policy did use dropout: the test has teeth

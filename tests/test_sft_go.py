@@ -4,7 +4,9 @@ token-classification model built here.
 
 The expected SGD step is computed independently of the package: per-sample forward passes in float64, the
 grouping from its definition (Python counters for TF-IDF, excess loss for Rho-1), and autograd of
-L_i = (1 − λ)·CE_i + λ·max(L_important,i, L_unimportant,i), averaged over the samples.
+L = (1 − λ)·CE + λ·W, with CE the token mean over the batch's answer tokens and W the worst group's loss:
+max(L_important,i, L_unimportant,i) averaged over the samples (`sample`), or max(L_important, L_unimportant) with
+each group's token mean over the whole batch (`batch`).
 """
 
 import json
@@ -37,12 +39,12 @@ def important_positions(scores: list[float]) -> set[int]:
     return set(order[: math.ceil(ETA * len(scores))])
 
 
-def expected_sft_go_step(tiny, grouping: str):
+def expected_sft_go_step(tiny, grouping: str, reduction: str):
     encoded, policy, ref = step_inputs(tiny)
     params = dict(policy.named_parameters())
     documents = Counter(token for _, answer in encoded for token in set(answer))
     idf = {token: math.log((1 + len(encoded)) / (1 + df)) + 1 for token, df in documents.items()}
-    total, rows = 0, []
+    rows, nlls, groups = [], [], {True: [], False: []}
     for prompt, answer in encoded:
         logps = answer_token_logps(policy, prompt, answer)
         if grouping == "rho1":
@@ -54,19 +56,27 @@ def expected_sft_go_step(tiny, grouping: str):
             scores = [counts[token] * idf[token] for token in answer]
         important = important_positions(scores)
         nll = -logps
+        nlls += list(nll)
+        for t in range(len(answer)):
+            groups[t in important].append(nll[t])
         imp = torch.stack([nll[t] for t in sorted(important)]).mean()
         unimp = torch.stack([nll[t] for t in range(len(answer)) if t not in important]).mean()
-        loss = (1 - LAM) * nll.mean() + LAM * torch.maximum(imp, unimp)
-        total = total + loss / len(encoded)
-        rows.append(dict(loss=loss.item(), imp=imp.item(), unimp=unimp.item(), worst_imp=float(imp.item() >= unimp.item())))
+        rows.append(dict(worst=torch.maximum(imp, unimp), imp=imp.item(), unimp=unimp.item(),
+                         worst_imp=float(imp.item() >= unimp.item())))  # fmt: skip
         if grouping == "rho1":  # Eq. 8 of the MinorSFT paper, logged because a reference is loaded anyway
             rows[-1]["deviation"] = (logps.sum().item() - ref_logps.sum().item()) / len(answer)
 
+    ce = torch.stack(nlls).mean()
+    if reduction == "sample":
+        worst = torch.stack([row["worst"] for row in rows]).mean()
+    else:
+        worst = torch.maximum(torch.stack(groups[True]).mean(), torch.stack(groups[False]).mean())
+    total = (1 - LAM) * ce + LAM * worst
     grads = torch.autograd.grad(total, list(params.values()))
     descent = {name: -grad.double() for name, grad in zip(params, grads)}
     theta0 = {name: p.detach().double() for name, p in params.items()}
     mean = lambda key: sum(row[key] for row in rows) / len(rows)  # noqa: E731
-    metrics = {"loss": mean("loss"), "group_loss/important": mean("imp"), "group_loss/unimportant": mean("unimp"),
+    metrics = {"loss": total.item(), "group_loss/important": mean("imp"), "group_loss/unimportant": mean("unimp"),
                "worst_group/important": mean("worst_imp"), "sft_go_lambda": LAM}  # fmt: skip
     if grouping == "rho1":
         metrics["deviation"] = mean("deviation")
@@ -74,13 +84,14 @@ def expected_sft_go_step(tiny, grouping: str):
 
 
 @pytest.mark.compat
-@pytest.mark.parametrize("grouping", ["rho1", "tfidf"])
-def test_one_sgd_step_matches_the_sft_go_gradient(tiny, tmp_path, grouping):
+@pytest.mark.parametrize("grouping, reduction", [("rho1", "batch"), ("tfidf", "sample"), ("tfidf", "batch")])
+def test_one_sgd_step_matches_the_sft_go_gradient(tiny, tmp_path, grouping, reduction):
     out = tmp_path / "out"
     config = base_config(tiny, out, stage="sft_go", sft_go_grouping=grouping, sft_go_eta=ETA, sft_go_lambda=LAM,
-                         pref_beta=None, ref_model=tiny.ref_model if grouping == "rho1" else None)  # fmt: skip
+                         sft_go_group_reduction=reduction, pref_beta=None,
+                         ref_model=tiny.ref_model if grouping == "rho1" else None)  # fmt: skip
     run_cli(config, tmp_path)
-    theta0, descent, metrics = expected_sft_go_step(tiny, grouping)
+    theta0, descent, metrics = expected_sft_go_step(tiny, grouping, reduction)
 
     trained = dict(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).named_parameters())
     biggest = max(d.abs().max().item() for d in descent.values())
@@ -96,13 +107,41 @@ def test_one_sgd_step_matches_the_sft_go_gradient(tiny, tmp_path, grouping):
     assert ("deviation" in logged) == (grouping == "rho1")  # a reference is loaded only where one is needed
 
 
+def test_defaults_follow_the_papers_public_description():
+    """λ = 0.9 for all settings, decayed back to the standard loss, Group DRO's mini-batch group losses."""
+    import llamafactory.hparams  # noqa: F401  (the plugin's hparams import LLaMA-Factory's)
+    from transformers import HfArgumentParser
+
+    from llamafactory_minorsft.hparams import ReferenceSFTFinetuningArguments
+
+    (args,) = HfArgumentParser(ReferenceSFTFinetuningArguments).parse_dict({"stage": "sft_go"})
+    assert (args.sft_go_lambda, args.sft_go_lambda_schedule, args.sft_go_lambda_min) == (0.9, "linear", 0.0)
+    assert (args.sft_go_group_reduction, args.sft_go_grouping, args.sft_go_eta) == ("batch", "tfidf", 0.5)
+
+
+def test_lambda_zero_is_exactly_stock_sft(tiny, tmp_path):
+    """SFT-GO's CE term is stock SFT's token mean, normalised the same way under accumulation: λ = 0 gives the
+    same losses and the same weights, bit for bit."""
+    common = dict(optim="adamw_torch", learning_rate=1e-2, max_steps=3, dataset="minorsft_demo",
+                  per_device_train_batch_size=2, gradient_accumulation_steps=2)  # fmt: skip
+    run_cli(base_config(tiny, tmp_path / "stock", stage="sft", **common), tmp_path / "stock_run")
+    go = dict(stage="sft_go", sft_go_lambda=0.0, sft_go_group_reduction="sample", pref_beta=None)
+    run_cli(base_config(tiny, tmp_path / "go", **go, **common), tmp_path / "go_run")
+    stock, sft_go = step_logs(tmp_path / "stock"), step_logs(tmp_path / "go")
+    assert len(stock) == 3 and [e["loss"] for e in sft_go] == [e["loss"] for e in stock]
+    assert sft_go[0]["group_loss/important"] != sft_go[0]["group_loss/unimportant"]  # the groups were formed
+    stock_weights = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "stock").named_parameters())
+    for name, param in AutoModelForCausalLM.from_pretrained(tmp_path / "go").named_parameters():
+        assert torch.equal(param, stock_weights[name]), name
+
+
 def test_lora_accumulation_and_precomputed_token_logps_match_the_big_batch(tiny, tmp_path):
     """Rho-1 + LoRA: batch 1 × accumulation 4 with precomputed per-token reference log-probs (cached, then
     reused) gives the same steps as batch 4 with the online reference.
 
     The reference is a separate `ref_model`: with the initial model as reference every excess loss is 0 at the
     first step, and the grouping would be decided by float noise that differs between batch shapes."""
-    common = dict(stage="sft_go", sft_go_grouping="rho1", sft_go_lambda=LAM, sft_go_lambda_schedule="linear",
+    common = dict(stage="sft_go", sft_go_grouping="rho1", sft_go_lambda=LAM, sft_go_group_reduction="sample",
                   finetuning_type="lora", lora_target="all", pref_beta=None, ref_model=tiny.ref_model, dataset="minorsft_demo", cutoff_len=128,
                   max_steps=3, learning_rate=0.05, disable_shuffling=True, ref_logps_cache_dir=str(tmp_path / "cache"))  # fmt: skip
     run_cli(base_config(tiny, tmp_path / "big", **common), tmp_path / "big_run")
@@ -171,3 +210,47 @@ def test_llmlingua2_scores_land_on_the_right_tokens(tiny, tmp_path):
             keep = torch.softmax(classifier(input_ids=torch.tensor([answer])).logits[0], -1)[:, 1]
         assert len(values) == len(answer)
         torch.testing.assert_close(torch.tensor(values), keep, rtol=1e-4, atol=1e-6)
+
+
+CHINESE = ["净利润增长了百分之十", "营收 rose 12% 同比, ça va 🙂", "Revenue grew; 利润率 stayed flat."]
+
+
+def test_llmlingua2_gets_the_real_text_of_chinese_and_mixed_answers(tiny, tmp_path):
+    """Byte-level BPE splits each Chinese character over several tokens. The classifier must receive the answer's
+    real text (not "\ufffd" per token), and every character must fall in some token's span."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from llamafactory_minorsft.train.importance import (
+        KeepProbabilityScorer,
+        add_llmlingua2_importance,
+        prefix_spans,
+        text_and_spans,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny.model)
+    samples = [{"instruction": "How did it go?", "input": "", "output": answer} for answer in CHINESE]
+    encoded = encode(tiny.model, samples)
+    for answer, (_, ids) in zip(CHINESE, encoded):
+        # the tiny vocabulary splits these characters into bytes, which decode alone to "\ufffd": the case at hand
+        assert any("\ufffd" in tokenizer.decode([token]) for token in ids)
+        text, spans = text_and_spans(tokenizer, ids)
+        assert text.startswith(answer) and "\ufffd" not in text
+        covered = {index for start, end in spans for index in range(start, end)}
+        assert covered == set(range(len(text)))
+        assert prefix_spans(tokenizer, ids) == spans  # the fallback agrees with the offsets
+
+    class Recording(KeepProbabilityScorer):
+        texts: list[str] = []
+
+        def __call__(self, texts):
+            Recording.texts += texts
+            return super().__call__(texts)
+
+    classifier = tmp_path / "classifier"
+    build_token_classifier(CHINESE, str(classifier))
+    dataset = Dataset.from_dict({"labels": [[-100] * len(prompt) + answer for prompt, answer in encoded]})
+    column = add_llmlingua2_importance(dataset, tokenizer, Recording(str(classifier)), "test")
+    assert [text[: len(answer)] for text, answer in zip(Recording.texts, CHINESE)] == CHINESE
+    for (_, ids), values in zip(encoded, column["token_importance"]):
+        assert len(values) == len(ids) and all(0 < value < 1 for value in values)  # every token scored

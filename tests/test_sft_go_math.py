@@ -1,5 +1,6 @@
 """SFT-GO's pure functions: groupings on hand-made inputs with known answers, and the loss's gradient against an
-autograd computation written here, sample by sample, from the definition L = (1 − λ)·CE + λ·max(L_imp, L_unimp)."""
+autograd computation written here from the definition L = (1 − λ)·CE + λ·W, with CE the token mean over the batch
+and W = max(L_imp, L_unimp) per sample (averaged over samples) or over the batch."""
 
 import math
 
@@ -9,10 +10,12 @@ import torch
 from llamafactory_minorsft.sft_go import (
     map_scores_by_offsets,
     rho1_scores,
+    batch_worst_group,
+    group_losses,
     scheduled_lambda,
-    sft_go_loss,
+    sft_go_objective,
     smooth_idf,
-    spans_from_pieces,
+    spans_from_prefix_ends,
     tfidf_scores,
     top_fraction_mask,
 )
@@ -55,9 +58,15 @@ def test_rho1_scores_are_the_excess_loss():
     assert rho1_scores(policy, ref).tolist() == [[-1.0, 2.0, 0.0]]
 
 
+def test_spans_from_prefix_ends_give_a_split_character_to_each_of_its_tokens():
+    # "净a": 净 is 3 byte tokens (prefixes decode to 0, 0, 1 whole characters), then "a"
+    assert spans_from_prefix_ends([0, 0, 1, 2]) == [(0, 1), (0, 1), (0, 1), (1, 2)]
+    assert spans_from_prefix_ends([3, 7, 8]) == [(0, 3), (3, 7), (7, 8)]
+    assert spans_from_prefix_ends([1, 1]) == [(0, 1), (1, 1)]  # a trailing incomplete byte covers nothing
+
+
 def test_offset_mapping_averages_overlapping_classifier_tokens():
-    text, spans = spans_from_pieces(["The", " cat", "s", " sat", "!"])
-    assert text == "The cats sat!" and spans == [(0, 3), (3, 7), (7, 8), (8, 12), (12, 13)]
+    spans = [(0, 3), (3, 7), (7, 8), (8, 12), (12, 13)]  # "The cats sat!" as "The", " cat", "s", " sat", "!"
     # classifier tokens: "The" | " ca" | "ts sat" | special (0, 0) — the "!" is not covered by any
     source_spans, source_scores = [(0, 3), (3, 6), (6, 12), (0, 0)], [0.9, 0.2, 0.6, 1.0]
     mapped = map_scores_by_offsets(spans, source_spans, source_scores)
@@ -73,24 +82,28 @@ def test_lambda_schedules():
     assert scheduled_lambda(0.8, 0.2, "linear", 3.0) == pytest.approx(0.2)  # clamped after the last step
 
 
-def reference_loss(token_logps: torch.Tensor, mask: torch.Tensor, important: torch.Tensor, lam: float) -> torch.Tensor:
-    """Written from the definition, sample by sample, with Python lists; empty groups are left out of the max."""
-    losses = []
-    for row in range(token_logps.size(0)):
-        imp = [-token_logps[row, t] for t in range(mask.size(1)) if mask[row, t] and important[row, t]]
-        unimp = [-token_logps[row, t] for t in range(mask.size(1)) if mask[row, t] and not important[row, t]]
-        if not imp and not unimp:
-            losses.append(token_logps.new_zeros(()))
-            continue
-        ce = sum(imp + unimp) / len(imp + unimp)
-        groups = [sum(g) / len(g) for g in (imp, unimp) if g]
-        worst = groups[0] if len(groups) == 1 else torch.maximum(groups[0], groups[1])
-        losses.append((1 - lam) * ce + lam * worst)
-    return torch.stack(losses)
+def reference_loss(token_logps, mask, important, lam: float, reduction: str) -> torch.Tensor:
+    """Written from the definition with Python lists; empty groups are left out of the max."""
+    rows, cols = range(token_logps.size(0)), range(token_logps.size(1))
+    nll = [-token_logps[r, t] for r in rows for t in cols if mask[r, t]]
+    ce = sum(nll) / len(nll)  # the token mean over the batch, as stock SFT
+    if reduction == "batch":
+        groups = [[-token_logps[r, t] for r in rows for t in cols if mask[r, t] and important[r, t] == flag]
+                  for flag in (True, False)]  # fmt: skip
+        worst = max(sum(g) / len(g) for g in groups if g)
+    else:
+        worsts = []
+        for r in rows:
+            groups = [[-token_logps[r, t] for t in cols if mask[r, t] and important[r, t] == flag] for flag in (True, False)]
+            if any(groups):
+                worsts.append(max(sum(g) / len(g) for g in groups if g))
+        worst = sum(worsts) / len(worsts)  # over the samples that have answer tokens
+    return (1 - lam) * ce + lam * worst
 
 
+@pytest.mark.parametrize("reduction", ["sample", "batch"])
 @pytest.mark.parametrize("lam", [0.0, 0.3, 1.0])
-def test_sft_go_gradient_matches_an_independent_autograd(lam):
+def test_sft_go_gradient_matches_an_independent_autograd(lam, reduction):
     torch.manual_seed(0)
     logits = torch.randn(5, 7, 11, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 11, (5, 7))
@@ -102,17 +115,32 @@ def test_sft_go_gradient_matches_an_independent_autograd(lam):
     important[4] = True  # every token of a sample in one group
     token_logps = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask
 
-    groups = sft_go_loss(token_logps, mask, important & mask, lam)
-    expected = reference_loss(token_logps, mask, important & mask, lam)
-    torch.testing.assert_close(groups.losses, expected)
-    (grad,) = torch.autograd.grad(groups.losses.sum(), logits, retain_graph=True)
-    (expected_grad,) = torch.autograd.grad(expected.sum(), logits)
+    groups = group_losses(token_logps, mask, important)
+    num_valid = mask.any(-1).sum()
+    if reduction == "sample":
+        worst = groups.worst.sum() / num_valid
+    else:
+        worst = batch_worst_group(token_logps, mask, important)
+    ce = -token_logps.sum() / mask.sum()
+    loss = sft_go_objective(ce, worst, lam)
+    expected = reference_loss(token_logps, mask, important, lam, reduction)
+    torch.testing.assert_close(loss, expected)
+    (grad,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
     torch.testing.assert_close(grad, expected_grad)
     assert torch.isfinite(grad).all() and grad[3].abs().max() == 0  # the empty sample has no gradient
-    assert groups.losses[3] == 0 and torch.isfinite(groups.losses).all()
+    assert groups.worst[3] == 0 and torch.isfinite(groups.worst).all()
     # empty groups are NaN in the metrics only, and the worst group is the only non-empty one
     assert math.isnan(groups.unimportant[2]) and math.isnan(groups.unimportant[4]) and groups.worst_is_important[4]
     assert not groups.worst_is_important[3]
+
+
+def test_batch_worst_group_of_a_batch_without_answer_tokens_is_zero():
+    token_logps = torch.zeros(2, 3, requires_grad=True)
+    mask = torch.zeros(2, 3, dtype=torch.bool)
+    worst = batch_worst_group(token_logps, mask, mask)
+    (grad,) = torch.autograd.grad(worst, token_logps)
+    assert worst.item() == 0 and grad.abs().max() == 0
 
 
 def test_rho1_grouping_with_a_zero_probability_reference_token_stays_finite():
@@ -125,6 +153,6 @@ def test_rho1_grouping_with_a_zero_probability_reference_token_stays_finite():
     ref = torch.tensor([[0.0, float("-inf"), -1.0, float("nan")]])
     important = top_fraction_mask(rho1_scores(token_logps, ref), mask, eta=0.9)  # ceil(2.7) = 3: all answer tokens
     assert important.tolist() == [[False, True, True, True]]
-    groups = sft_go_loss(token_logps, mask, top_fraction_mask(rho1_scores(token_logps, ref), mask, 0.5), lam=1.0)
-    (grad,) = torch.autograd.grad(groups.losses.sum(), logits)
-    assert torch.isfinite(groups.losses).all() and torch.isfinite(grad).all()
+    groups = group_losses(token_logps, mask, top_fraction_mask(rho1_scores(token_logps, ref), mask, 0.5))
+    (grad,) = torch.autograd.grad(groups.worst.sum(), logits)
+    assert torch.isfinite(groups.worst).all() and torch.isfinite(grad).all()

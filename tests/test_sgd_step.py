@@ -2,7 +2,8 @@
 
 With lr = 1, no clipping and no weight decay, θ1 − θ0 = −∇L. The expected gradient is computed here,
 independently of the package: per-sample forward passes, log_softmax + indexing, autograd of each
-log πθ(y_i|x_i), and the coefficients of Eq. 7 (MinorSFT) or Eq. 4 (the gradient of Eq. 3, SFT using DPO).
+log πθ(y_i|x_i), and the coefficients of Eq. 7 (MinorSFT), Eq. 4 (the gradient of Eq. 3, SFT using DPO) or Eq. 5
+(SFT with `sft_loss_reduction: sample`: each sample's mean token NLL, averaged over samples).
 The reference differs from the policy, so the coefficients are not trivially 1. The same run's logged
 step-1 metrics are checked against Eq. 8 and the other definitions.
 """
@@ -67,6 +68,8 @@ def expected_step(tiny, stage: str):
         sig = torch.sigmoid(torch.tensor(-BETA * r, dtype=torch.float64)).item()
         if stage == "minorsft":  # Eq. 7: −(2/m)·σ(−βr)·∇log πθ(y|x)
             weight, coef, loss = 2.0 * sig / m, 2.0 * sig, -2.0 * sig * logp.item() / m
+        elif stage == "sft_sample":  # Eq. 5: L = (1/N) Σ −(1/m_i)·log πθ(y_i|x_i)
+            weight, coef, loss = 1.0 / m, None, -logp.item() / m
         else:  # Eq. 4 = ∇ of Eq. 3: −β·σ(−βr)·∇log πθ(y|x)
             weight, coef = BETA * sig, sig
             loss = -torch.nn.functional.logsigmoid(torch.tensor(BETA * r, dtype=torch.float64)).item()
@@ -77,19 +80,31 @@ def expected_step(tiny, stage: str):
 
     mean = lambda key: sum(row[key] for row in rows) / n  # noqa: E731
     metrics = {
-        "loss": mean("loss"), "deviation": mean("deviation"), "rewards": mean("rewards"), "coef": mean("coef"),
+        "loss": mean("loss"), "deviation": mean("deviation"), "rewards": mean("rewards"),
         "logps/policy": mean("policy"), "logps/ref": mean("ref"),
     }  # fmt: skip
+    if stage != "sft_sample":  # sft has no dynamic coefficient
+        metrics["coef"] = mean("coef")
     theta0 = {name: p.detach().double() for name, p in params.items()}
     return theta0, descent, metrics
 
 
+STAGE_ARGS = {
+    "minorsft": dict(stage="minorsft"),
+    "sft_dpo": dict(stage="sft_dpo"),
+    # the like-for-like SFT baseline, with the deviation metric logged beside it
+    "sft_sample": dict(stage="sft", sft_loss_reduction="sample", track_deviation=True),
+}
+
+
 @pytest.mark.compat
-@pytest.mark.parametrize("stage", ["minorsft", "sft_dpo"])
+@pytest.mark.parametrize("stage", list(STAGE_ARGS))
 def test_one_sgd_step_matches_paper_gradient(tiny, tmp_path, stage):
     out = tmp_path / "out"
-    run_cli(base_config(tiny, out, stage=stage, pref_beta=BETA, ref_model=tiny.ref_model), tmp_path)
+    run_cli(base_config(tiny, out, pref_beta=BETA, ref_model=tiny.ref_model, **STAGE_ARGS[stage]), tmp_path)
     theta0, descent, metrics = expected_step(tiny, stage)
+    encoded = step_inputs(tiny)[0]
+    assert len({len(answer) for _, answer in encoded}) > 1, "equal answer lengths: Eq. 5 = the token mean, untested"
 
     trained = dict(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).named_parameters())
     biggest = max(descent[name].abs().max().item() for name in descent)
@@ -99,6 +114,9 @@ def test_one_sgd_step_matches_paper_gradient(tiny, tmp_path, stage):
         torch.testing.assert_close(update, descent[name], rtol=1e-4, atol=1e-6 * biggest, msg=name)
 
     logged = step_logs(out)[0]
-    assert abs(metrics["coef"] - (1.0 if stage == "minorsft" else 0.5)) > 1e-3, "coefficient trivially at its start value"
+    if "coef" in metrics:
+        assert abs(metrics["coef"] - (1.0 if stage == "minorsft" else 0.5)) > 1e-3, "coefficient trivially at start"
+    else:
+        assert "coef" not in logged
     for key, value in metrics.items():
         assert logged[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key

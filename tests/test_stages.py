@@ -31,11 +31,19 @@ def assert_same_weights(a, b, rtol=1e-5, atol=1e-7):
         torch.testing.assert_close(wa[name], wb[name], rtol=rtol, atol=atol, msg=name)
 
 
+ACCUMULATION_CASES = {
+    "minorsft": dict(stage="minorsft"),
+    "sft_dpo": dict(stage="sft_dpo"),
+    "sft_sample": dict(stage="sft", sft_loss_reduction="sample", track_deviation=True),  # Eq. 5
+}
+
+
 @pytest.mark.compat
-@pytest.mark.parametrize("stage", ["minorsft", "sft_dpo"])
-def test_gradient_accumulation_gives_the_big_batch_update(tiny, tmp_path, stage):
-    big = base_config(tiny, tmp_path / "big", stage=stage, ref_model=tiny.ref_model)
-    small = base_config(tiny, tmp_path / "small", stage=stage, ref_model=tiny.ref_model,
+@pytest.mark.parametrize("case", list(ACCUMULATION_CASES))
+def test_gradient_accumulation_gives_the_big_batch_update(tiny, tmp_path, case):
+    stage_args = ACCUMULATION_CASES[case]
+    big = base_config(tiny, tmp_path / "big", ref_model=tiny.ref_model, **stage_args)
+    small = base_config(tiny, tmp_path / "small", ref_model=tiny.ref_model, **stage_args,
                         per_device_train_batch_size=1, gradient_accumulation_steps=4)  # fmt: skip
     run_cli(big, tmp_path / "big_run")
     run_cli(small, tmp_path / "small_run")
@@ -43,7 +51,7 @@ def test_gradient_accumulation_gives_the_big_batch_update(tiny, tmp_path, stage)
     # (one embedding element of 32,768); a wrong normalisation moves weights by 1e-2 or more
     assert_same_weights(tmp_path / "big", tmp_path / "small", atol=1e-6)
     logged_big, logged_small = step_logs(tmp_path / "big")[0], step_logs(tmp_path / "small")[0]
-    for key in ("loss",) + METRICS:
+    for key in ("loss",) + tuple(key for key in METRICS if key in logged_big or case != "sft_sample"):
         assert logged_small[key] == pytest.approx(logged_big[key], rel=1e-5, abs=1e-6), key
 
 
@@ -67,8 +75,11 @@ def test_sft_track_deviation_keeps_the_stock_loss(tiny, tmp_path):
     common = dict(stage="sft", optim="adamw_torch", learning_rate=1e-2, max_steps=3, dataset="minorsft_demo")
     run_cli(base_config(tiny, tmp_path / "stock", **common), tmp_path / "stock_run")
     run_cli(base_config(tiny, tmp_path / "tracked", track_deviation=True, plot_loss=True, **common), tmp_path / "t")
+    # `sft_loss_reduction: token` is the stock reduction, spelled out
+    run_cli(base_config(tiny, tmp_path / "token", sft_loss_reduction="token", **common), tmp_path / "token_run")
     stock, tracked = step_logs(tmp_path / "stock"), step_logs(tmp_path / "tracked")
     assert [e["loss"] for e in tracked] == [e["loss"] for e in stock]  # bit-identical: same loss, same updates
+    assert [e["loss"] for e in step_logs(tmp_path / "token")] == [e["loss"] for e in stock]
     assert "deviation" not in stock[0] and "coef" not in tracked[0]
     assert tracked[0]["deviation"] == 0  # the reference is the initial model
     assert tracked[-1]["deviation"] > 0  # SFT raises the answers' likelihood above the reference's
@@ -172,7 +183,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny, tmp_path, preco
 @pytest.mark.parametrize("stage", ["minorsft", "sft_go"])
 def test_bf16_policy_trains_with_finite_float32_metrics(tiny, tmp_path, stage):
     """bf16 weights and autocast (CPU here): log-prob sums are accumulated in float32, nothing becomes NaN/inf."""
-    extra = dict(sft_go_grouping="rho1", sft_go_lambda=1.0) if stage == "sft_go" else {}
+    extra = dict(sft_go_grouping="tfidf", sft_go_lambda=1.0, track_deviation=True) if stage == "sft_go" else {}
     out = tmp_path / "out"
     run_cli(base_config(tiny, out, stage=stage, bf16=True, use_cpu=True, dataset="minorsft_demo", cutoff_len=128,
                         max_steps=3, optim="adamw_torch", learning_rate=1e-3, **extra), tmp_path)  # fmt: skip

@@ -198,9 +198,13 @@ def drive_the_ui(page, url: str, tiny, workdir: Path) -> None:
     open_accordion(page, LOCALES["sft_go_tab"]["en"]["label"])
     command = preview(page)
     assert "--stage sft_go" in command and "--sft_go_grouping tfidf" in command and "--pref_beta" not in command
+    assert "--sft_go_lambda 0.9" in command and "--sft_go_lambda_schedule linear" in command  # the paper's defaults
+    assert "--sft_go_group_reduction batch" in command
     pick(page, "Token grouping", "rho1")
-    pick(page, "λ schedule", "linear")
+    pick(page, "λ schedule", "cosine")
+    pick(page, "Group losses", "sample")
     command = preview(page)
-    assert "--sft_go_grouping rho1" in command and "--sft_go_eta 0.5" in command and "--sft_go_lambda 0.5" in command
-    assert "--sft_go_lambda_schedule linear" in command and "--pref_beta 0.2" in command
+    assert "--sft_go_grouping rho1" in command and "--sft_go_eta 0.5" in command and "--sft_go_lambda 0.9" in command
+    assert "--sft_go_lambda_schedule cosine" in command and "--sft_go_group_reduction sample" in command
+    assert "--pref_beta 0.2" in command
     assert "--sft_go_classifier" not in command and "--track_deviation" not in command

@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from ..sft_go import map_scores_by_offsets, smooth_idf, spans_from_pieces
+from ..sft_go import map_scores_by_offsets, smooth_idf, spans_from_prefix_ends
 from .columns import TOKEN_IMPORTANCE, answer_tokens
 
 
@@ -19,9 +19,28 @@ def training_idf(dataset: "Dataset", vocab_size: int) -> torch.Tensor:
     return smooth_idf([answer_tokens(labels) for labels in dataset["labels"]], vocab_size)
 
 
-def token_pieces(tokenizer: "PreTrainedTokenizer", token_ids: list[int]) -> list[str]:
-    """Each token's own text (byte-level BPE pieces decoded one by one), so each has a character span."""
-    return [tokenizer.convert_tokens_to_string([token]) for token in tokenizer.convert_ids_to_tokens(token_ids)]
+def text_and_spans(tokenizer: "PreTrainedTokenizer", token_ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
+    """The answer decoded once, and each token's character span in it.
+
+    Decoding byte-level BPE tokens one by one turns every multi-byte character (Chinese, emoji, accents) into
+    "\ufffd". The whole answer is decoded once and re-encoded with the fast tokenizer's offsets, under which each
+    token of a character spans that character. Where re-encoding gives other tokens (or the tokenizer is slow),
+    the spans come from the decoded lengths of growing prefixes instead.
+    """
+    text = tokenizer.decode(token_ids)
+    if tokenizer.is_fast:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        if encoded["input_ids"] == list(token_ids):
+            return text, [tuple(span) for span in encoded["offset_mapping"]]
+
+    return text, prefix_spans(tokenizer, token_ids)
+
+
+def prefix_spans(tokenizer: "PreTrainedTokenizer", token_ids: list[int]) -> list[tuple[int, int]]:
+    """Character spans from decoding growing prefixes (quadratic: the fallback of ``text_and_spans``)."""
+    # a prefix that ends inside a character decodes to a trailing "\ufffd": that character is not complete yet
+    ends = [len(tokenizer.decode(token_ids[: k + 1]).rstrip("\ufffd")) for k in range(len(token_ids))]
+    return spans_from_prefix_ends(ends)
 
 
 class KeepProbabilityScorer:
@@ -72,7 +91,7 @@ def add_llmlingua2_importance(
 ) -> "Dataset":
     """A ``token_importance`` column: each answer token's keep-probability, mapped through character offsets."""
     answers = [answer_tokens(labels) for labels in dataset["labels"]]
-    texts_and_spans = [spans_from_pieces(token_pieces(tokenizer, ids)) for ids in answers]
+    texts_and_spans = [text_and_spans(tokenizer, ids) for ids in answers]
     importance = []
     batch = 64
     for start in tqdm(range(0, len(answers), batch), desc=desc):

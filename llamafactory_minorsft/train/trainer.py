@@ -6,18 +6,27 @@ loss normalisation exact under gradient accumulation and data parallelism.
 """
 
 import gc
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Optional
 
 import torch
 from tqdm import tqdm
 from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
+from trl.trainer import disable_dropout_in_model
 from typing_extensions import override
 
 from .. import NEW_STAGES, SFT_GO_STAGE
-from ..losses import IGNORE_INDEX, answer_token_logps, minorsft_loss, sft_dpo_loss
-from ..metrics import DEVIATION_SUMS_SIZE, GROUP_SUMS_SIZE, group_means, group_sums, metric_means, metric_sums
-from ..sft_go import rho1_scores, scheduled_lambda, sft_go_loss, tfidf_scores, top_fraction_mask
+from ..losses import IGNORE_INDEX, answer_token_logps, minorsft_loss, sft_dpo_loss, sft_sample_loss
+from ..metrics import COEF_METRICS, DEVIATION_SUMS_SIZE, GROUP_SUMS_SIZE, group_means, group_sums, metric_means, metric_sums
+from ..sft_go import (
+    batch_worst_group,
+    group_losses,
+    rho1_scores,
+    scheduled_lambda,
+    sft_go_objective,
+    tfidf_scores,
+    top_fraction_mask,
+)
 from .columns import EXTRA_COLUMNS, REF_LOGPS, REF_TOKEN_LOGPS, TOKEN_IMPORTANCE, answer_values
 
 
@@ -30,15 +39,36 @@ if TYPE_CHECKING:
 LOSS_FUNCTIONS = {"minorsft": minorsft_loss, "sft_dpo": sft_dpo_loss}
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """TRL's ``disable_dropout_in_model`` (``nn.Dropout`` modules), plus the attention dropout that Hugging Face
+    attention layers keep as a float attribute (Qwen2, Llama: ``attention_dropout``), which TRL's leaves on.
+    The saved config is untouched."""
+    disable_dropout_in_model(model)
+    for module in model.modules():
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module):
+    """Run ``module`` in eval mode (no dropout), then give it back its train/eval mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
 def count_answered_samples(batch_samples: list[dict[str, torch.Tensor]]) -> int:
     """Number of samples with at least one answer token (after the causal shift) in a list of batches."""
     return sum(int((batch["labels"][:, 1:] != IGNORE_INDEX).any(-1).sum()) for batch in batch_samples)
 
 
 class ReferenceSFTTrainer(CustomSeq2SeqTrainer):
-    r"""SFT trainer for `minorsft`, `sft_dpo`, `sft_go` and `sft` + `track_deviation`.
+    r"""SFT trainer for `minorsft`, `sft_dpo`, `sft_go` and `sft` + `track_deviation` / `sft_loss_reduction: sample`.
 
-    Loss normalisation (minorsft, sft_dpo, sft_go): the loss of a micro-batch is Σ_i L_i / N · P, where N is the
+    Loss normalisation (minorsft, sft_dpo, sft_go, sft with sample reduction): the loss of a micro-batch is Σ_i L_i / N · P, where N is the
     number of valid samples in the whole global batch (all accumulation steps, all P processes, counted in
     ``get_batch_samples``). Gradient accumulation sums the micro-batches and data parallelism averages the
     processes, so the update is that of the mean over the global batch, as one big batch would give.
@@ -53,12 +83,18 @@ class ReferenceSFTTrainer(CustomSeq2SeqTrainer):
     ) -> None:
         super().__init__(finetuning_args=finetuning_args, **kwargs)
         self.ref_model = self._prepare_reference(ref_model)
-        self.loss_type = finetuning_args.stage  # "minorsft", "sft_dpo", "sft_go", or "sft" (stock loss, metrics only)
+        self.loss_type = finetuning_args.stage  # "minorsft", "sft_dpo", "sft_go", or "sft"
+        if self.loss_type in LOSS_FUNCTIONS:
+            # as LLaMA-Factory's DPO trainer (`disable_dropout=True`): the log-ratio r compares πθ and πref under
+            # the same deterministic forward (r = 0 at the first LoRA step); the reference is always in eval mode
+            disable_dropout(self.model)
+        # per-sample losses averaged over the global batch's samples; plain "sft" keeps the stock token mean
+        self.per_sample = self.loss_type in NEW_STAGES or finetuning_args.sample_mean_sft
         self.beta = finetuning_args.pref_beta
         self.uses_reference = finetuning_args.needs_reference
         self.go_args = finetuning_args  # sft_go_* options
         self.idf = idf  # SFT-GO TF-IDF grouping: idf of every token id over the training answers
-        if self.loss_type in NEW_STAGES:
+        if self.per_sample:
             # compute_loss normalises by the global batch itself, so the Trainer must neither divide by the
             # accumulation steps (it does when this is False) nor let the model average the loss.
             self.model_accepts_loss_kwargs = True
@@ -101,7 +137,7 @@ class ReferenceSFTTrainer(CustomSeq2SeqTrainer):
     @override
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if self.loss_type in NEW_STAGES:
+        if self.per_sample:
             count = torch.tensor(count_answered_samples(batch_samples), device=device, dtype=torch.float32)
             if self.accelerator.num_processes > 1:
                 count = self.accelerator.reduce(count, reduction="sum")
@@ -122,8 +158,6 @@ class ReferenceSFTTrainer(CustomSeq2SeqTrainer):
         dataloader = self.get_eval_dataloader(dataset)
         logps, num_tokens, token_logps = [], [], []
         model = self.model  # only used (adapters disabled) when there is no separate reference
-        was_training = model.training
-        model.eval()  # no dropout in the reference pass
         for batch in tqdm(dataloader, desc=desc, disable=not self.is_local_process_zero()):
             batch = self._prepare_inputs(batch)
             labels = batch["labels"]
@@ -137,7 +171,6 @@ class ReferenceSFTTrainer(CustomSeq2SeqTrainer):
                 gathered = self.accelerator.gather_for_metrics((padded, padded_mask))
                 token_logps += [row[row_mask.bool()].cpu() for row, row_mask in zip(*gathered)]
 
-        model.train(was_training)
         values = {"logps": torch.cat(logps)[: len(dataset)], "num_tokens": torch.cat(num_tokens)[: len(dataset)]}
         if per_token:
             values["token_logps"] = torch.cat(token_logps[: len(dataset)]) if token_logps else torch.zeros(0)
@@ -164,7 +197,7 @@ class ReferenceSFTTrainer(CustomSeq2SeqTrainer):
         else:
             ref_model, ref_context = self.ref_model, nullcontext()
 
-        with ref_context:
+        with ref_context, eval_mode(ref_model):  # a reference never uses dropout (the policy's is on in training)
             logits = ref_model(**model_inputs, use_cache=False).logits
 
         return answer_token_logps(logits, labels)
@@ -206,12 +239,14 @@ class ReferenceSFTTrainer(CustomSeq2SeqTrainer):
         labels = inputs["labels"]
         model_inputs = {key: value for key, value in inputs.items() if key not in ("labels",) + EXTRA_COLUMNS}
         train_eval = "train" if model.training else "eval"
-        if self.loss_type == "sft":  # track_deviation: the stock SFT loss, untouched
+        if self.loss_type == SFT_GO_STAGE or not self.per_sample:
+            # the stock SFT loss (token mean): untouched for sft + track_deviation, SFT-GO's CE term
             stock_inputs = {key: value for key, value in inputs.items() if key not in EXTRA_COLUMNS}
             loss, outputs = super().compute_loss(
                 model, stock_inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
             )
-            token_logps, mask = answer_token_logps(outputs.logits.detach(), labels)
+            logits = outputs.logits if self.loss_type == SFT_GO_STAGE else outputs.logits.detach()
+            token_logps, mask = answer_token_logps(logits, labels)
         else:
             outputs = model(**model_inputs, use_cache=False)
             token_logps, mask = answer_token_logps(outputs.logits, labels)
@@ -221,24 +256,30 @@ class ReferenceSFTTrainer(CustomSeq2SeqTrainer):
         if self.uses_reference:
             ref_token_logps, ref_logps = self._reference(model, model_inputs, inputs, labels, mask)
 
-        coef = torch.ones_like(policy_logps)
-        if self.loss_type in LOSS_FUNCTIONS:
-            losses, coef = LOSS_FUNCTIONS[self.loss_type](policy_logps, ref_logps, num_tokens, self.beta)
-        elif self.loss_type == SFT_GO_STAGE:
-            important = self._important_tokens(inputs, labels, token_logps, mask, ref_token_logps)
-            if train_eval == "train":
-                self._train_lambda = self.current_lambda()  # logged as used, not as of the next step
-            groups = sft_go_loss(token_logps, mask, important, self.current_lambda())
-            losses = groups.losses
-            self._store_sums(train_eval, "groups", group_sums(*groups[1:], num_tokens))
-
-        if self.loss_type != "sft":
+        if self.per_sample:  # Σ_i L_i / denominator: the mean over the global batch's valid samples
             if train_eval == "train" and self._num_answered_samples is not None:
                 denominator = self._num_answered_samples.clamp(min=1) / self.accelerator.num_processes
             else:  # evaluation: the mean over this batch's valid samples
                 denominator = (num_tokens > 0).sum().clamp(min=1)
 
+        coef = torch.ones_like(policy_logps)
+        if self.loss_type in LOSS_FUNCTIONS:
+            losses, coef = LOSS_FUNCTIONS[self.loss_type](policy_logps, ref_logps, num_tokens, self.beta)
             loss = losses.sum() / denominator
+        elif self.loss_type == "sft" and self.per_sample:
+            loss = sft_sample_loss(policy_logps, num_tokens).sum() / denominator
+        elif self.loss_type == SFT_GO_STAGE:
+            important = self._important_tokens(inputs, labels, token_logps, mask, ref_token_logps)
+            lam = self.current_lambda()
+            if train_eval == "train":
+                self._train_lambda = lam  # logged as used, not as of the next step
+            groups = group_losses(token_logps, mask, important)
+            if self.go_args.sft_go_group_reduction == "sample":
+                worst = groups.worst.sum() / denominator
+            else:  # each micro-batch of each process is one Group DRO mini-batch, weighted by its valid samples
+                worst = batch_worst_group(token_logps, mask, important) * (num_tokens > 0).sum() / denominator
+            loss = sft_go_objective(loss, worst, lam)
+            self._store_sums(train_eval, "groups", group_sums(*groups[1:], num_tokens))
 
         if self.uses_reference:
             self._store_sums(train_eval, "deviation", metric_sums(policy_logps, ref_logps, num_tokens, coef, self.beta))
@@ -267,7 +308,7 @@ class ReferenceSFTTrainer(CustomSeq2SeqTrainer):
             if "deviation" in parts:
                 means = metric_means(parts["deviation"], prefix=prefix)
                 if self.loss_type not in LOSS_FUNCTIONS:  # no dynamic coefficient in sft / sft_go
-                    means = {key: value for key, value in means.items() if not key.endswith("coef")}
+                    means = {key: value for key, value in means.items() if key[len(prefix) :] not in COEF_METRICS}
                 logs.update(means)
             if "groups" in parts:
                 logs.update(group_means(parts["groups"], prefix=prefix))
