@@ -66,12 +66,16 @@ def write_report(grid_dir: str, docs_dir: str, general: dict[str, float], minute
         "whether the general ability survives depends on how far tuning moves the model, which is what the "
         "paper's methods limit. "
         "Each method runs over a grid: "
-        f"raw SFT (Eq. 5: `sft_loss_reduction: sample`, with `track_deviation`) at lr {sft_lrs}; SFT using DPO and MinorSFT at twice those learning "
+        f"raw SFT (Eq. 5: `sft_loss_reduction: sample`, with `track_deviation`) at lr {sft_lrs}; SFT using DPO "
+        "and MinorSFT at twice those learning "
         f"rates (the paper's best settings are at 2x SFT's) × β {betas}; {seeds} seeds each "
         f"({runs} runs, batch 16, warm-up 0.1, linear decay, 1 epoch = 4 steps). Accuracy is read from the "
         "next-token scores of A-D on held-out question sets of 200 new words each: `domain_mc` and `general_mc` "
         "(retention). Values are mean ± std (population) over the seeds. A method's *best setting* is the one with "
-        "the highest mean of the two accuracies, mirroring the paper's average over its evaluation sets. This is a "
+        "the highest mean of the two accuracies, mirroring the paper's average over its evaluation sets. Every "
+        "answer here is one letter plus the end-of-turn token, so all answers have the same length and Eq. 5's "
+        "sample mean equals stock SFT's token mean: the SFT rows are the same as with `sft_loss_reduction: token`. "
+        "This is a "
         "toy: it checks the direction of the paper's claims on a task a 643k-parameter model learns in seconds, "
         "not their size on Qwen2-7B.",
         "",
