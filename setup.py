@@ -37,5 +37,5 @@ setup(
     packages=find_packages(include=["llamafactory_minorsft", "llamafactory_minorsft.*"]),
     install_requires=["llamafactory>=0.9.4", "wrapt>=1.14"],
     cmdclass={"build_py": BuildPyWithPth},
-    entry_points={"console_scripts": ["llamafactory-minorsft = llamafactory_minorsft.cli:main"]},
+    entry_points={"console_scripts": ["llamafactory-minorsft = llamafactory_minorsft.tools.cli:main"]},
 )

@@ -1,4 +1,4 @@
-"""Reference-aware SFT stages for LLaMA-Factory: MinorSFT, SFT using DPO and the deviation metric.
+"""Reference-aware SFT stages for LLaMA-Factory: MinorSFT, SFT using DPO, SFT-GO and the deviation metric.
 
 Paper: "Minor SFT loss for LLM fine-tune to increase performance and reduce model deviation",
 arXiv 2408.10642. Installing the package registers the stages in every Python process of the
@@ -7,23 +7,17 @@ environment (see ``_autoload``); :func:`register` does it explicitly.
 This module stays import-light: it runs at interpreter start-up through a ``.pth`` file.
 """
 
+from .stages import NEW_STAGES, REFERENCE_STAGES, SFT_GO_STAGE
+
+
 __version__ = "0.1.0"
-
-#: Stages added to LLaMA-Factory's ``stage`` option.
-REFERENCE_SFT_STAGES = ("minorsft", "sft_dpo")
-
-#: SFT-GO (arXiv 2506.15021): group-optimized SFT; uses a reference for Rho-1 grouping or ``track_deviation``.
-SFT_GO_STAGE = "sft_go"
-
-#: Every stage this package adds.
-NEW_STAGES = REFERENCE_SFT_STAGES + (SFT_GO_STAGE,)
 
 #: Set to 1/true to turn the automatic registration at import of ``llamafactory`` off.
 DISABLE_ENV = "LLAMAFACTORY_MINORSFT_DISABLE"
 
 
 def register() -> None:
-    """Register ``stage: minorsft`` / ``sft_dpo`` / ``sft_go`` and ``track_deviation`` with LLaMA-Factory.
+    """Register the new stages and options with LLaMA-Factory.
 
     Idempotent; call it before ``llamafactory.train.tuner.run_exp(...)`` when the automatic
     registration is turned off (``LLAMAFACTORY_MINORSFT_DISABLE=1``) or in an environment where the
@@ -34,4 +28,4 @@ def register() -> None:
     register_all()
 
 
-__all__ = ["DISABLE_ENV", "NEW_STAGES", "REFERENCE_SFT_STAGES", "SFT_GO_STAGE", "__version__", "register"]
+__all__ = ["DISABLE_ENV", "NEW_STAGES", "REFERENCE_STAGES", "SFT_GO_STAGE", "__version__", "register"]

@@ -1,6 +1,6 @@
-"""Arguments of the reference-aware stages, in LLaMA-Factory's hparams style.
+"""Arguments of this package's stages, in LLaMA-Factory's hparams style.
 
-``ReferenceSFTFinetuningArguments`` replaces LLaMA-Factory's ``FinetuningArguments`` in its parsers
+``PluginFinetuningArguments`` replaces LLaMA-Factory's ``FinetuningArguments`` in its parsers
 (see ``integration``). It only adds options and checks: every stock option keeps its meaning, β is the
 stock ``pref_beta`` and the reference is the stock ``ref_model`` / ``ref_model_adapters`` /
 ``ref_model_quantization_bit``.
@@ -14,20 +14,20 @@ from typing import Literal
 
 from llamafactory.hparams.finetuning_args import FinetuningArguments
 
-from . import NEW_STAGES, REFERENCE_SFT_STAGES, SFT_GO_STAGE
 from .sft_go import GROUP_REDUCTIONS, GROUPINGS, LAMBDA_SCHEDULES
+from .stages import NEW_STAGES, REFERENCE_STAGES, SFT_GO_STAGE, is_plugin_run, needs_token_ref_logps, uses_reference
 
 
 STOCK_STAGES: tuple[str, ...] = typing.get_args(typing.get_type_hints(FinetuningArguments)["stage"])
 ALL_STAGES: tuple[str, ...] = STOCK_STAGES + NEW_STAGES
 #: Stages that can log the deviation metric: the reference stages always do, sft and sft_go on request.
-DEVIATION_STAGES = ("sft", SFT_GO_STAGE) + REFERENCE_SFT_STAGES
+DEVIATION_STAGES = ("sft", SFT_GO_STAGE, *REFERENCE_STAGES)
 SFT_LOSS_REDUCTIONS = ("token", "sample")
 
 
 @dataclass
-class ReferenceSFTArguments:
-    r"""Arguments of MinorSFT / SFT using DPO that LLaMA-Factory does not have."""
+class ReferenceArguments:
+    r"""Arguments of the reference model that LLaMA-Factory does not have (β and the model are its own)."""
 
     track_deviation: bool = field(
         default=False,
@@ -45,17 +45,6 @@ class ReferenceSFTArguments:
             "help": (
                 "Compute log πref(y|x) of every train/eval sample in one no-grad pass before training, cache it on "
                 "disk and release the reference model, so training holds only the policy."
-            )
-        },
-    )
-    sft_loss_reduction: Literal["token", "sample"] | None = field(
-        default=None,
-        metadata={
-            "help": (
-                "For `stage: sft` only: how the answer-token NLLs of a batch are averaged. `token` (the default, "
-                "stock LLaMA-Factory): over all answer tokens of the global batch, so long answers weigh more. "
-                "`sample`: each sample's mean token NLL, averaged over samples (arXiv 2408.10642 Eq. 5), the "
-                "reduction of MinorSFT and SFT using DPO: the like-for-like baseline for them."
             )
         },
     )
@@ -148,8 +137,8 @@ def _in_range(value, low: float, high: float, low_open: bool, high_open: bool) -
 
 
 @dataclass
-class ReferenceSFTFinetuningArguments(FinetuningArguments, ReferenceSFTArguments, SFTGOArguments):
-    r"""LLaMA-Factory's ``FinetuningArguments`` plus the reference-aware SFT stages."""
+class PluginFinetuningArguments(FinetuningArguments, ReferenceArguments, SFTGOArguments):
+    r"""LLaMA-Factory's ``FinetuningArguments`` plus this package's stages and options."""
 
     stage: Literal["pt", "sft", "rm", "ppo", "dpo", "kto", "minorsft", "sft_dpo", "sft_go"] = field(
         default="sft",
@@ -162,25 +151,32 @@ class ReferenceSFTFinetuningArguments(FinetuningArguments, ReferenceSFTArguments
         },
     )
 
-    @property
-    def sample_mean_sft(self) -> bool:
-        """True for `stage: sft` with `sft_loss_reduction: sample` (Eq. 5)."""
-        return self.stage == "sft" and self.sft_loss_reduction == "sample"
+    sft_loss_reduction: Literal["token", "sample"] | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "For `stage: sft` only: how the answer-token NLLs of a batch are averaged. `token` (the default, "
+                "stock LLaMA-Factory): over all answer tokens of the global batch, so long answers weigh more. "
+                "`sample`: each sample's mean token NLL, averaged over samples (arXiv 2408.10642 Eq. 5), the "
+                "reduction of MinorSFT and SFT using DPO: the like-for-like baseline for them."
+            )
+        },
+    )
 
     @property
-    def uses_reference_sft(self) -> bool:
-        """True when this run takes this package's workflow (minorsft, sft_dpo, sft_go, sft + track_deviation or
-        `sft_loss_reduction: sample`)."""
-        return self.stage in NEW_STAGES or (self.stage == "sft" and self.track_deviation) or self.sample_mean_sft
+    def is_plugin_run(self) -> bool:
+        """This package's workflow trains the run (see ``stages``)."""
+        return is_plugin_run(self)
 
     @property
-    def needs_reference(self) -> bool:
-        """True when the run needs log πref: for its loss, its grouping (Rho-1) or the deviation metric."""
-        return (
-            self.stage in REFERENCE_SFT_STAGES
-            or (self.stage in DEVIATION_STAGES and self.track_deviation)
-            or (self.stage == SFT_GO_STAGE and self.sft_go_grouping == "rho1")
-        )
+    def uses_reference(self) -> bool:
+        """A reference model is involved (see ``stages``)."""
+        return uses_reference(self)
+
+    @property
+    def needs_token_ref_logps(self) -> bool:
+        """Per-token reference log-probs are needed: SFT-GO's Rho-1 grouping."""
+        return needs_token_ref_logps(self)
 
     def __post_init__(self):
         if self.stage not in ALL_STAGES:
@@ -206,7 +202,7 @@ class ReferenceSFTFinetuningArguments(FinetuningArguments, ReferenceSFTArguments
                     f"got {self.sft_loss_reduction!r}."
                 )
 
-        if self.precompute_ref_logps and not self.needs_reference:
+        if self.precompute_ref_logps and not self.uses_reference:
             raise ValueError(
                 f"`precompute_ref_logps` needs a reference model, which `stage: {self.stage}` does not use here: "
                 "use it with stage minorsft, sft_dpo, sft_go with `sft_go_grouping: rho1`, or sft/sft_go with "
@@ -214,12 +210,13 @@ class ReferenceSFTFinetuningArguments(FinetuningArguments, ReferenceSFTArguments
             )
 
         self._check_sft_go()
-        if self.needs_reference:
+        if self.uses_reference:
             self.use_ref_model = True
             if not (isinstance(self.pref_beta, (int, float)) and math.isfinite(self.pref_beta) and self.pref_beta > 0):
                 raise ValueError(
-                    f"`pref_beta` is β of MinorSFT / SFT using DPO and must be a positive number, got {self.pref_beta}. "
-                    "The paper uses `pref_beta: 0.04`."
+                    f"`pref_beta` is β of the log-ratio r of `stage: {self.stage}` (MinorSFT, SFT using DPO, SFT-GO "
+                    f"with Rho-1, the deviation metric) and must be a positive number, got {self.pref_beta}. "
+                    "The MinorSFT paper uses `pref_beta: 0.04`."
                 )
 
             if self.pissa_init:
@@ -352,12 +349,13 @@ def _run_label(finetuning_args) -> str:
     return "`stage: sft` + " + ("`track_deviation`" if finetuning_args.track_deviation else "`sft_loss_reduction: sample`")
 
 
-def verify_reference_sft_args(model_args, data_args, training_args, finetuning_args, dataset_attrs) -> None:
-    """Cross-argument checks of the reference-aware workflow, run before anything is loaded or written.
+def verify_plugin_args(model_args, data_args, training_args, finetuning_args, dataset_attrs) -> None:
+    """Cross-argument checks of this package's runs, run before anything is loaded or written.
 
     ``dataset_attrs`` are LLaMA-Factory's ``DatasetAttr`` of the train and eval datasets.
     """
     import transformers
+    from llamafactory.extras.misc import is_env_enabled
 
     stage = finetuning_args.stage
     check_flash_attention(model_args.flash_attn, transformers.__version__)
@@ -370,7 +368,7 @@ def verify_reference_sft_args(model_args, data_args, training_args, finetuning_a
 
     if finetuning_args.ref_model is not None:
         ref = os.path.expanduser(finetuning_args.ref_model)
-        offline = os.getenv("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+        offline = is_env_enabled("HF_HUB_OFFLINE")
         if (offline or _looks_like_local_path(finetuning_args.ref_model)) and not os.path.exists(ref):
             raise ValueError(
                 f"`ref_model` path {finetuning_args.ref_model!r} does not exist. Point `ref_model` at a model "
@@ -395,14 +393,14 @@ def verify_reference_sft_args(model_args, data_args, training_args, finetuning_a
 
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    if finetuning_args.needs_reference and is_deepspeed_zero3_enabled():
+    if finetuning_args.uses_reference and is_deepspeed_zero3_enabled():
         from importlib.metadata import version
 
         check_zero3_reference(version("deepspeed"))
 
     if training_args.predict_with_generate or training_args.do_predict:
         raise ValueError(
-            "`predict_with_generate`/`do_predict` are not supported by the reference-aware workflow. "
+            "`predict_with_generate`/`do_predict` are not supported by this package's workflow. "
             "Predict with a separate `stage: sft` run (`do_train: false`) on the trained model."
         )
 

@@ -3,14 +3,16 @@
 Each patch is applied right after its module is imported (post-import hooks from ``_autoload``) or by
 :func:`register_all`:
 
-- ``llamafactory.hparams.parser``: its parser dataclass lists get ``ReferenceSFTFinetuningArguments``
-  instead of ``FinetuningArguments`` (new stage names, ``track_deviation``, and their checks);
-- ``llamafactory.train.tuner``: ``_training_function`` dispatches the reference-aware runs to our
-  workflow and every other run, unchanged, to the stock function;
-- LLaMA-Board: ``extras.constants.TRAINING_STAGES`` gets the two stage labels, ``webui.locales.LOCALES``
-  the new controls' translations, ``webui.components.train.create_train_tab`` the reference controls,
-  ``webui.runner.Runner._parse_train_args`` their arguments, ``webui.control.get_trainer_info`` the live
-  deviation plot.
+- ``llamafactory.hparams.parser``: its parser dataclass lists get ``PluginFinetuningArguments``
+  instead of ``FinetuningArguments`` (new stage names and options, and their checks);
+- ``llamafactory.train.tuner``: ``_training_function`` dispatches this package's runs (``is_plugin_run``) to
+  their workflows and every other run, unchanged, to the stock function;
+- LLaMA-Board: ``extras.constants.TRAINING_STAGES`` gets the stage labels (MinorSFT, SFT using DPO, SFT-GO),
+  ``webui.locales.LOCALES`` the new controls' translations, ``webui.components.train.create_train_tab`` the
+  new controls (placed after its RLHF accordion, and the stock controls in ``STAGE_HIDDEN_ELEMS`` hidden for the
+  new stages), ``webui.runner.Runner._parse_train_args`` their arguments, ``webui.control.get_trainer_info``
+  the live deviation plot. The web UI relies on LLaMA-Board's element names (``STOCK_TRAIN_ELEMS``, read as
+  ``train.<name>`` ids), checked when the tab is built.
 
 Before touching anything, each patch finds the installed LLaMA-Factory in ``LAYOUTS`` and checks that every
 attribute it replaces is there, so an unknown LLaMA-Factory fails loudly instead of being half-patched.
@@ -25,7 +27,10 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
+
+from .stages import is_plugin_run
 
 
 #: Set to 1 to patch a LLaMA-Factory version that is not in ``LAYOUTS`` (every patch target is still checked).
@@ -65,8 +70,10 @@ def layout() -> Layout:
     if VERSION in LAYOUTS:
         return LAYOUTS[VERSION]
 
+    from llamafactory.extras.misc import is_env_enabled
+
     supported = ", ".join(row.label for row in LAYOUTS.values())
-    if os.getenv(ALLOW_UNTESTED_ENV, "0").lower() not in ("true", "y", "1"):  # as LF's is_env_enabled
+    if not is_env_enabled(ALLOW_UNTESTED_ENV):
         raise UnsupportedLlamaFactoryError(
             f"llamafactory-minorsft does not support LLaMA-Factory {VERSION}; it supports {supported}. Install one "
             f"of those, or set {ALLOW_UNTESTED_ENV}=1 to try this version anyway "
@@ -116,13 +123,13 @@ def _should_patch(module, *names: str) -> bool:
 
 
 def patch_parser(parser) -> None:
-    """Swap ``FinetuningArguments`` for ``ReferenceSFTFinetuningArguments`` in the parser lists (in place)."""
+    """Swap ``FinetuningArguments`` for ``PluginFinetuningArguments`` in the parser lists (in place)."""
     if not _should_patch(parser, *layout().parser_lists):
         return
 
     from llamafactory.hparams.finetuning_args import FinetuningArguments
 
-    from .hparams import ReferenceSFTFinetuningArguments
+    from .hparams import PluginFinetuningArguments
 
     lists = [getattr(parser, name) for name in layout().parser_lists]
     lists += [parser._TRAIN_MCA_ARGS] if getattr(parser, "_TRAIN_MCA_ARGS", None) else []  # empty without mcore
@@ -130,41 +137,40 @@ def patch_parser(parser) -> None:
         raise UnsupportedLlamaFactoryError(f"{parser.__name__}: FinetuningArguments not found in its parser lists.")
 
     for arg_list in lists:
-        arg_list[arg_list.index(FinetuningArguments)] = ReferenceSFTFinetuningArguments
+        arg_list[arg_list.index(FinetuningArguments)] = PluginFinetuningArguments
 
     parser._minorsft_patched = True
 
 
-def wants_reference_sft(args: dict[str, Any] | list[str]) -> bool:
-    """Peek at raw train args (a config dict, or CLI strings) without parsing them."""
+def peek_is_plugin_run(args: dict[str, Any] | list[str]) -> bool:
+    """``is_plugin_run`` of raw train args (a config dict, or CLI strings), without parsing them."""
+    names = ("stage", "track_deviation", "sft_loss_reduction")
     if isinstance(args, dict):
-        stage, track, reduction = args.get("stage"), args.get("track_deviation", False), args.get("sft_loss_reduction")
+        raw = {name: args.get(name) for name in names}
     else:
         peek = argparse.ArgumentParser(add_help=False)
         peek.add_argument("--stage")
         peek.add_argument("--track_deviation", nargs="?", const="true", default="false")
         peek.add_argument("--sft_loss_reduction")
-        known, _ = peek.parse_known_args(args)
-        stage, track, reduction = known.stage, known.track_deviation, known.sft_loss_reduction
+        raw = vars(peek.parse_known_args(args)[0])
 
-    from . import NEW_STAGES
-
-    track = track if isinstance(track, bool) else str(track).strip().lower() in ("yes", "true", "t", "y", "1")
-    return stage in NEW_STAGES or (stage == "sft" and (track or reduction == "sample"))
+    track = raw["track_deviation"]  # a bool in a config, a string on the command line (HfArgumentParser's rule)
+    raw["track_deviation"] = track if isinstance(track, bool) else str(track).lower() in ("yes", "true", "t", "y", "1")
+    return is_plugin_run(SimpleNamespace(**raw))
 
 
-def _reference_sft_training_function(tuner, config: dict[str, Any]) -> None:
-    """``tuner._training_function`` for the reference-aware runs: same callbacks, our workflow."""
+def _plugin_training_function(tuner, config: dict[str, Any]) -> None:
+    """``tuner._training_function`` for this package's runs: same callbacks, our workflows."""
     from transformers import EarlyStoppingCallback
 
     from llamafactory.train.trainer_utils import get_swanlab_callback
 
     from .train.teardown import shut_down_process_group
-    from .train.workflow import run_reference_sft
+    from .train.tuner import run_stage
 
     callbacks: list[Any] = config.get("callbacks")
     model_args, data_args, training_args, finetuning_args, generating_args = tuner.get_train_args(config.get("args"))
-    verify_reference_sft_run(model_args, data_args, training_args, finetuning_args)
+    verify_plugin_run(model_args, data_args, training_args, finetuning_args)
 
     # the stock callbacks of tuner._training_function (PiSSA is rejected for these stages)
     callbacks.append(tuner.LogCallback())
@@ -181,7 +187,7 @@ def _reference_sft_training_function(tuner, config: dict[str, Any]) -> None:
         callbacks.append(tuner.ModuleProfilerCallback(training_args.profile_modules))
 
     callbacks.append(tuner.ReporterCallback(model_args, data_args, finetuning_args, generating_args))  # add to last
-    run_reference_sft(model_args, data_args, training_args, finetuning_args, callbacks)
+    run_stage(model_args, data_args, training_args, finetuning_args, callbacks)
 
     try:
         shut_down_process_group()  # the stock function only destroys it: see train/teardown.py for why
@@ -191,11 +197,11 @@ def _reference_sft_training_function(tuner, config: dict[str, Any]) -> None:
         get_logger(__name__).warning(f"Failed to destroy process group: {err}.")
 
 
-def verify_reference_sft_run(model_args, data_args, training_args, finetuning_args) -> None:
-    """The cross-argument checks of this package's stages, before anything loads (also called by the fork patch)."""
-    from .hparams import verify_reference_sft_args
+def verify_plugin_run(model_args, data_args, training_args, finetuning_args) -> None:
+    """The cross-argument checks of this package's runs, before anything loads (also called by the fork patch)."""
+    from .hparams import verify_plugin_args
 
-    verify_reference_sft_args(model_args, data_args, training_args, finetuning_args, _dataset_attrs(data_args))
+    verify_plugin_args(model_args, data_args, training_args, finetuning_args, _dataset_attrs(data_args))
 
 
 def _dataset_attrs(data_args) -> list:
@@ -207,7 +213,7 @@ def _dataset_attrs(data_args) -> list:
 
 
 def patch_tuner(tuner) -> None:
-    """Route the reference-aware runs of ``tuner._training_function`` to our workflow."""
+    """Route this package's runs of ``tuner._training_function`` to their workflows."""
     profilers = ("TorchProfilerCallback", "ModuleProfilerCallback") if layout().profiler_callbacks else ()
     if not _should_patch(tuner, "_training_function", "get_train_args", "LogCallback", "ReporterCallback", *profilers):
         return
@@ -215,8 +221,8 @@ def patch_tuner(tuner) -> None:
 
     @functools.wraps(stock_training_function)
     def _training_function(config: dict[str, Any]) -> None:
-        if wants_reference_sft(config.get("args")):
-            return _reference_sft_training_function(tuner, config)
+        if peek_is_plugin_run(config.get("args")):
+            return _plugin_training_function(tuner, config)
 
         return stock_training_function(config)
 
@@ -241,18 +247,27 @@ def patch_webui_locales(locales) -> None:
         locales._minorsft_patched = True
 
 
+#: LLaMA-Board train-tab elements the web UI patches read, hide or place the new controls by
+STOCK_TRAIN_ELEMS = ("training_stage", "rlhf_tab", "pref_beta")
+#: stock RLHF controls that do nothing for the new stages, hidden while one is selected
+STAGE_HIDDEN_ELEMS = ("pref_ftx", "pref_loss", "reward_model", "ppo_score_norm", "ppo_whiten_rewards")
+
+
 def patch_webui_train_tab(train_tab) -> None:
-    """Build the train tab with the reference controls among its inputs (preview, start, save and load)."""
+    """Build the train tab with the new controls among its inputs (preview, start, save and load), placed after
+    the RLHF accordion, and show or hide controls by stage."""
     if not _should_patch(train_tab, "create_train_tab"):
         return
 
-    from .webui import create_reference_elems, render_reference_elems
+    from llamafactory.extras.constants import TRAINING_STAGES
+
+    from .webui import create_elems, place_after, render_elems, stage_visibility
 
     stock_create_train_tab = train_tab.create_train_tab
 
     @functools.wraps(stock_create_train_tab)
     def create_train_tab(engine):
-        elems = create_reference_elems()
+        elems = create_elems()
         manager = engine.manager
         # the tab starts its input set from get_base_elems(): ours join there, before any event is bound
         manager.get_base_elems = lambda: type(manager).get_base_elems(manager) | set(elems.values())
@@ -261,7 +276,19 @@ def patch_webui_train_tab(train_tab) -> None:
         finally:
             del manager.get_base_elems
 
-        elem_dict.update(render_reference_elems(elems))
+        elem_dict.update(render_elems(elems))
+        missing = [name for name in (*STOCK_TRAIN_ELEMS, *STAGE_HIDDEN_ELEMS) if name not in elem_dict]
+        if missing:
+            raise UnsupportedLlamaFactoryError(f"LLaMA-Board's train tab lacks {', '.join(missing)}.")
+
+        place_after(elem_dict["rlhf_tab"], [elem_dict["ref_tab"], elem_dict["sft_go_tab"]])
+        hidden = [elem_dict[name] for name in STAGE_HIDDEN_ELEMS]
+        elem_dict["training_stage"].change(
+            lambda label: stage_visibility(TRAINING_STAGES[label], len(hidden)),
+            [elem_dict["training_stage"]],
+            [*hidden, elem_dict["ref_tab"], elem_dict["sft_go_tab"]],
+            queue=False,
+        )
         return elem_dict
 
     train_tab.create_train_tab = create_train_tab
@@ -272,14 +299,14 @@ def patch_webui_runner(runner) -> None:
     if not _should_patch(runner, "Runner._parse_train_args"):
         return
 
-    from .webui import add_reference_args
+    from .webui import add_args
 
     stock_parse_train_args = runner.Runner._parse_train_args
 
     @functools.wraps(stock_parse_train_args)
     def _parse_train_args(self, data):
         args = stock_parse_train_args(self, data)
-        return add_reference_args(args, lambda elem_id: data[self.manager.get_elem_by_id(elem_id)])
+        return add_args(args, lambda elem_id: data[self.manager.get_elem_by_id(elem_id)])
 
     runner.Runner._parse_train_args = _parse_train_args
     runner._minorsft_patched = True

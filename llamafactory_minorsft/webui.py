@@ -1,20 +1,23 @@
 """LLaMA-Board (``llamafactory-cli webui``) pieces of this package's stages: stage labels, the reference and
-SFT-GO controls and their translations, the arguments they produce, and the live deviation plot.
+SFT-GO controls and their translations, which controls each stage shows, the arguments they produce, and the
+live deviation plot.
 
 ``integration`` hooks these into LLaMA-Factory's web UI modules; nothing here patches anything itself.
 """
 
 import json
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
 
-from . import REFERENCE_SFT_STAGES, SFT_GO_STAGE
 from .sft_go import GROUP_REDUCTIONS, GROUPINGS, LAMBDA_SCHEDULES
+from .stages import NEW_STAGES, SFT_GO_STAGE, uses_reference
+from .train.callbacks import DEVIATION_LOG
 
 
 #: label → stage, appended to LLaMA-Factory's TRAINING_STAGES (its stage labels are the same in every language)
 STAGE_LABELS = {"MinorSFT": "minorsft", "SFT using DPO": "sft_dpo", "SFT-GO": "sft_go"}
-DEVIATION_LOG = "trainer_deviation.jsonl"  # beside LLaMA-Factory's trainer_log.jsonl, read by the live plot
 
 LOCALES = {
     "ref_tab": {
@@ -97,8 +100,8 @@ LOCALES = {
 }  # fmt: skip
 
 
-def create_reference_elems() -> dict[str, Any]:
-    """The reference controls, created unrendered: they join the train tab's inputs before it is built."""
+def create_elems() -> dict[str, Any]:
+    """The new controls, created unrendered: they join the train tab's inputs before it is built."""
     import gradio as gr
 
     return dict(
@@ -114,37 +117,56 @@ def create_reference_elems() -> dict[str, Any]:
     )
 
 
-def render_reference_elems(elems: dict[str, Any]) -> dict[str, Any]:
-    """Place the controls in two accordions of the train tab; returns them with the accordions."""
+def render_elems(elems: dict[str, Any]) -> dict[str, Any]:
+    """Render the controls in two accordions; returns them with the accordions (SFT-GO's starts hidden)."""
     import gradio as gr
 
     with gr.Accordion(open=False) as ref_tab:
         with gr.Row():
-            elems["ref_model"].render()
-            elems["track_deviation"].render()
-            elems["precompute_ref_logps"].render()
-
-    with gr.Accordion(open=False) as sft_go_tab:
-        with gr.Row():
-            for name in ("sft_go_grouping", "sft_go_eta", "sft_go_lambda", "sft_go_lambda_schedule",
-                         "sft_go_group_reduction", "sft_go_classifier"):  # fmt: skip
+            for name in ("ref_model", "track_deviation", "precompute_ref_logps"):
                 elems[name].render()
+
+    with gr.Accordion(open=False, visible=False) as sft_go_tab:
+        with gr.Row():
+            for name in elems:
+                if name.startswith("sft_go_"):
+                    elems[name].render()
 
     return dict(ref_tab=ref_tab, sft_go_tab=sft_go_tab, **elems)
 
 
-def add_reference_args(args: dict[str, Any], get: Callable[[str], Any]) -> dict[str, Any]:
+def place_after(anchor: Any, blocks: list[Any]) -> None:
+    """Move rendered ``blocks`` right after ``anchor`` in its container (the layout is read at launch)."""
+    children = anchor.parent.children
+    for block in blocks:
+        block.parent.children.remove(block)
+        block.parent = anchor.parent
+
+    position = children.index(anchor) + 1
+    children[position:position] = blocks
+
+
+def stage_visibility(stage: str, num_stock: int) -> list[Any]:
+    """Visibility updates on a stage change: ``num_stock`` stock RLHF controls that do nothing for the new stages,
+    then the reference accordion (sft and the new stages) and the SFT-GO accordion."""
+    import gradio as gr
+
+    stock = [gr.update(visible=stage not in NEW_STAGES)] * num_stock
+    return [*stock, gr.update(visible=stage in ("sft", *NEW_STAGES)), gr.update(visible=stage == SFT_GO_STAGE)]
+
+
+def add_args(args: dict[str, Any], get: Callable[[str], Any]) -> dict[str, Any]:
     """Complete the train arguments LLaMA-Board built (``get`` reads a UI value by element id)."""
     stage = args["stage"]
     track = stage in ("sft", SFT_GO_STAGE) and bool(get("train.track_deviation"))
     if stage == SFT_GO_STAGE:
-        grouping = get("train.sft_go_grouping")
-        args.update(sft_go_grouping=grouping, sft_go_eta=get("train.sft_go_eta"), sft_go_lambda=get("train.sft_go_lambda"),
-                    sft_go_lambda_schedule=get("train.sft_go_lambda_schedule"),
-                    sft_go_group_reduction=get("train.sft_go_group_reduction"))  # fmt: skip
-        if grouping == "llmlingua2":
+        for name in ("sft_go_grouping", "sft_go_eta", "sft_go_lambda", "sft_go_lambda_schedule"):
+            args[name] = get(f"train.{name}")
+        args["sft_go_group_reduction"] = get("train.sft_go_group_reduction")
+        if args["sft_go_grouping"] == "llmlingua2":
             args["sft_go_classifier"] = (get("train.sft_go_classifier") or "").strip() or None
-    if stage in REFERENCE_SFT_STAGES or track or (stage == SFT_GO_STAGE and get("train.sft_go_grouping") == "rho1"):
+
+    if uses_reference(SimpleNamespace(**{**args, "track_deviation": track})):
         args["pref_beta"] = get("train.pref_beta")
         if track:
             args["track_deviation"] = True

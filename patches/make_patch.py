@@ -117,12 +117,12 @@ def pristine_tree(version: str, dest: str) -> str:
 
 
 def _swap_parser_lists(text: str) -> str:
-    """``FinetuningArguments`` → ``ReferenceSFTFinetuningArguments`` in every ``_*_ARGS = [...]`` list."""
+    """``FinetuningArguments`` → ``PluginFinetuningArguments`` in every ``_*_ARGS = [...]`` list."""
     found = []
 
     def swap(match: re.Match) -> str:
         found.append(match.group(2))
-        return match.group(1) + re.sub(r"\bFinetuningArguments\b", "ReferenceSFTFinetuningArguments", match.group(3))
+        return match.group(1) + re.sub(r"\bFinetuningArguments\b", "PluginFinetuningArguments", match.group(3))
 
     text = re.sub(r"^(\s*(_\w+_ARGS) = )(\[[^\]]*\bFinetuningArguments\b[^\]]*\])", swap, text, flags=re.M)
     missing = set(REQUIRED_LISTS) - set(found)
@@ -133,10 +133,10 @@ def _swap_parser_lists(text: str) -> str:
 
 def _edits() -> dict[str, list[tuple[str, str]]]:
     """File → [(anchor, replacement)]: the native additions, calling into ``llamafactory_minorsft``."""
-    from llamafactory_minorsft import REFERENCE_SFT_STAGES
+    from llamafactory_minorsft import REFERENCE_STAGES
     from llamafactory_minorsft.webui import STAGE_LABELS
 
-    stages = "[" + ", ".join(f'"{stage}"' for stage in REFERENCE_SFT_STAGES) + "]"
+    stages = "[" + ", ".join(f'"{stage}"' for stage in REFERENCE_STAGES) + "]"
     stage_lines = "".join(f'    "{label}": "{stage}",  {MARK}\n' for label, stage in STAGE_LABELS.items())
     last_callback = "    callbacks.append(ReporterCallback(model_args, data_args, finetuning_args, generating_args))  # add to last\n\n"  # noqa: E501
     return {
@@ -144,7 +144,7 @@ def _edits() -> dict[str, list[tuple[str, str]]]:
             (
                 "from .finetuning_args import FinetuningArguments\n",
                 "from .finetuning_args import FinetuningArguments\n"
-                f"from llamafactory_minorsft.hparams import ReferenceSFTFinetuningArguments  {MARK}: new stages + options\n",
+                f"from llamafactory_minorsft.hparams import PluginFinetuningArguments  {MARK}: new stages + options\n",
             ),
         ],
         "train/tuner.py": [
@@ -152,22 +152,22 @@ def _edits() -> dict[str, list[tuple[str, str]]]:
                 "    model_args, data_args, training_args, finetuning_args, generating_args = get_train_args(args)\n\n"
                 "    callbacks.append(LogCallback())\n",
                 "    model_args, data_args, training_args, finetuning_args, generating_args = get_train_args(args)\n"
-                f"    if finetuning_args.uses_reference_sft:  {MARK}: checked before anything loads\n"
-                "        from llamafactory_minorsft.integration import verify_reference_sft_run\n\n"
-                "        verify_reference_sft_run(model_args, data_args, training_args, finetuning_args)\n\n"
+                f"    if finetuning_args.is_plugin_run:  {MARK}: checked before anything loads\n"
+                "        from llamafactory_minorsft.integration import verify_plugin_run\n\n"
+                "        verify_plugin_run(model_args, data_args, training_args, finetuning_args)\n\n"
                 "    callbacks.append(LogCallback())\n",
             ),
             (
                 last_callback + "    if ",
                 last_callback
-                + f"    if finetuning_args.uses_reference_sft:  {MARK}: minorsft, sft_dpo, sft_go, track_deviation\n"
-                "        from llamafactory_minorsft.train.workflow import run_reference_sft\n\n"
-                "        run_reference_sft(model_args, data_args, training_args, finetuning_args, callbacks)\n"
+                + f"    if finetuning_args.is_plugin_run:  {MARK}: minorsft, sft_dpo, sft_go, track_deviation\n"
+                "        from llamafactory_minorsft.train.tuner import run_stage\n\n"
+                "        run_stage(model_args, data_args, training_args, finetuning_args, callbacks)\n"
                 "    elif ",
             ),
             (
                 "        if dist.is_initialized():\n            dist.destroy_process_group()\n",
-                f"        if finetuning_args.uses_reference_sft:  {MARK}: avoids Gloo's exit race, see its docstring\n"
+                f"        if finetuning_args.is_plugin_run:  {MARK}: avoids Gloo's exit race, see its docstring\n"
                 "            from llamafactory_minorsft.train.teardown import shut_down_process_group\n\n"
                 "            shut_down_process_group()\n"
                 "        elif dist.is_initialized():\n            dist.destroy_process_group()\n",

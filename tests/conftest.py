@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from llamafactory_minorsft.tiny import build_tiny_setup, make_instruction_data, write_dataset
+from llamafactory_minorsft.tools.tiny import build_tiny_setup, make_instruction_data, write_dataset
 
 
 VENV_BIN = Path(sys.executable).parent

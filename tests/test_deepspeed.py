@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from conftest import base_config, deepspeed_env, run_cli, step_logs
+from llamafactory_minorsft.train.metrics import COEF_METRICS, DEVIATION_METRICS, GROUP_METRICS
 
 
 DEEPSPEED = Path(__file__).resolve().parents[1] / "examples_yaml" / "deepspeed"
-KEYS = ("loss", "deviation", "rewards", "coef", "logps/policy", "logps/ref")
+KEYS = ("loss", *DEVIATION_METRICS, *COEF_METRICS)
 CASES = {
     "zero3-minorsft-full-ref_model": ("ds_z3_config.json", dict(stage="minorsft", ref_model="REF")),
     "zero3-sft_dpo-lora-precompute": ("ds_z3_config.json", dict(stage="sft_dpo", finetuning_type="lora",
@@ -28,8 +29,8 @@ CASES = {
                                                                sft_go_group_reduction="sample", ref_model="REF",
                                                                precompute_ref_logps=True)),
 }  # fmt: skip
-SFT_KEYS = ("loss", "deviation", "rewards", "logps/policy", "logps/ref")  # no dynamic coefficient
-GO_KEYS = ("loss", "deviation", "group_loss/important", "group_loss/unimportant", "worst_group/important")
+SFT_KEYS = ("loss", *DEVIATION_METRICS)  # no dynamic coefficient
+GO_KEYS = ("loss", "deviation", *GROUP_METRICS)
 
 
 # ZeRO-3 (the paper's set-up) is also checked on every supported LLaMA-Factory version

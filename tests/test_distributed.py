@@ -6,7 +6,7 @@ The torchrun children get the stages from the automatic registration alone.
 import pytest
 
 from conftest import base_config, cli_env, run_cli, step_logs
-from test_stages import assert_same_weights
+from helpers import assert_same_weights
 
 
 @pytest.mark.parametrize("stage", ["minorsft"])

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import base_config, cli_env, run_cli
-from llamafactory_minorsft.tiny import build_model, build_tokenizer
+from llamafactory_minorsft.tools.tiny import build_model, build_tokenizer
 
 
 DEEPSPEED_Z3 = Path(__file__).resolve().parents[1] / "examples_yaml" / "deepspeed" / "ds_z3_config.json"

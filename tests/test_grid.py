@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from conftest import cli_env
-from llamafactory_minorsft.tiny import make_mc_questions
+from llamafactory_minorsft.tools.tiny import make_mc_questions
 
 
 TOOL = str(Path(sys.executable).parent / "llamafactory-minorsft")

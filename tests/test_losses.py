@@ -11,7 +11,7 @@ from llamafactory_minorsft.losses import (
     normalized_log_ratio,
     sft_dpo_loss,
 )
-from llamafactory_minorsft.metrics import metric_means, metric_sums
+from llamafactory_minorsft.train.metrics import COEF_METRICS, DEVIATION_METRICS, coef_sums, deviation_sums, metric_means
 
 
 def make_batch(seed=0, batch=4, length=12, vocab=11, empty_row=None):
@@ -132,7 +132,7 @@ def test_losses_stay_finite_for_huge_log_ratios():
     losses, coef = sft_dpo_loss(policy, ref, m, 0.5)
     assert losses[0].item() == pytest.approx(0.5 * 1e4) and losses[1].item() == 0.0
     # a reference probability 0 (log πref = −inf) leaves the deviation metric and rewards finite
-    means = metric_means(metric_sums(policy.detach(), ref, m, coef, 0.5))
+    means = metric_means(DEVIATION_METRICS, deviation_sums(policy.detach(), ref, m, 0.5))
     assert all(torch.isfinite(torch.tensor(value)) for value in means.values()), means
 
 
@@ -141,13 +141,17 @@ def test_metric_sums_are_eq8_means_over_valid_samples():
     ref = torch.tensor([-12.0, -3.0, 0.0])
     m = torch.tensor([5, 2, 0])  # the third sample has no answer token
     coef = torch.tensor([0.009, 1.1, 0.0])  # the first sample has practically stopped training
-    means = metric_means(metric_sums(policy, ref, m, coef, beta=0.1))
+
+    def sums(part: slice) -> torch.Tensor:
+        return torch.cat([deviation_sums(policy[part], ref[part], m[part], 0.1), coef_sums(coef[part], m[part])])
+
+    names = (*DEVIATION_METRICS, *COEF_METRICS)
+    means = metric_means(names, sums(slice(None)))
     assert means["deviation"] == pytest.approx(((2 / 5) + (-1 / 2)) / 2)
     assert means["rewards"] == pytest.approx(0.1 * (2 - 1) / 2)
     assert means["coef"] == pytest.approx((0.009 + 1.1) / 2)
     assert means["coef_below_0.01"] == pytest.approx(1 / 2)  # of the valid samples only
     assert means["logps/policy"] == pytest.approx(-7.0) and means["logps/ref"] == pytest.approx(-7.5)
     # sums from two halves add up to the sums of the whole batch (accumulation/data-parallel safe)
-    halves = metric_sums(policy[:1], ref[:1], m[:1], coef[:1], 0.1) + metric_sums(policy[1:], ref[1:], m[1:], coef[1:], 0.1)
-    torch.testing.assert_close(halves, metric_sums(policy, ref, m, coef, 0.1))
-    assert metric_means(metric_sums(policy[2:], ref[2:], m[2:], coef[2:], 0.1)) == {}
+    torch.testing.assert_close(sums(slice(0, 1)) + sums(slice(1, None)), sums(slice(None)))
+    assert metric_means(names, sums(slice(2, None))) == {}

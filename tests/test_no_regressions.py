@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 from conftest import cli_env
-from llamafactory_minorsft.tiny import make_instruction_data, write_dataset
+from llamafactory_minorsft.tools.tiny import make_instruction_data, write_dataset
 
 
 RUNNER = r"""

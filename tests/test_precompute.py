@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import base_config, run_cli, step_logs
-from llamafactory_minorsft.tiny import build_model
+from llamafactory_minorsft.tools.tiny import build_model
 
 
 METRICS = ("loss", "deviation", "rewards", "coef", "logps/policy", "logps/ref")

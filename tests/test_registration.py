@@ -29,8 +29,8 @@ def test_explicit_register_is_idempotent_and_trains(tiny, tmp_path):
         llamafactory_minorsft.register()
         from llamafactory.hparams import parser
         from llamafactory.train import tuner
-        from llamafactory_minorsft.hparams import ReferenceSFTFinetuningArguments
-        assert parser._TRAIN_ARGS.count(ReferenceSFTFinetuningArguments) == 1
+        from llamafactory_minorsft.hparams import PluginFinetuningArguments
+        assert parser._TRAIN_ARGS.count(PluginFinetuningArguments) == 1
         assert not hasattr(tuner._training_function.__wrapped__, "__wrapped__"), "wrapped twice"
         tuner.run_exp({config!r})
     """, LLAMAFACTORY_MINORSFT_DISABLE="1")  # fmt: skip

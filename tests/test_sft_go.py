@@ -19,18 +19,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import base_config, run_cli, step_logs
-from llamafactory_minorsft.tiny import build_token_classifier
-from test_sgd_step import encode, step_inputs
+from helpers import answer_token_logps, assert_sgd_step, encode, step_inputs
+from llamafactory_minorsft.tools.tiny import build_token_classifier
+from llamafactory_minorsft.train.metrics import GROUP_METRICS
 
 
 ETA, LAM = 0.5, 0.7
-
-
-def answer_token_logps(model, prompt: list[int], answer: list[int]) -> torch.Tensor:
-    ids = torch.tensor([prompt + answer])
-    logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), dim=-1)
-    targets = ids[0, 1:]
-    return logprobs[torch.arange(targets.numel()), targets][len(prompt) - 1 :]
 
 
 def important_positions(scores: list[float]) -> set[int]:
@@ -93,15 +87,11 @@ def test_one_sgd_step_matches_the_sft_go_gradient(tiny, tmp_path, grouping, redu
     run_cli(config, tmp_path)
     theta0, descent, metrics = expected_sft_go_step(tiny, grouping, reduction)
 
-    trained = dict(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).named_parameters())
-    biggest = max(d.abs().max().item() for d in descent.values())
-    assert biggest > 1e-4
-    for name, theta in theta0.items():
-        torch.testing.assert_close(trained[name].detach().double() - theta, descent[name], rtol=1e-4,
-                                   atol=1e-6 * biggest, msg=name)  # fmt: skip
+    assert_sgd_step(out, theta0, descent)
 
     logged = step_logs(out)[0]
     assert abs(metrics["group_loss/important"] - metrics["group_loss/unimportant"]) > 1e-3  # the groups differ
+    assert set(GROUP_METRICS) <= set(metrics)
     for key, value in metrics.items():
         assert logged[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
     assert ("deviation" in logged) == (grouping == "rho1")  # a reference is loaded only where one is needed
@@ -112,9 +102,9 @@ def test_defaults_follow_the_papers_public_description():
     import llamafactory.hparams  # noqa: F401  (the plugin's hparams import LLaMA-Factory's)
     from transformers import HfArgumentParser
 
-    from llamafactory_minorsft.hparams import ReferenceSFTFinetuningArguments
+    from llamafactory_minorsft.hparams import PluginFinetuningArguments
 
-    (args,) = HfArgumentParser(ReferenceSFTFinetuningArguments).parse_dict({"stage": "sft_go"})
+    (args,) = HfArgumentParser(PluginFinetuningArguments).parse_dict({"stage": "sft_go"})
     assert (args.sft_go_lambda, args.sft_go_lambda_schedule, args.sft_go_lambda_min) == (0.9, "linear", 0.0)
     assert (args.sft_go_group_reduction, args.sft_go_grouping, args.sft_go_eta) == ("batch", "tfidf", 0.5)
 
@@ -191,7 +181,7 @@ def test_llmlingua2_scores_land_on_the_right_tokens(tiny, tmp_path):
     from datasets import Dataset
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForTokenClassification
 
-    from llamafactory_minorsft.train.importance import KeepProbabilityScorer, add_llmlingua2_importance
+    from llamafactory_minorsft.train.sft_go.importance import KeepProbabilityScorer, add_llmlingua2_importance
 
     tokenizer = AutoTokenizer.from_pretrained(tiny.model)
     torch.manual_seed(0)
@@ -221,7 +211,7 @@ def test_llmlingua2_gets_the_real_text_of_chinese_and_mixed_answers(tiny, tmp_pa
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    from llamafactory_minorsft.train.importance import (
+    from llamafactory_minorsft.train.sft_go.importance import (
         KeepProbabilityScorer,
         add_llmlingua2_importance,
         prefix_spans,

@@ -14,21 +14,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import CLI, base_config, cli_env, log_history, run_cli, step_logs
-from llamafactory_minorsft.tiny import make_instruction_data, write_dataset
+from helpers import assert_same_weights, weights
+from llamafactory_minorsft.tools.tiny import make_instruction_data, write_dataset
+from llamafactory_minorsft.train.metrics import COEF_METRICS, DEVIATION_METRICS
 
 
-METRICS = ("deviation", "rewards", "coef", "logps/policy", "logps/ref")
-
-
-def weights(path) -> dict[str, torch.Tensor]:
-    return {k: v.detach() for k, v in AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).named_parameters()}
-
-
-def assert_same_weights(a, b, rtol=1e-5, atol=1e-7):
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=rtol, atol=atol, msg=name)
+METRICS = (*DEVIATION_METRICS, *COEF_METRICS)
 
 
 ACCUMULATION_CASES = {

@@ -1,11 +1,12 @@
-"""Callbacks of the reference-aware workflow."""
+"""Callbacks of this package's workflow."""
 
 import json
 import os
 
 from transformers import TrainerCallback
 
-from ..webui import DEVIATION_LOG
+
+DEVIATION_LOG = "trainer_deviation.jsonl"  # beside LLaMA-Factory's trainer_log.jsonl, read by the live plot
 
 
 class DeviationLogCallback(TrainerCallback):

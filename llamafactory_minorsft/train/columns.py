@@ -6,11 +6,15 @@ after the causal shift, in order) become a (batch, max tokens) tensor padded wit
 ``answer_values`` scatters back onto the answer positions and checks against the labels.
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..losses import IGNORE_INDEX
+
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 
 REF_LOGPS = "ref_logps"  # log πref(y|x) of the sample (precompute_ref_logps)
@@ -64,3 +68,13 @@ def answer_values(padded: torch.Tensor, mask: torch.Tensor, name: str) -> torch.
     values = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     values[mask] = padded[filled].to(mask.device)
     return values
+
+
+def add_reference_columns(dataset: "Dataset", values: dict[str, torch.Tensor], per_token: bool) -> "Dataset":
+    """The ``ref_logps`` column, and with ``per_token`` the ``ref_token_logps`` column (flat values split back
+    into one list per sample)."""
+    dataset = dataset.add_column(REF_LOGPS, values["logps"].tolist())
+    if per_token:
+        per_sample = values["token_logps"].split(values["num_tokens"].tolist())
+        dataset = dataset.add_column(REF_TOKEN_LOGPS, [row.tolist() for row in per_sample])
+    return dataset

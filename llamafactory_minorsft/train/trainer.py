@@ -1,52 +1,32 @@
-"""Trainer of this package's stages: LLaMA-Factory's SFT trainer with a reference model and per-sample losses.
+"""Base trainer of this package's stages: LLaMA-Factory's SFT trainer with an optional reference model.
 
-``CustomSeq2SeqTrainer`` already prepares a ``ref_model`` for DeepSpeed, FSDP or plain accelerate the way
-DPO does; we override ``compute_loss`` (TRL style: log-probs → loss function → metrics) and keep the
-loss normalisation exact under gradient accumulation and data parallelism.
+``CustomSeq2SeqTrainer`` already prepares a ``ref_model`` for DeepSpeed, FSDP or plain accelerate the way DPO
+does. The base adds what every stage shares: the reference forward (or its precomputed columns), the
+normalisation over the global batch, and the metric sums. Each stage's trainer (``minorsft/``, ``sft_go/``,
+``sft/``) implements ``batch_loss`` or its per-sample hook ``sample_losses``, TRL style: log-probs in, loss out.
 """
 
 import gc
+import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 import torch
-from tqdm import tqdm
 from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
-from trl.trainer import disable_dropout_in_model
+from tqdm import tqdm
 from typing_extensions import override
 
-from .. import NEW_STAGES, SFT_GO_STAGE
-from ..losses import IGNORE_INDEX, answer_token_logps, minorsft_loss, sft_dpo_loss, sft_sample_loss
-from ..metrics import COEF_METRICS, DEVIATION_SUMS_SIZE, GROUP_SUMS_SIZE, group_means, group_sums, metric_means, metric_sums
-from ..sft_go import (
-    batch_worst_group,
-    group_losses,
-    rho1_scores,
-    scheduled_lambda,
-    sft_go_objective,
-    tfidf_scores,
-    top_fraction_mask,
-)
-from .columns import EXTRA_COLUMNS, REF_LOGPS, REF_TOKEN_LOGPS, TOKEN_IMPORTANCE, answer_values
+from ..losses import IGNORE_INDEX, answer_token_logps
+from . import reference_cache
+from .columns import EXTRA_COLUMNS, REF_LOGPS, REF_TOKEN_LOGPS, add_reference_columns, answer_values
+from .metrics import DEVIATION_METRICS, deviation_sums, metric_means
 
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from ..hparams import ReferenceSFTFinetuningArguments
-
-
-LOSS_FUNCTIONS = {"minorsft": minorsft_loss, "sft_dpo": sft_dpo_loss}
-
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    """TRL's ``disable_dropout_in_model`` (``nn.Dropout`` modules), plus the attention dropout that Hugging Face
-    attention layers keep as a float attribute (Qwen2, Llama: ``attention_dropout``), which TRL's leaves on.
-    The saved config is untouched."""
-    disable_dropout_in_model(model)
-    for module in model.modules():
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
+    from ..hparams import PluginFinetuningArguments
 
 
 @contextmanager
@@ -65,35 +45,52 @@ def count_answered_samples(batch_samples: list[dict[str, torch.Tensor]]) -> int:
     return sum(int((batch["labels"][:, 1:] != IGNORE_INDEX).any(-1).sum()) for batch in batch_samples)
 
 
-class ReferenceSFTTrainer(CustomSeq2SeqTrainer):
-    r"""SFT trainer for `minorsft`, `sft_dpo`, `sft_go` and `sft` + `track_deviation` / `sft_loss_reduction: sample`.
+@dataclass
+class Batch:
+    """What a stage's loss sees of one micro-batch; per-sample tensors have shape (batch,)."""
 
-    Loss normalisation (minorsft, sft_dpo, sft_go, sft with sample reduction): the loss of a micro-batch is Σ_i L_i / N · P, where N is the
-    number of valid samples in the whole global batch (all accumulation steps, all P processes, counted in
+    inputs: dict[str, torch.Tensor]  # the collated batch, with its extra columns
+    labels: torch.Tensor
+    token_logps: torch.Tensor  # log πθ of each answer token, (batch, length − 1)
+    mask: torch.Tensor  # the answer tokens, (batch, length − 1)
+    training: bool
+    stock_loss: Optional[torch.Tensor] = None  # the stock token-mean loss, where ``uses_stock_loss``
+    ref_token_logps: Optional[torch.Tensor] = None  # log πref of each answer token (online, or precomputed for Rho-1)
+    ref_logps: Optional[torch.Tensor] = None  # log πref(y|x), where a reference model is involved
+
+    @property
+    def logps(self) -> torch.Tensor:
+        return self.token_logps.sum(-1)
+
+    @property
+    def num_tokens(self) -> torch.Tensor:
+        return self.mask.sum(-1)
+
+
+class BaseSFTTrainer(CustomSeq2SeqTrainer):
+    r"""The stages' shared trainer.
+
+    Loss normalisation (``per_sample``): the loss of a micro-batch is Σ_i L_i / N · P, where N is the number of
+    valid samples in the whole global batch (all accumulation steps, all P processes, counted in
     ``get_batch_samples``). Gradient accumulation sums the micro-batches and data parallelism averages the
     processes, so the update is that of the mean over the global batch, as one big batch would give.
     """
 
+    per_sample = True  # losses are per-sample means over the global batch; False keeps the stock token mean
+    uses_stock_loss = False  # the stock token-mean loss is computed too (``Batch.stock_loss``)
+    logps_need_grad = True  # False: the answer log-probs only feed metrics
+
     def __init__(
         self,
-        finetuning_args: "ReferenceSFTFinetuningArguments",
+        finetuning_args: "PluginFinetuningArguments",
         ref_model: Optional["PreTrainedModel"] = None,
-        idf: Optional[torch.Tensor] = None,
         **kwargs,
     ) -> None:
         super().__init__(finetuning_args=finetuning_args, **kwargs)
         self.ref_model = self._prepare_reference(ref_model)
-        self.loss_type = finetuning_args.stage  # "minorsft", "sft_dpo", "sft_go", or "sft"
-        if self.loss_type in LOSS_FUNCTIONS:
-            # as LLaMA-Factory's DPO trainer (`disable_dropout=True`): the log-ratio r compares πθ and πref under
-            # the same deterministic forward (r = 0 at the first LoRA step); the reference is always in eval mode
-            disable_dropout(self.model)
-        # per-sample losses averaged over the global batch's samples; plain "sft" keeps the stock token mean
-        self.per_sample = self.loss_type in NEW_STAGES or finetuning_args.sample_mean_sft
         self.beta = finetuning_args.pref_beta
-        self.uses_reference = finetuning_args.needs_reference
-        self.go_args = finetuning_args  # sft_go_* options
-        self.idf = idf  # SFT-GO TF-IDF grouping: idf of every token id over the training answers
+        self.uses_reference = finetuning_args.uses_reference
+        self.needs_token_ref_logps = finetuning_args.needs_token_ref_logps
         if self.per_sample:
             # compute_loss normalises by the global batch itself, so the Trainer must neither divide by the
             # accumulation steps (it does when this is False) nor let the model average the loss.
@@ -101,12 +98,9 @@ class ReferenceSFTTrainer(CustomSeq2SeqTrainer):
 
         self.precomputed_reference = False
         self._num_answered_samples: Optional[torch.Tensor] = None
-        self._train_lambda: Optional[float] = None
         self._stored_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
-        # every process logs the same metric groups, so their all-reduce in ``log`` is collective-safe
-        self._metric_groups = {"deviation": DEVIATION_SUMS_SIZE} if self.uses_reference else {}
-        if self.loss_type == SFT_GO_STAGE:
-            self._metric_groups["groups"] = GROUP_SUMS_SIZE
+        # group → metric names; every process logs the same groups, so their all-reduce in ``log`` is collective-safe
+        self.metric_groups: dict[str, tuple[str, ...]] = {"deviation": DEVIATION_METRICS} if self.uses_reference else {}
 
     def _prepare_reference(self, ref_model: Optional["PreTrainedModel"]) -> Optional[torch.nn.Module]:
         """Prepare the frozen reference as LLaMA-Factory's DPO trainer does: sharded by DeepSpeed or FSDP, else
@@ -147,47 +141,6 @@ class ReferenceSFTTrainer(CustomSeq2SeqTrainer):
         return batch_samples, num_items_in_batch
 
     @torch.no_grad()
-    def compute_reference_logps(self, dataset, desc: str, per_token: bool = False) -> dict[str, torch.Tensor]:
-        """One no-grad pass of the reference over ``dataset`` in order.
-
-        Returns the summed answer log-probs ``logps`` and answer lengths ``num_tokens`` per sample, and with
-        ``per_token`` also ``token_logps``: every answer token's log-prob, flat in sample order. Batched by
-        ``per_device_eval_batch_size`` through the trainer's own (distributed) eval loader; every process
-        returns the values of the whole data set.
-        """
-        dataloader = self.get_eval_dataloader(dataset)
-        logps, num_tokens, token_logps = [], [], []
-        model = self.model  # only used (adapters disabled) when there is no separate reference
-        for batch in tqdm(dataloader, desc=desc, disable=not self.is_local_process_zero()):
-            batch = self._prepare_inputs(batch)
-            labels = batch["labels"]
-            model_inputs = {key: value for key, value in batch.items() if key not in ("labels",) + EXTRA_COLUMNS}
-            batch_token_logps, mask = self.reference_token_logps(model, model_inputs, labels)
-            logps.append(self.accelerator.gather_for_metrics(batch_token_logps.sum(-1)).cpu())
-            num_tokens.append(self.accelerator.gather_for_metrics(mask.sum(-1)).cpu())
-            if per_token:  # rows of different lengths on each process: pad to a common length, then gather
-                padded = self.accelerator.pad_across_processes(batch_token_logps, dim=1)
-                padded_mask = self.accelerator.pad_across_processes(mask.long(), dim=1)
-                gathered = self.accelerator.gather_for_metrics((padded, padded_mask))
-                token_logps += [row[row_mask.bool()].cpu() for row, row_mask in zip(*gathered)]
-
-        values = {"logps": torch.cat(logps)[: len(dataset)], "num_tokens": torch.cat(num_tokens)[: len(dataset)]}
-        if per_token:
-            values["token_logps"] = torch.cat(token_logps[: len(dataset)]) if token_logps else torch.zeros(0)
-        return values
-
-    def release_reference(self) -> None:
-        """Free the reference model once its log-probs are precomputed: training then holds the policy only."""
-        if self.ref_model is not None and hasattr(self.ref_model, "destroy"):
-            self.ref_model.destroy()  # a DeepSpeed engine
-
-        self.ref_model = None
-        self.precomputed_reference = True
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    @torch.no_grad()
     def reference_token_logps(
         self, model: "PreTrainedModel", model_inputs: dict, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,117 +155,145 @@ class ReferenceSFTTrainer(CustomSeq2SeqTrainer):
 
         return answer_token_logps(logits, labels)
 
-    def _reference(self, model, model_inputs: dict, inputs: dict, labels: torch.Tensor, mask: torch.Tensor):
-        """(per-token log πref or None, summed log πref): precomputed columns, or a reference forward."""
-        need_tokens = self.loss_type == SFT_GO_STAGE and self.go_args.sft_go_grouping == "rho1"
+    @torch.no_grad()
+    def compute_reference_logps(self, dataset, desc: str) -> dict[str, torch.Tensor]:
+        """One no-grad pass of the reference over ``dataset`` in order.
+
+        Returns the summed answer log-probs ``logps`` and answer lengths ``num_tokens`` per sample, plus
+        ``token_logps`` (every answer token's log-prob, flat in sample order) where ``needs_token_ref_logps``.
+        Batched by ``per_device_eval_batch_size`` through the trainer's own (distributed) eval loader; every
+        process returns the values of the whole data set.
+        """
+        logps, num_tokens, token_logps = [], [], []
+        for batch in tqdm(self.get_eval_dataloader(dataset), desc=desc, disable=not self.is_local_process_zero()):
+            batch = self._prepare_inputs(batch)
+            model_inputs = {key: value for key, value in batch.items() if key not in ("labels", *EXTRA_COLUMNS)}
+            batch_token_logps, mask = self.reference_token_logps(self.model, model_inputs, batch["labels"])
+            logps.append(self.accelerator.gather_for_metrics(batch_token_logps.sum(-1)).cpu())
+            num_tokens.append(self.accelerator.gather_for_metrics(mask.sum(-1)).cpu())
+            if self.needs_token_ref_logps:  # rows of different lengths per process: pad to one length, gather
+                padded = self.accelerator.pad_across_processes(batch_token_logps, dim=1)
+                padded_mask = self.accelerator.pad_across_processes(mask.long(), dim=1)
+                gathered = self.accelerator.gather_for_metrics((padded, padded_mask))
+                token_logps += [row[row_mask.bool()].cpu() for row, row_mask in zip(*gathered)]
+
+        values = {"logps": torch.cat(logps)[: len(dataset)], "num_tokens": torch.cat(num_tokens)[: len(dataset)]}
+        if self.needs_token_ref_logps:
+            values["token_logps"] = torch.cat(token_logps[: len(dataset)]) if token_logps else torch.zeros(0)
+        return values
+
+    def precompute_reference(self, cache: dict[str, reference_cache.CachedSplit]) -> dict[str, float]:
+        """``precompute_ref_logps``: attach log πref of every split as columns, from ``cache`` or one reference
+        pass per missing split (then cached), switch the loss to them and free the reference model.
+
+        Returns the runtime of each pass.
+        """
+        metrics, columns = {}, {}
+        for split, dataset in reference_cache.dataset_splits(self.train_dataset, self.eval_dataset).items():
+            values = cache[split].values
+            if values is None:
+                start = time.perf_counter()
+                values = self.compute_reference_logps(dataset, desc=f"Reference log-probs ({split})")
+                metrics[f"ref_precompute_{split}_runtime"] = round(time.perf_counter() - start, 4)
+                if self.is_world_process_zero():
+                    reference_cache.save(cache[split].path, values, {"split": split})
+
+            columns[split] = add_reference_columns(dataset, values, self.needs_token_ref_logps)
+
+        self.accelerator.wait_for_everyone()
+        if "train" in columns:
+            self.train_dataset = columns["train"]
+        if "eval" in columns:
+            self.eval_dataset = columns["eval"]
+        elif any(split.startswith("eval_") for split in columns):
+            self.eval_dataset = {split[5:]: dataset for split, dataset in columns.items() if split.startswith("eval_")}
+
+        self.precomputed_reference = True
+        self.release_reference()
+        return metrics
+
+    def release_reference(self) -> None:
+        """Free the reference model: training then holds the policy only."""
+        if self.ref_model is not None and hasattr(self.ref_model, "destroy"):
+            self.ref_model.destroy()  # a DeepSpeed engine
+
+        self.ref_model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _reference(self, model, model_inputs: dict, batch: Batch) -> None:
+        """Fill ``batch.ref_logps`` (and the per-token values): precomputed columns, or a reference forward."""
         if not self.precomputed_reference:
-            ref_token_logps, _ = self.reference_token_logps(model, model_inputs, labels)
-            return ref_token_logps, ref_token_logps.sum(-1)
+            batch.ref_token_logps, _ = self.reference_token_logps(model, model_inputs, batch.labels)
+            batch.ref_logps = batch.ref_token_logps.sum(-1)
+            return
 
-        needed = (REF_LOGPS, REF_TOKEN_LOGPS) if need_tokens else (REF_LOGPS,)
-        if any(name not in inputs for name in needed):
+        needed = (REF_LOGPS, REF_TOKEN_LOGPS) if self.needs_token_ref_logps else (REF_LOGPS,)
+        if any(name not in batch.inputs for name in needed):
             raise RuntimeError("precompute_ref_logps: a batch came without its precomputed reference log-probs.")
-        ref_token_logps = answer_values(inputs[REF_TOKEN_LOGPS], mask, REF_TOKEN_LOGPS) if need_tokens else None
-        return ref_token_logps, inputs[REF_LOGPS].float()
+        if self.needs_token_ref_logps:
+            batch.ref_token_logps = answer_values(batch.inputs[REF_TOKEN_LOGPS], batch.mask, REF_TOKEN_LOGPS)
+        batch.ref_logps = batch.inputs[REF_LOGPS].float()
 
-    def current_lambda(self) -> float:
-        """SFT-GO's λ at this step of training (its schedule runs over ``max_steps``)."""
-        args = self.go_args
-        progress = self.state.global_step / self.state.max_steps if self.state.max_steps else 0.0
-        return scheduled_lambda(args.sft_go_lambda, args.sft_go_lambda_min, args.sft_go_lambda_schedule, progress)
+    def denominator(self, batch: Batch) -> torch.Tensor:
+        """N·P/P: in training the global batch's valid samples per process; in evaluation this batch's."""
+        if batch.training and self._num_answered_samples is not None:
+            return self._num_answered_samples.clamp(min=1) / self.accelerator.num_processes
 
-    def _important_tokens(self, inputs, labels, token_logps, mask, ref_token_logps) -> torch.Tensor:
-        grouping = self.go_args.sft_go_grouping
-        if grouping == "tfidf":
-            scores = tfidf_scores(labels[:, 1:], mask, self.idf)
-        elif grouping == "rho1":
-            scores = rho1_scores(token_logps, ref_token_logps)
-        else:  # llmlingua2: keep-probabilities computed before training
-            if TOKEN_IMPORTANCE not in inputs:
-                raise RuntimeError("sft_go llmlingua2: a batch came without its token importance column.")
-            scores = answer_values(inputs[TOKEN_IMPORTANCE], mask, TOKEN_IMPORTANCE)
+        return (batch.num_tokens > 0).sum().clamp(min=1)
 
-        return top_fraction_mask(scores, mask, self.go_args.sft_go_eta)
+    def sample_losses(self, batch: Batch) -> torch.Tensor:
+        """The hook of per-sample stages: L_i of every sample, shape (batch,), 0 for invalid samples."""
+        raise NotImplementedError
+
+    def batch_loss(self, batch: Batch) -> torch.Tensor:
+        """The loss of a micro-batch: Σ_i L_i / N·P by default (see the class docstring)."""
+        return self.sample_losses(batch).sum() / self.denominator(batch)
 
     @override
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs["labels"]
-        model_inputs = {key: value for key, value in inputs.items() if key not in ("labels",) + EXTRA_COLUMNS}
-        train_eval = "train" if model.training else "eval"
-        if self.loss_type == SFT_GO_STAGE or not self.per_sample:
-            # the stock SFT loss (token mean): untouched for sft + track_deviation, SFT-GO's CE term
+        model_inputs = {key: value for key, value in inputs.items() if key not in ("labels", *EXTRA_COLUMNS)}
+        stock_loss = None
+        if self.uses_stock_loss:
             stock_inputs = {key: value for key, value in inputs.items() if key not in EXTRA_COLUMNS}
-            loss, outputs = super().compute_loss(
+            stock_loss, outputs = super().compute_loss(
                 model, stock_inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
             )
-            logits = outputs.logits if self.loss_type == SFT_GO_STAGE else outputs.logits.detach()
-            token_logps, mask = answer_token_logps(logits, labels)
         else:
             outputs = model(**model_inputs, use_cache=False)
-            token_logps, mask = answer_token_logps(outputs.logits, labels)
 
-        policy_logps, num_tokens = token_logps.sum(-1), mask.sum(-1)
-        ref_token_logps = ref_logps = None
+        logits = outputs.logits if self.logps_need_grad else outputs.logits.detach()
+        token_logps, mask = answer_token_logps(logits, inputs["labels"])
+        batch = Batch(inputs, inputs["labels"], token_logps, mask, model.training, stock_loss)
         if self.uses_reference:
-            ref_token_logps, ref_logps = self._reference(model, model_inputs, inputs, labels, mask)
+            self._reference(model, model_inputs, batch)
 
-        if self.per_sample:  # Σ_i L_i / denominator: the mean over the global batch's valid samples
-            if train_eval == "train" and self._num_answered_samples is not None:
-                denominator = self._num_answered_samples.clamp(min=1) / self.accelerator.num_processes
-            else:  # evaluation: the mean over this batch's valid samples
-                denominator = (num_tokens > 0).sum().clamp(min=1)
-
-        coef = torch.ones_like(policy_logps)
-        if self.loss_type in LOSS_FUNCTIONS:
-            losses, coef = LOSS_FUNCTIONS[self.loss_type](policy_logps, ref_logps, num_tokens, self.beta)
-            loss = losses.sum() / denominator
-        elif self.loss_type == "sft" and self.per_sample:
-            loss = sft_sample_loss(policy_logps, num_tokens).sum() / denominator
-        elif self.loss_type == SFT_GO_STAGE:
-            important = self._important_tokens(inputs, labels, token_logps, mask, ref_token_logps)
-            lam = self.current_lambda()
-            if train_eval == "train":
-                self._train_lambda = lam  # logged as used, not as of the next step
-            groups = group_losses(token_logps, mask, important)
-            if self.go_args.sft_go_group_reduction == "sample":
-                worst = groups.worst.sum() / denominator
-            else:  # each micro-batch of each process is one Group DRO mini-batch, weighted by its valid samples
-                worst = batch_worst_group(token_logps, mask, important) * (num_tokens > 0).sum() / denominator
-            loss = sft_go_objective(loss, worst, lam)
-            self._store_sums(train_eval, "groups", group_sums(*groups[1:], num_tokens))
-
+        loss = self.batch_loss(batch)
         if self.uses_reference:
-            self._store_sums(train_eval, "deviation", metric_sums(policy_logps, ref_logps, num_tokens, coef, self.beta))
+            sums = deviation_sums(batch.logps, batch.ref_logps, batch.num_tokens, self.beta)
+            self.store_metrics("deviation", sums, batch.training)
         return (loss, outputs) if return_outputs else loss
 
-    def _store_sums(self, train_eval: str, group: str, sums: torch.Tensor) -> None:
-        stored = self._stored_sums[train_eval].get(group)
-        self._stored_sums[train_eval][group] = sums if stored is None else stored + sums
+    def store_metrics(self, group: str, sums: torch.Tensor, training: bool) -> None:
+        """Add a micro-batch's sums of one metric group (``metrics``) to those since the last log."""
+        stored = self._stored_sums["train" if training else "eval"]
+        stored[group] = sums if group not in stored else stored[group] + sums
 
     @override
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         r"""Add the means of the stored metrics since the last log (all processes reduced) to ``logs``."""
         train_eval = "train" if "loss" in logs else "eval" if "eval_loss" in logs else None
-        if train_eval is not None and self._metric_groups:
-            stored = self._stored_sums[train_eval]
-            self._stored_sums[train_eval] = {}
-            sums = torch.cat([
-                stored.get(group, torch.zeros(size, dtype=torch.float64)).double().cpu()
-                for group, size in self._metric_groups.items()
-            ]).to(self.accelerator.device)  # fmt: skip
+        if train_eval is not None and self.metric_groups:
+            stored, self._stored_sums[train_eval] = self._stored_sums[train_eval], {}
+            sums = [stored.get(group, torch.zeros(2 * len(names))) for group, names in self.metric_groups.items()]
+            sums = torch.cat([part.double().cpu() for part in sums]).to(self.accelerator.device)
             if self.accelerator.num_processes > 1:  # one reduce for every metric
                 sums = self.accelerator.reduce(sums, reduction="sum")
 
             prefix = "eval_" if train_eval == "eval" else ""
-            parts = dict(zip(self._metric_groups, sums.cpu().split(list(self._metric_groups.values()))))
-            if "deviation" in parts:
-                means = metric_means(parts["deviation"], prefix=prefix)
-                if self.loss_type not in LOSS_FUNCTIONS:  # no dynamic coefficient in sft / sft_go
-                    means = {key: value for key, value in means.items() if key[len(prefix) :] not in COEF_METRICS}
-                logs.update(means)
-            if "groups" in parts:
-                logs.update(group_means(parts["groups"], prefix=prefix))
-                if train_eval == "train" and self._train_lambda is not None:
-                    logs["sft_go_lambda"] = self._train_lambda
+            parts = sums.cpu().split([2 * len(names) for names in self.metric_groups.values()])
+            for names, part in zip(self.metric_groups.values(), parts):
+                logs.update(metric_means(names, part, prefix))
 
         return super().log(logs, *args, **kwargs)

@@ -1,12 +1,15 @@
-"""Workflow of `minorsft`, `sft_dpo`, `sft_go` and `sft` + `track_deviation`, mirroring LLaMA-Factory's sft
-workflow: tokenizer → template → dataset → (SFT-GO importance) → model → reference → trainer → train / eval →
-plots → model card."""
+"""The workflow every stage of this package shares, mirroring LLaMA-Factory's sft workflow: tokenizer → template →
+dataset → (stage preparation) → model → reference → trainer → train / eval → plots → model card.
 
-from typing import TYPE_CHECKING, Optional
+Each stage folder's ``workflow.py`` calls ``run_workflow`` with its trainer and, where it needs one, a preparation
+step between the data set and the model.
+"""
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Optional
 
 from llamafactory.data import SFTDataCollatorWith4DAttentionMask, get_dataset, get_template_and_fix_tokenizer
 from llamafactory.extras.constants import IGNORE_INDEX
-from llamafactory.extras.logging import get_logger
 from llamafactory.extras.misc import calculate_tps
 from llamafactory.extras.ploting import plot_loss
 from llamafactory.hparams import FinetuningArguments, ModelArguments
@@ -15,22 +18,22 @@ from llamafactory.train.sft.metric import ComputeAccuracy, eval_logit_processor
 from llamafactory.train.trainer_utils import create_modelcard_and_push, create_ref_model
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from . import reference_cache
 from .callbacks import DeviationLogCallback
 from .columns import ExtraColumnsCollator
-from .importance import KeepProbabilityScorer, add_llmlingua2_importance, training_idf
-from .precompute import PrecomputedReference
-from .trainer import ReferenceSFTTrainer
 
 
 if TYPE_CHECKING:
     from transformers import Seq2SeqTrainingArguments, TrainerCallback
 
-    from llamafactory.hparams import DataArguments, ModelArguments
+    from llamafactory.hparams import DataArguments
 
-    from ..hparams import ReferenceSFTFinetuningArguments
+    from ..hparams import PluginFinetuningArguments
+    from .trainer import BaseSFTTrainer
 
 
-logger = get_logger(__name__)
+#: prepare(tokenizer, dataset_module, finetuning_args) → extra trainer arguments; may add columns to the splits
+Prepare = Callable[[Any, dict, "PluginFinetuningArguments"], dict[str, Any]]
 
 
 def load_base_model(model_args: "ModelArguments"):
@@ -39,57 +42,33 @@ def load_base_model(model_args: "ModelArguments"):
     return load_model(load_tokenizer(base_args)["tokenizer"], base_args, FinetuningArguments(), is_trainable=False)
 
 
-def prepare_sft_go(tokenizer, dataset_module: dict, finetuning_args) -> dict:
-    """Importance fixed before training: the TF-IDF table, or an LLMLingua-2 column on every split."""
-    grouping = finetuning_args.sft_go_grouping
-    if grouping == "rho1" and finetuning_args.ref_model is None:
-        logger.warning_rank0(
-            "sft_go rho1 without `ref_model`: the initial model is the reference, so every excess loss is 0 until "
-            "the policy moves. Rho-1 uses a reference trained on high-quality data; set `ref_model` to one."
-        )
-    if grouping == "tfidf":
-        if dataset_module.get("train_dataset") is None:
-            raise ValueError("`sft_go_grouping: tfidf` takes its IDF from the training answers: set `do_train: true`.")
-        return {"idf": training_idf(dataset_module["train_dataset"], len(tokenizer))}
-
-    if grouping == "llmlingua2":
-        scorer = KeepProbabilityScorer(finetuning_args.sft_go_classifier)
-        for key in ("train_dataset", "eval_dataset"):
-            split = dataset_module.get(key)
-            if isinstance(split, dict):
-                dataset_module[key] = {name: add_llmlingua2_importance(data, tokenizer, scorer, f"LLMLingua-2 ({name})")
-                                       for name, data in split.items()}  # fmt: skip
-            elif split is not None:
-                dataset_module[key] = add_llmlingua2_importance(split, tokenizer, scorer, f"LLMLingua-2 ({key})")
-        del scorer
-
-    return {}
-
-
-def run_reference_sft(
+def run_workflow(
     model_args: "ModelArguments",
     data_args: "DataArguments",
     training_args: "Seq2SeqTrainingArguments",
-    finetuning_args: "ReferenceSFTFinetuningArguments",
-    callbacks: Optional[list["TrainerCallback"]] = None,
-):
+    finetuning_args: "PluginFinetuningArguments",
+    callbacks: Optional[list["TrainerCallback"]],
+    trainer_class: type["BaseSFTTrainer"],
+    prepare: Optional[Prepare] = None,
+    plot_keys: tuple[str, ...] = (),
+) -> None:
     tokenizer_module = load_tokenizer(model_args)
     tokenizer = tokenizer_module["tokenizer"]
     template = get_template_and_fix_tokenizer(tokenizer, data_args)
     # the stock sft data pipeline: prompt tokens are IGNORE_INDEX, answer tokens are labels
     dataset_module = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
-    go_kwargs = prepare_sft_go(tokenizer, dataset_module, finetuning_args) if finetuning_args.stage == "sft_go" else {}
+    stage_kwargs = prepare(tokenizer, dataset_module, finetuning_args) if prepare is not None else {}
     model = load_model(tokenizer, model_args, finetuning_args, training_args.do_train)
-    precomputed = None
+    cache = None
     if finetuning_args.precompute_ref_logps:  # a cache hit on every split: no reference model is loaded at all
-        precomputed = PrecomputedReference(model_args, data_args, finetuning_args, dataset_module)
+        cache = reference_cache.look_up(model_args, data_args, finetuning_args, dataset_module)
 
-    ref_model = None  # also when no reference is needed (sft_go with TF-IDF/LLMLingua-2, no deviation tracking)
-    if finetuning_args.needs_reference and (precomputed is None or precomputed.needs_reference_model):
+    ref_model = None
+    if finetuning_args.uses_reference and (cache is None or any(entry.values is None for entry in cache.values())):
         # the initial model (frozen copy; None for LoRA = adapters disabled) or `ref_model`, as DPO does;
         # it is built from `model_name_or_path`, never from a checkpoint we resume from
         ref_model = create_ref_model(model_args, finetuning_args)
-        if ref_model is None and precomputed is not None and is_deepspeed_zero3_enabled():
+        if ref_model is None and cache is not None and is_deepspeed_zero3_enabled():
             # the policy is sharded and not yet wrapped by DeepSpeed when the reference pass runs, so the
             # adapter-disabled policy cannot serve; load the base model for the pass (released afterwards)
             ref_model = load_base_model(model_args)
@@ -104,27 +83,26 @@ def run_reference_sft(
         compute_dtype=model_args.compute_dtype,
         **tokenizer_module,
     )
-    data_collator = ExtraColumnsCollator(data_collator)
 
     metric_module = {}
     if finetuning_args.compute_accuracy:
         metric_module["compute_metrics"] = ComputeAccuracy()
         metric_module["preprocess_logits_for_metrics"] = eval_logit_processor
 
-    trainer = ReferenceSFTTrainer(
+    trainer = trainer_class(
         model=model,
         ref_model=ref_model,
         args=training_args,
         finetuning_args=finetuning_args,
-        data_collator=data_collator,
+        data_collator=ExtraColumnsCollator(data_collator),
         callbacks=[*(callbacks or []), DeviationLogCallback()],
-        **go_kwargs,
+        **stage_kwargs,
         **dataset_module,
         **tokenizer_module,
         **metric_module,
     )
 
-    precompute_metrics = precomputed.attach(trainer) if precomputed is not None else {}
+    precompute_metrics = trainer.precompute_reference(cache) if cache is not None else {}
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         train_result.metrics.update(precompute_metrics)
@@ -138,10 +116,8 @@ def run_reference_sft(
         trainer.save_metrics("train", train_result.metrics)
         trainer.save_state()
         if trainer.is_world_process_zero() and finetuning_args.plot_loss:
-            # training_loss.png as stock sft, plus training_deviation.png (the paper's Fig. 1) and SFT-GO's groups
-            keys = ["loss", "eval_loss", "deviation", "eval_deviation"]
-            if finetuning_args.stage == "sft_go":
-                keys += ["group_loss/important", "group_loss/unimportant", "worst_group/important"]
+            # training_loss.png as stock sft, plus training_deviation.png (the paper's Fig. 1) and the stage's own
+            keys = ["loss", "eval_loss", "deviation", "eval_deviation", *plot_keys]
             plot_loss(training_args.output_dir, keys=keys)
 
     if training_args.do_eval:

@@ -12,9 +12,13 @@ detected and rebuilt.
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
+
+from ..stages import needs_token_ref_logps
 
 
 CACHE_FORMAT = 1  # bump when the stored values or their meaning change
@@ -98,18 +102,78 @@ def load(path: str, num_samples: int, per_token: bool = False) -> Optional[dict[
     return values
 
 
-def save(
-    path: str,
-    logps: torch.Tensor,
-    num_tokens: torch.Tensor,
-    info: dict[str, Any],
-    token_logps: Optional[torch.Tensor] = None,
-) -> None:
-    """Write atomically: a crash mid-write never leaves a file that ``load`` accepts."""
+def save(path: str, values: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+    """Write ``logps``, ``num_tokens`` (and ``token_logps``) atomically: a crash mid-write never leaves a file
+    that ``load`` accepts."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp_path = f"{path}.tmp.{os.getpid()}"
-    values = {"logps": logps.float().cpu(), "num_tokens": num_tokens.long().cpu(), "info": info}
-    if token_logps is not None:
-        values["token_logps"] = token_logps.float().cpu()
-    torch.save(values, tmp_path)
+    stored = {"logps": values["logps"].float().cpu(), "num_tokens": values["num_tokens"].long().cpu(), "info": info}
+    if "token_logps" in values:
+        stored["token_logps"] = values["token_logps"].float().cpu()
+    torch.save(stored, tmp_path)
     os.replace(tmp_path, path)
+
+
+def reference_identity(model_args, data_args, finetuning_args) -> dict[str, Any]:
+    """What the reference log-probs depend on besides the tokenized data."""
+    if finetuning_args.ref_model is not None:
+        model, adapters = finetuning_args.ref_model, finetuning_args.ref_model_adapters
+        quantization = finetuning_args.ref_model_quantization_bit
+    else:  # the initial model; for LoRA the base without adapters
+        adapters = None if finetuning_args.finetuning_type == "lora" else model_args.adapter_name_or_path
+        model, quantization = model_args.model_name_or_path, model_args.quantization_bit
+
+    adapters = adapters if isinstance(adapters, list) or adapters is None else [adapters]
+    return {
+        "model": path_fingerprint(model),
+        "adapters": [path_fingerprint(a) for a in adapters or []],
+        "quantization_bit": quantization,
+        "compute_dtype": str(model_args.compute_dtype),
+        "template": data_args.template,
+        "cutoff_len": data_args.cutoff_len,
+        "per_token": needs_token_ref_logps(finetuning_args),
+    }
+
+
+def dataset_splits(train_dataset, eval_dataset) -> dict[str, Any]:
+    """The data sets of a run by split name: ``train``, ``eval``, or ``eval_<name>`` for a dict of eval sets."""
+    splits = {"train": train_dataset} if train_dataset is not None else {}
+    if isinstance(eval_dataset, dict):
+        splits.update({f"eval_{name}": dataset for name, dataset in eval_dataset.items()})
+    elif eval_dataset is not None:
+        splits["eval"] = eval_dataset
+
+    return splits
+
+
+def _all_processes_agree(flag: bool) -> bool:
+    """True only if ``flag`` is True on every process (a cache hit must be collective, or the pass deadlocks)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+
+    tensor = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return bool(tensor.item())
+
+
+@dataclass
+class CachedSplit:
+    """One split's cache file, and its values when every process found them there."""
+
+    path: str
+    values: Optional[dict[str, torch.Tensor]]
+
+
+def look_up(model_args, data_args, finetuning_args, dataset_module: dict[str, Any]) -> dict[str, CachedSplit]:
+    """The cache entry of every split, looked up before any reference model loads."""
+    identity = reference_identity(model_args, data_args, finetuning_args)
+    cache_dir = finetuning_args.ref_logps_cache_dir or default_cache_dir()
+    per_token = needs_token_ref_logps(finetuning_args)
+    entries = {}
+    splits = dataset_splits(dataset_module.get("train_dataset"), dataset_module.get("eval_dataset"))
+    for split, dataset in splits.items():
+        path = os.path.join(cache_dir, f"{cache_key(identity, dataset)}.pt")
+        cached = load(path, len(dataset), per_token=per_token)
+        entries[split] = CachedSplit(path, cached if _all_processes_agree(cached is not None) else None)
+
+    return entries

@@ -4,19 +4,14 @@ Each run goes through the stock ``llamafactory-cli train`` with an ``examples_ya
 prints the final loss and deviation of each and draws the three deviation curves on one chart (Fig. 1).
 """
 
-import json
 import os
 import shutil
-import subprocess
 import sys
+
+from .runs import final_value, log_history, train
 
 
 RUNS = (("sft", "SFT (track_deviation)"), ("minorsft", "MinorSFT"), ("sft_dpo", "SFT using DPO"))
-
-
-def _final(log_history: list[dict], key: str) -> float:
-    return [entry[key] for entry in log_history if key in entry and "loss" in entry][-1]
-
 
 def run_demo(output_dir: str = "demo_output", examples_dir: str = "examples_yaml/tiny") -> int:
     from .figures import plot_deviation_curves
@@ -27,8 +22,7 @@ def run_demo(output_dir: str = "demo_output", examples_dir: str = "examples_yaml
         shutil.rmtree(tiny_dir, ignore_errors=True)
         build_tiny_setup(tiny_dir, seed=0, num_samples=256)
 
-    cli = os.path.join(os.path.dirname(sys.executable), "llamafactory-cli")
-    histories, rows = {}, []
+    rows = []
     for stage, label in RUNS:
         run_dir = os.path.join(output_dir, f"qwen2_{stage}_tiny")
         overrides = [
@@ -38,16 +32,15 @@ def run_demo(output_dir: str = "demo_output", examples_dir: str = "examples_yaml
         ]
         config = os.path.join(examples_dir, f"qwen2_{stage}_tiny.yaml")
         print(f"[demo] training {label}: llamafactory-cli train {config} {' '.join(overrides)}", flush=True)
-        with open(os.path.join(output_dir, f"{stage}.log"), "w", encoding="utf-8") as log:
-            proc = subprocess.run([cli, "train", config, *overrides], stdout=log, stderr=subprocess.STDOUT)
-        if proc.returncode != 0:
-            print(f"[demo] {label} failed; see {log.name}", file=sys.stderr)
-            return proc.returncode
+        log_path = os.path.join(output_dir, f"{stage}.log")
+        returncode = train(config, log_path, tuple(overrides))
+        if returncode != 0:
+            print(f"[demo] {label} failed; see {log_path}", file=sys.stderr)
+            return returncode
 
-        with open(os.path.join(run_dir, "trainer_state.json"), encoding="utf-8") as f:
-            histories[label] = json.load(f)["log_history"]
+        history = log_history(run_dir)
         plots = ", ".join(os.path.join(run_dir, f"training_{key}.png") for key in ("loss", "deviation"))
-        rows.append((label, _final(histories[label], "loss"), _final(histories[label], "deviation"), plots))
+        rows.append((label, final_value(history, "loss"), final_value(history, "deviation"), plots))
 
     run_dirs = {label: os.path.join(output_dir, f"qwen2_{stage}_tiny") for stage, label in RUNS}
     comparison = plot_deviation_curves(run_dirs, os.path.join(output_dir, "deviation_comparison.png"))

@@ -5,14 +5,9 @@
 - Fig. 2b: best accuracy per method on each eval set.
 """
 
-import json
-import os
 import statistics
-from typing import TYPE_CHECKING
 
-
-if TYPE_CHECKING:
-    from .grid import Run
+from .runs import Run, log_history, step_values
 
 
 def _pyplot():
@@ -31,18 +26,12 @@ def _save(fig, path: str) -> str:
     return path
 
 
-def deviation_points(output_dir: str) -> list[tuple[int, float]]:
-    with open(os.path.join(output_dir, "trainer_state.json"), encoding="utf-8") as f:
-        history = json.load(f)["log_history"]
-    return [(entry["step"], entry["deviation"]) for entry in history if "deviation" in entry and "loss" in entry]
-
-
 def plot_deviation_curves(runs: dict[str, str], path: str) -> str:
     """Fig. 1: one deviation curve per label → run directory."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for label, output_dir in runs.items():
-        points = deviation_points(output_dir)
+        points = step_values(log_history(output_dir), "deviation")
         if points:
             ax.plot(*zip(*points), label=label)
     ax.set_xlabel("step")
@@ -52,7 +41,7 @@ def plot_deviation_curves(runs: dict[str, str], path: str) -> str:
     return _save(fig, path)
 
 
-def plot_best_accuracy(runs: list["Run"], best: dict[str, "Run"], eval_sets: list[str], path: str) -> str:
+def plot_best_accuracy(runs: list[Run], best: dict[str, Run], eval_sets: list[str], path: str) -> str:
     """Fig. 2b: for each eval set, the accuracy of each method's best setting (mean ± std over its seeds)."""
     plt = _pyplot()
     methods = [m for m, run in best.items() if run is not None]
@@ -70,7 +59,7 @@ def plot_best_accuracy(runs: list["Run"], best: dict[str, "Run"], eval_sets: lis
     return _save(fig, path)
 
 
-def plot_accuracy_heatmaps(runs: list["Run"], eval_sets: list[str], path: str) -> str:
+def plot_accuracy_heatmaps(runs: list[Run], eval_sets: list[str], path: str) -> str:
     """Fig. 2a: mean accuracy (over eval sets and seeds) on learning rate × β, one panel per method."""
     plt = _pyplot()
     methods = list(dict.fromkeys(r.method for r in runs))

@@ -5,8 +5,8 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from ..sft_go import map_scores_by_offsets, smooth_idf, spans_from_prefix_ends
-from .columns import TOKEN_IMPORTANCE, answer_tokens
+from ...sft_go import map_scores_by_offsets, smooth_idf, spans_from_prefix_ends
+from ..columns import TOKEN_IMPORTANCE, answer_tokens
 
 
 if TYPE_CHECKING:

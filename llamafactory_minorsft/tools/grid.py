@@ -27,12 +27,12 @@ import json
 import math
 import os
 import statistics
-import subprocess
-import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from typing import Any, Optional
 
 import yaml
+
+from .runs import Run, final_value, log_history, train
 
 
 TOP_KEYS = {"base", "output_dir", "set", "eval", "blocks"}
@@ -41,27 +41,13 @@ EVAL_KEYS = {"files", "prompt", "template", "batch_size"}
 STATUS_FILE = "grid_status.json"
 
 
-@dataclass
-class Run:
-    name: str
-    method: str
-    values: dict[str, Any]  # the grid values of this run
-    config: dict[str, Any]  # the full LLaMA-Factory train config
-    result: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def setting(self) -> tuple:
-        """The grid values without the seed: runs of one setting differ only by seed."""
-        return tuple(sorted((k, v) for k, v in self.values.items() if k != "seed"))
-
-
 def train_option_names() -> set[str]:
     """Every option LLaMA-Factory's train parser accepts (with the plugin's options)."""
     from llamafactory.hparams import DataArguments, GeneratingArguments, ModelArguments, TrainingArguments
 
-    from .hparams import ReferenceSFTFinetuningArguments
+    from ..hparams import PluginFinetuningArguments
 
-    classes = (ModelArguments, DataArguments, TrainingArguments, ReferenceSFTFinetuningArguments, GeneratingArguments)
+    classes = (ModelArguments, DataArguments, TrainingArguments, PluginFinetuningArguments, GeneratingArguments)
     return {f.name for cls in classes for f in fields(cls) if f.init}
 
 
@@ -133,11 +119,6 @@ def load_grid(path: str, output_dir: Optional[str] = None) -> tuple[list[Run], d
     return runs, settings
 
 
-def _final(history: list[dict], key: str) -> Optional[float]:
-    values = [entry[key] for entry in history if key in entry and "loss" in entry]
-    return values[-1] if values else None
-
-
 def run_one(run: Run, settings: dict[str, Any]) -> dict[str, Any]:
     """Train (stock CLI), evaluate, and record the result in ``runs/<name>/grid_status.json``."""
     run_dir = run.config["output_dir"]
@@ -154,16 +135,14 @@ def run_one(run: Run, settings: dict[str, Any]) -> dict[str, Any]:
     with open(config_path, "w", encoding="utf-8") as f:
         yaml.safe_dump(run.config, f)
     print(f"[grid] {run.name}: training", flush=True)
-    cli = os.path.join(os.path.dirname(sys.executable), "llamafactory-cli")
-    with open(os.path.join(run_dir, "grid_train.log"), "w", encoding="utf-8") as log:
-        proc = subprocess.run([cli, "train", config_path], stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        print(f"[grid] {run.name}: training failed, see {log.name}", flush=True)
+    log_path = os.path.join(run_dir, "grid_train.log")
+    if train(config_path, log_path) != 0:
+        print(f"[grid] {run.name}: training failed, see {log_path}", flush=True)
         return {"status": "failed"}
 
-    with open(os.path.join(run_dir, "trainer_state.json"), encoding="utf-8") as f:
-        history = json.load(f)["log_history"]
-    status = {"status": "done", "loss": _final(history, "loss"), "deviation": _final(history, "deviation"), "eval": {}}
+    history = log_history(run_dir)
+    status = {"status": "done", "eval": {}}
+    status.update(loss=final_value(history, "loss"), deviation=final_value(history, "deviation"))
     if settings["eval"].get("files"):
         status["eval"] = evaluate_run(run, settings["eval"])
 
