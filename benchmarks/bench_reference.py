@@ -58,7 +58,7 @@ def worker(config_path: str, result_path: str) -> None:
 
 def make_data(data_dir: str, num_samples: int) -> None:
     """Answers of about 150 tokens: six generated answers joined, so a step does real work."""
-    from llamafactory_minorsft.tiny import make_instruction_data, write_dataset
+    from llamafactory_minorsft.tools.tiny import make_instruction_data, write_dataset
 
     pieces = make_instruction_data(num_samples * 6, seed=5)
     samples = [
@@ -94,7 +94,7 @@ def main() -> None:
     if args.worker:
         return worker(*args.worker)
 
-    from llamafactory_minorsft.tiny import build_tiny_setup
+    from llamafactory_minorsft.tools.tiny import build_tiny_setup
 
     workdir = tempfile.mkdtemp(prefix="minorsft_bench_")
     paths = build_tiny_setup(os.path.join(workdir, "tiny"), seed=0, num_samples=64, **MODEL_SIZE)

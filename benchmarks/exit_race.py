@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import yaml
 
-from llamafactory_minorsft.tiny import build_tiny_setup
+from llamafactory_minorsft.tools.tiny import build_tiny_setup
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))

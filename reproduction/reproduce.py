@@ -67,7 +67,7 @@ def mc_set(task: str, count: int, seed: int) -> list[dict[str, str]]:
 
 
 def as_sft(questions: list[dict[str, str]]) -> list[dict[str, str]]:
-    from llamafactory_minorsft.eval_mc import build_prompt
+    from llamafactory_minorsft.tools.eval_mc import build_prompt
 
     return [{"instruction": build_prompt(q, "ceval"), "input": "", "output": q["answer"]} for q in questions]
 
@@ -89,7 +89,7 @@ def train(config: dict, workdir: str, name: str) -> None:
 
 def prepare(cache: str) -> dict[str, str]:
     """Tokenizer, base model, data sets and the general model (cached: reused when present)."""
-    from llamafactory_minorsft.tiny import build_model, build_tokenizer, write_dataset
+    from llamafactory_minorsft.tools.tiny import build_model, build_tokenizer, write_dataset
 
     paths = {name: os.path.join(cache, name) for name in ("base", "data", "general", "eval")}
     if os.path.exists(os.path.join(paths["general"], "model.safetensors")):
@@ -161,8 +161,8 @@ def main() -> None:
     start = time.time()
     paths = prepare(args.cache)
     grid = write_grid(paths, args.cache, args.output_dir)
-    from llamafactory_minorsft.eval_mc import MultipleChoiceScorer, evaluate_files
-    from llamafactory_minorsft.grid import run_grid
+    from llamafactory_minorsft.tools.eval_mc import MultipleChoiceScorer, evaluate_files
+    from llamafactory_minorsft.tools.grid import run_grid
 
     eval_files = [os.path.join(paths["eval"], f) for f in ("domain_mc.jsonl", "general_mc.jsonl")]
     general = {n: r["accuracy"] for n, r in evaluate_files(MultipleChoiceScorer(paths["general"], "qwen", batch_size=32), eval_files).items()}
