@@ -23,15 +23,15 @@ import time
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MODEL_SIZE = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
-                  num_key_value_heads=4)  # fmt: skip
+MODEL_SIZE = dict(
+    hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4
+)
 
 
 def worker(config_path: str, result_path: str) -> None:
     """Run one training in this process and write its step times and peak RSS."""
-    from transformers import TrainerCallback
-
     from llamafactory.train.tuner import run_exp
+    from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -62,10 +62,13 @@ def make_data(data_dir: str, num_samples: int) -> None:
 
     pieces = make_instruction_data(num_samples * 6, seed=5)
     samples = [
-        {"instruction": pieces[6 * i]["instruction"], "input": "",
-         "output": " ".join(p["output"] for p in pieces[6 * i : 6 * i + 6])}
+        {
+            "instruction": pieces[6 * i]["instruction"],
+            "input": "",
+            "output": " ".join(p["output"] for p in pieces[6 * i : 6 * i + 6]),
+        }
         for i in range(num_samples)
-    ]  # fmt: skip
+    ]
     write_dataset(data_dir, "bench", samples)
 
 
@@ -76,8 +79,12 @@ def run_variant(name: str, config: dict, workdir: str) -> dict:
         json.dump(config, f)
     print(f"[bench] {name} ...", flush=True)
     with open(os.path.join(workdir, f"{name}.log"), "w", encoding="utf-8") as log:
-        subprocess.run([sys.executable, __file__, "--worker", config_path, result_path], stdout=log,
-                       stderr=subprocess.STDOUT, check=True)  # fmt: skip
+        subprocess.run(
+            [sys.executable, __file__, "--worker", config_path, result_path],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            check=True,
+        )
     with open(result_path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -101,12 +108,26 @@ def main() -> None:
     num_samples = args.steps * args.batch_size
     make_data(paths["data"], num_samples)
     base = dict(
-        model_name_or_path=paths["model"], do_train=True, finetuning_type="full", dataset="bench",
-        dataset_dir=paths["data"], template="qwen", cutoff_len=256, overwrite_cache=True, dataloader_num_workers=0,
-        overwrite_output_dir=True, logging_steps=1, save_strategy="no", report_to="none",
-        per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1, learning_rate=1e-4,
-        max_steps=args.steps, pref_beta=0.04, seed=42,
-    )  # fmt: skip
+        model_name_or_path=paths["model"],
+        do_train=True,
+        finetuning_type="full",
+        dataset="bench",
+        dataset_dir=paths["data"],
+        template="qwen",
+        cutoff_len=256,
+        overwrite_cache=True,
+        dataloader_num_workers=0,
+        overwrite_output_dir=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-4,
+        max_steps=args.steps,
+        pref_beta=0.04,
+        seed=42,
+    )
     lora = dict(finetuning_type="lora", lora_target="all", lora_rank=8)
     variants = {
         "sft": dict(stage="sft"),
@@ -122,22 +143,34 @@ def main() -> None:
         order.remove("minorsft_precomputed_full")  # always right after the pass that fills this round's cache
         order.insert(order.index("minorsft_precompute_pass") + 1, "minorsft_precomputed_full")
         for name in order:
-            config = {**base, **variants[name], "output_dir": os.path.join(workdir, "out", name),
-                      "ref_logps_cache_dir": os.path.join(workdir, f"cache{repeat}")}  # fmt: skip
+            config = {
+                **base,
+                **variants[name],
+                "output_dir": os.path.join(workdir, "out", name),
+                "ref_logps_cache_dir": os.path.join(workdir, f"cache{repeat}"),
+            }
             runs[name].append(run_variant(f"{name}.{repeat}", config, workdir))
 
-    median = {name: statistics.median(t for r in rs for t in r["step_times"][args.warmup :]) for name, rs in runs.items()}
+    median = {
+        name: statistics.median(t for r in rs for t in r["step_times"][args.warmup :]) for name, rs in runs.items()
+    }
     peak = {name: max(r["peak_rss_mb"] for r in rs) for name, rs in runs.items()}
-    pass_seconds = statistics.median(r["results"]["ref_precompute_train_runtime"] for r in runs["minorsft_precompute_pass"])
-    assert all("ref_precompute_train_runtime" not in r["results"] for r in runs["minorsft_precomputed_full"]), "no cache hit"
+    pass_seconds = statistics.median(
+        r["results"]["ref_precompute_train_runtime"] for r in runs["minorsft_precompute_pass"]
+    )
+    assert all("ref_precompute_train_runtime" not in r["results"] for r in runs["minorsft_precomputed_full"]), (
+        "no cache hit"
+    )
     sft_epoch = median["sft"] * num_samples / args.batch_size
     weights_mb = os.path.getsize(os.path.join(paths["model"], "model.safetensors")) / 2**20
 
     def row(label, name, time_target, mem_target, baseline="sft"):
         t, m = median[name] / median[baseline], peak[name] / peak[baseline]
         ok = (time_target is None or t <= time_target) and peak[name] <= mem_target(peak[baseline])
-        return (f"| {label} | {median[name]:.3f} | {t:.2f}x | {peak[name]:.0f} | {m:.2f}x "
-                f"| {'met' if ok else '**missed**'} |")  # fmt: skip
+        return (
+            f"| {label} | {median[name]:.3f} | {t:.2f}x | {peak[name]:.0f} | {m:.2f}x "
+            f"| {'met' if ok else '**missed**'} |"
+        )
 
     lines = [
         "# Reference-model overhead benchmark",
@@ -158,7 +191,9 @@ def main() -> None:
         row("plain SFT (full)", "sft", None, lambda b: b),
         row("MinorSFT, online reference (full)", "minorsft_online_full", 1.40, lambda b: b + weights_mb),
         row("MinorSFT, online reference (LoRA)", "minorsft_online_lora", 1.40, lambda b: 1.10 * b),
-        row("MinorSFT, precomputed reference (full, cache hit)", "minorsft_precomputed_full", 1.05, lambda b: 1.05 * b),
+        row(
+            "MinorSFT, precomputed reference (full, cache hit)", "minorsft_precomputed_full", 1.05, lambda b: 1.05 * b
+        ),
         "",
         "Targets: online full ≤ 1.40x step time and ≤ SFT + one copy of the weights "
         f"(+{weights_mb:.0f} MB); online LoRA ≤ 1.40x and ≤ 1.10x; precomputed ≤ 1.05x and ≤ 1.05x.",
@@ -168,7 +203,9 @@ def main() -> None:
         "| variant | median step (s) | step vs SFT (LoRA) | peak RSS (MB) | memory vs SFT (LoRA) | target |",
         "|---|---|---|---|---|---|",
         row("plain SFT (LoRA)", "sft_lora", None, lambda b: b, baseline="sft_lora"),
-        row("MinorSFT, online reference (LoRA)", "minorsft_online_lora", 1.40, lambda b: 1.10 * b, baseline="sft_lora"),
+        row(
+            "MinorSFT, online reference (LoRA)", "minorsft_online_lora", 1.40, lambda b: 1.10 * b, baseline="sft_lora"
+        ),
         "",
         f"Precompute pass (one no-grad reference pass over the {num_samples} training samples, median of runs): "
         f"{pass_seconds:.2f} s, "

@@ -31,13 +31,31 @@ ABORT = "terminate called without an active exception"
 
 def config(paths: dict, stage: str, output_dir: str) -> dict:
     return dict(
-        model_name_or_path=paths["model"], stage=stage, do_train=True, finetuning_type="lora", lora_target="all",
-        pref_beta=0.5, precompute_ref_logps=stage != "sft" or None, ref_logps_cache_dir=f"{output_dir}_cache",
-        dataset="minorsft_demo", dataset_dir=paths["data"], template="qwen", cutoff_len=128, overwrite_cache=True,
-        dataloader_num_workers=0, output_dir=output_dir, overwrite_output_dir=True, logging_steps=1,
-        save_strategy="no", report_to="none", per_device_train_batch_size=2, learning_rate=1e-2, max_steps=3,
-        deepspeed=os.path.join(HERE, "..", "examples_yaml", "deepspeed", "ds_z3_config.json"), seed=42,
-    )  # fmt: skip
+        model_name_or_path=paths["model"],
+        stage=stage,
+        do_train=True,
+        finetuning_type="lora",
+        lora_target="all",
+        pref_beta=0.5,
+        precompute_ref_logps=stage != "sft" or None,
+        ref_logps_cache_dir=f"{output_dir}_cache",
+        dataset="minorsft_demo",
+        dataset_dir=paths["data"],
+        template="qwen",
+        cutoff_len=128,
+        overwrite_cache=True,
+        dataloader_num_workers=0,
+        output_dir=output_dir,
+        overwrite_output_dir=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        max_steps=3,
+        deepspeed=os.path.join(HERE, "..", "examples_yaml", "deepspeed", "ds_z3_config.json"),
+        seed=42,
+    )
 
 
 def run_one(paths: dict, root: str, stage: str, index: int) -> tuple[str, int, bool]:
@@ -48,11 +66,22 @@ def run_one(paths: dict, root: str, stage: str, index: int) -> tuple[str, int, b
     with open(os.path.join(workdir, "config.yaml"), "w", encoding="utf-8") as f:
         yaml.safe_dump(cfg, f)
 
-    env = dict(os.environ, FORCE_TORCHRUN="1", NPROC_PER_NODE="2", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false")  # fmt: skip
+    env = dict(
+        os.environ,
+        FORCE_TORCHRUN="1",
+        NPROC_PER_NODE="2",
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")  # torchrun must be on PATH
-    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "llamafactory-cli"), "train", "config.yaml"],
-                          cwd=workdir, env=env, capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "llamafactory-cli"), "train", "config.yaml"],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     with open(os.path.join(workdir, "stderr.txt"), "w", encoding="utf-8") as f:
         f.write(proc.stderr)
 
@@ -94,6 +123,7 @@ def main() -> None:
     print(text)
     with open(os.path.join(HERE, "EXIT_RACE.md"), "w", encoding="utf-8") as f:
         f.write(text)
+
 
 if __name__ == "__main__":
     main()

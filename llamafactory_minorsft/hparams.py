@@ -225,24 +225,36 @@ class PluginFinetuningArguments(FinetuningArguments, ReferenceArguments, SFTGOAr
                     "adapter-disabled model is no longer the reference. Remove `pissa_init`."
                 )
 
-
     def _check_sft_go(self) -> None:
         if self.stage != SFT_GO_STAGE:
             if self.sft_go_classifier is not None:
-                raise ValueError(f"`sft_go_classifier` is an option of `stage: sft_go`, not `{self.stage}`. Remove it.")
+                raise ValueError(
+                    f"`sft_go_classifier` is an option of `stage: sft_go`, not `{self.stage}`. Remove it."
+                )
             return
 
         checks = [
             ("sft_go_grouping", self.sft_go_grouping in GROUPINGS, f"one of {', '.join(GROUPINGS)}"),
             ("sft_go_eta", _in_range(self.sft_go_eta, 0, 1, True, True), "a fraction strictly between 0 and 1"),
             ("sft_go_lambda", _in_range(self.sft_go_lambda, 0, 1, False, False), "a number in [0, 1]"),
-            ("sft_go_lambda_schedule", self.sft_go_lambda_schedule in LAMBDA_SCHEDULES,
-             f"one of {', '.join(LAMBDA_SCHEDULES)}"),
-            ("sft_go_group_reduction", self.sft_go_group_reduction in GROUP_REDUCTIONS,
-             f"one of {', '.join(GROUP_REDUCTIONS)}"),
-            ("sft_go_lambda_min", _in_range(self.sft_go_lambda_min, 0, self.sft_go_lambda, False, False)
-             if _in_range(self.sft_go_lambda, 0, 1, False, False) else True, "a number in [0, `sft_go_lambda`]"),
-        ]  # fmt: skip
+            (
+                "sft_go_lambda_schedule",
+                self.sft_go_lambda_schedule in LAMBDA_SCHEDULES,
+                f"one of {', '.join(LAMBDA_SCHEDULES)}",
+            ),
+            (
+                "sft_go_group_reduction",
+                self.sft_go_group_reduction in GROUP_REDUCTIONS,
+                f"one of {', '.join(GROUP_REDUCTIONS)}",
+            ),
+            (
+                "sft_go_lambda_min",
+                _in_range(self.sft_go_lambda_min, 0, self.sft_go_lambda, False, False)
+                if _in_range(self.sft_go_lambda, 0, 1, False, False)
+                else True,
+                "a number in [0, `sft_go_lambda`]",
+            ),
+        ]
         for name, ok, wanted in checks:
             if not ok:
                 raise ValueError(f"`{name}` must be {wanted}, got {getattr(self, name)!r}.")
@@ -279,8 +291,11 @@ def _looks_like_local_path(name: str) -> bool:
 
 
 def _check_reference_vocabulary(policy: str, reference: str, trust_remote_code: bool) -> None:
-    """The reference must score the policy's token ids: same vocabulary size, and same tokens where both ship a
-    tokenizer. Reads configs and tokenizers only, never weights."""
+    """Check that the reference scores the policy's token ids.
+
+    The reference must score the policy's token ids: same vocabulary size, and same tokens where both ship a
+    tokenizer. Reads configs and tokenizers only, never weights.
+    """
     if not (os.path.isdir(reference) and os.path.isdir(os.path.expanduser(policy))):
         return  # hub ids are checked by the loader itself
 
@@ -329,8 +344,11 @@ ZERO3_REFERENCE_MIN_DEEPSPEED = "0.17.0"
 
 
 def check_zero3_reference(deepspeed_version: str) -> None:
-    """Refuse a ZeRO-3 reference model on DeepSpeed < 0.17: measured with 0.16.9 (2 processes, CPU), its reference
-    log-probs differed from one process at step 1 (torch 2.7) or were NaN (torch 2.9 and 2.11; stock DPO too)."""
+    """Refuse a ZeRO-3 reference model on DeepSpeed < 0.17.
+
+    Refuse a ZeRO-3 reference model on DeepSpeed < 0.17: measured with 0.16.9 (2 processes, CPU), its reference
+    log-probs differed from one process at step 1 (torch 2.7) or were NaN (torch 2.9 and 2.11; stock DPO too).
+    """
     from packaging.version import Version
 
     if Version(deepspeed_version) < Version(ZERO3_REFERENCE_MIN_DEEPSPEED):
@@ -346,7 +364,9 @@ def _run_label(finetuning_args) -> str:
     """`stage: x`, with the option that sends a `stage: sft` run to this package's workflow."""
     if finetuning_args.stage != "sft":
         return f"`stage: {finetuning_args.stage}`"
-    return "`stage: sft` + " + ("`track_deviation`" if finetuning_args.track_deviation else "`sft_loss_reduction: sample`")
+    return "`stage: sft` + " + (
+        "`track_deviation`" if finetuning_args.track_deviation else "`sft_loss_reduction: sample`"
+    )
 
 
 def verify_plugin_args(model_args, data_args, training_args, finetuning_args, dataset_attrs) -> None:

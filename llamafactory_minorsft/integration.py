@@ -161,9 +161,8 @@ def peek_is_plugin_run(args: dict[str, Any] | list[str]) -> bool:
 
 def _plugin_training_function(tuner, config: dict[str, Any]) -> None:
     """``tuner._training_function`` for this package's runs: same callbacks, our workflows."""
-    from transformers import EarlyStoppingCallback
-
     from llamafactory.train.trainer_utils import get_swanlab_callback
+    from transformers import EarlyStoppingCallback
 
     from .train.teardown import shut_down_process_group
     from .train.tuner import run_stage
@@ -254,8 +253,11 @@ STAGE_HIDDEN_ELEMS = ("pref_ftx", "pref_loss", "reward_model", "ppo_score_norm",
 
 
 def patch_webui_train_tab(train_tab) -> None:
-    """Build the train tab with the new controls among its inputs (preview, start, save and load), placed after
-    the RLHF accordion, and show or hide controls by stage."""
+    """Build the train tab with the new controls, placed and shown by stage.
+
+    Build the train tab with the new controls among its inputs (preview, start, save and load), placed after
+    the RLHF accordion, and show or hide controls by stage.
+    """
     if not _should_patch(train_tab, "create_train_tab"):
         return
 
@@ -286,7 +288,7 @@ def patch_webui_train_tab(train_tab) -> None:
         elem_dict["training_stage"].change(
             lambda label: stage_visibility(TRAINING_STAGES[label], len(hidden)),
             [elem_dict["training_stage"]],
-            [*hidden, elem_dict["ref_tab"], elem_dict["sft_go_tab"]],
+            [*hidden, elem_dict["ref_tab"], elem_dict["sft_go_tab"], elem_dict["track_deviation"]],
             queue=False,
         )
         return elem_dict

@@ -39,7 +39,9 @@ class _TokenLogps(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
         logsumexp = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
         for start in range(0, targets.size(1), chunk_size):
-            logsumexp[:, start : start + chunk_size] = torch.logsumexp(logits[:, start : start + chunk_size].float(), -1)
+            logsumexp[:, start : start + chunk_size] = torch.logsumexp(
+                logits[:, start : start + chunk_size].float(), -1
+            )
 
         picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
         ctx.save_for_backward(logits, targets, logsumexp)
@@ -83,7 +85,7 @@ def answer_token_logps(
 
 
 def answer_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> AnswerLogps:
-    """log π(y_i|x_i) as the SUM over answer tokens (the paper's convention, as in DPO), and m_i."""
+    """Log π(y_i|x_i) as the SUM over answer tokens (the paper's convention, as in DPO), and m_i."""
     token_logps, mask = answer_token_logps(logits, labels, ignore_index)
     return AnswerLogps(token_logps.sum(-1), mask.sum(-1))
 
@@ -97,7 +99,7 @@ def log_ratio(policy_logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tens
 
 
 def floored_ref_logps(ref_logps: torch.Tensor) -> torch.Tensor:
-    """log πref(y|x) in float32, with −inf (a reference probability 0) raised to ``REF_LOGPS_FLOOR``."""
+    """Log πref(y|x) in float32, with −inf (a reference probability 0) raised to ``REF_LOGPS_FLOOR``."""
     return ref_logps.float().nan_to_num(neginf=REF_LOGPS_FLOOR).clamp(min=REF_LOGPS_FLOOR)
 
 
@@ -126,20 +128,17 @@ def minorsft_loss(
 
     Returns ``(losses, coef)`` of shape (batch,); invalid samples (m_i = 0) have loss 0.
     """
-    valid = num_tokens > 0
     coef = 2.0 * torch.sigmoid(-beta * log_ratio(policy_logps, ref_logps).detach())
-    mean_nll = -policy_logps.float() / num_tokens.clamp(min=1)
-    losses = torch.where(valid, coef * mean_nll, torch.zeros_like(mean_nll))
-    return losses, coef
+    return coef * sft_sample_loss(policy_logps, num_tokens), coef
 
 
 def sft_dpo_loss(
     policy_logps: torch.Tensor, ref_logps: torch.Tensor, num_tokens: torch.Tensor, beta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """"SFT using DPO" per-sample loss, Eq. 3:  L_i = −log σ(β·r_i).
+    """Per-sample loss of "SFT using DPO", Eq. 3:  L_i = −log σ(β·r_i).
 
     Its gradient is Eq. 4, −β·σ(−β r_i)·∇θ log πθ(y_i|x_i); the returned coefficient is σ(−β r_i).
-    ``logsigmoid`` keeps it finite for |β·r| in the hundreds.
+    ``logsigmoid`` keeps it finite for |β·r| in the thousands.
 
     Returns ``(losses, coef)`` of shape (batch,); invalid samples (m_i = 0) have loss 0.
     """
@@ -149,7 +148,9 @@ def sft_dpo_loss(
     return losses, torch.sigmoid(-beta * ratio.detach())
 
 
-def normalized_log_ratio(policy_logps: torch.Tensor, ref_logps: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+def normalized_log_ratio(
+    policy_logps: torch.Tensor, ref_logps: torch.Tensor, num_tokens: torch.Tensor
+) -> torch.Tensor:
     """(1/m_i)·r_i, the per-sample term of the deviation metric m_θ of Eq. 8 (0 where m_i = 0).
 
     Eq. 8:  m_θ(x, y) = (1/N) Σ_i (1/m_i) log(πθ(y_i|x_i) / πref(y_i|x_i)), the mean over the N valid

@@ -15,7 +15,8 @@ Tensors are laid out as ``answer_token_logps`` returns them: (batch, length) wit
 """
 
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -35,7 +36,9 @@ def top_fraction_mask(scores: torch.Tensor, mask: torch.Tensor, eta: float) -> t
     finite = torch.finfo(torch.float32).max  # ±inf scores (a reference probability 0) rank as extremes, before padding
     scores = scores.detach().float().nan_to_num(nan=0.0, posinf=finite, neginf=-finite).masked_fill(~mask, -math.inf)
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(order.size(-1), device=order.device).expand_as(order))
+    ranks = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(order.size(-1), device=order.device).expand_as(order)
+    )
     num_important = torch.ceil(eta * mask.sum(-1, keepdim=True).float()).long()
     return (ranks < num_important) & mask
 
@@ -117,13 +120,15 @@ def _group_mean_nll(token_logps: torch.Tensor, group: torch.Tensor, dim=-1) -> t
 
 
 def _worst(imp, has_imp, unimp, has_unimp) -> torch.Tensor:
-    """max over the non-empty groups (an empty group never wins), 0 where both are empty; never NaN."""
+    """Max over the non-empty groups (an empty group never wins), 0 where both are empty; never NaN."""
     worst = torch.maximum(imp.masked_fill(~has_imp, -math.inf), unimp.masked_fill(~has_unimp, -math.inf))
     return worst.masked_fill(~(has_imp | has_unimp), 0.0)
 
 
 def group_losses(token_logps: torch.Tensor, mask: torch.Tensor, important: torch.Tensor) -> GroupLosses:
-    """Each sample's group losses, ``sft_go_group_reduction: sample``: L_g,i is the mean token NLL of sample i's
+    """Each sample's group losses (``sft_go_group_reduction: sample``).
+
+    Each sample's group losses, ``sft_go_group_reduction: sample``: L_g,i is the mean token NLL of sample i's
     tokens in group g, and the worst group term of the sample is max(L_important,i, L_unimportant,i).
 
     An empty group (one answer token, or every token in one group) is left out of the max, so the other group is
@@ -144,7 +149,9 @@ def group_losses(token_logps: torch.Tensor, mask: torch.Tensor, important: torch
 
 
 def batch_worst_group(token_logps: torch.Tensor, mask: torch.Tensor, important: torch.Tensor) -> torch.Tensor:
-    """The worst group term over a whole batch, ``sft_go_group_reduction: batch`` (Group DRO's mini-batch
+    """The worst group term over a whole batch (``sft_go_group_reduction: batch``).
+
+    The worst group term over a whole batch, ``sft_go_group_reduction: batch`` (Group DRO's mini-batch
     procedure): L_g is the mean token NLL of ALL the batch's tokens in group g, and the term is
     max(L_important, L_unimportant). A scalar; 0 for a batch without answer tokens.
     """
@@ -155,9 +162,12 @@ def batch_worst_group(token_logps: torch.Tensor, mask: torch.Tensor, important: 
 
 
 def sft_go_objective(ce: torch.Tensor, worst: torch.Tensor, lam: float) -> torch.Tensor:
-    """SFT-GO's loss L = (1 − λ)·CE + λ·W: CE is the standard SFT loss, the token mean over the batch's answer
+    """SFT-GO's loss L = (1 − λ)·CE + λ·W.
+
+    SFT-GO's loss L = (1 − λ)·CE + λ·W: CE is the standard SFT loss, the token mean over the batch's answer
     tokens (so λ = 0 is exactly stock SFT), and W the worst-group term (``group_losses``/``batch_worst_group``).
-    Its gradient is (1 − λ)·∇CE + λ·∇L_worst."""
+    Its gradient is (1 − λ)·∇CE + λ·∇L_worst.
+    """
     return (1 - lam) * ce + lam * worst
 
 

@@ -1,4 +1,6 @@
-"""LLaMA-Board (``llamafactory-cli webui``) pieces of this package's stages: stage labels, the reference and
+"""LLaMA-Board (``llamafactory-cli webui``) pieces of this package's stages.
+
+LLaMA-Board (``llamafactory-cli webui``) pieces of this package's stages: stage labels, the reference and
 SFT-GO controls and their translations, which controls each stage shows, the arguments they produce, and the
 live deviation plot.
 
@@ -28,25 +30,58 @@ LOCALES = {
         "ja": {"label": "参照モデル（MinorSFT、SFT using DPO、乖離度）"},
     },
     "ref_model": {
-        "en": {"label": "Reference model path", "info": "Empty: the initial model (LoRA: adapters disabled). Beta is set under RLHF configurations."},
-        "ru": {"label": "Путь к эталонной модели", "info": "Пусто: исходная модель (LoRA: адаптеры отключены). Бета задаётся в конфигурациях RLHF."},
-        "zh": {"label": "参考模型路径", "info": "留空：使用初始模型（LoRA：禁用适配器）。Beta 在 RLHF 参数设置中设定。"},
-        "ko": {"label": "참조 모델 경로", "info": "비워 두면 초기 모델 (LoRA: 어댑터 비활성화). 베타는 RLHF 구성에서 설정합니다."},
-        "ja": {"label": "参照モデルのパス", "info": "空欄：初期モデル（LoRA：アダプタ無効）。Beta は RLHF 設定で指定します。"},
+        "en": {
+            "label": "Reference model path",
+            "info": "Empty: the initial model (LoRA: adapters disabled). Beta is set under RLHF configurations.",
+        },
+        "ru": {
+            "label": "Путь к эталонной модели",
+            "info": "Пусто: исходная модель (LoRA: адаптеры отключены). Бета задаётся в конфигурациях RLHF.",
+        },
+        "zh": {
+            "label": "参考模型路径",
+            "info": "留空：使用初始模型（LoRA：禁用适配器）。Beta 在 RLHF 参数设置中设定。",
+        },
+        "ko": {
+            "label": "참조 모델 경로",
+            "info": "비워 두면 초기 모델 (LoRA: 어댑터 비활성화). 베타는 RLHF 구성에서 설정합니다.",
+        },
+        "ja": {
+            "label": "参照モデルのパス",
+            "info": "空欄：初期モデル（LoRA：アダプタ無効）。Beta は RLHF 設定で指定します。",
+        },
     },
     "track_deviation": {
-        "en": {"label": "Track deviation", "info": "Supervised Fine-Tuning and SFT-GO: log the deviation from the reference model."},
-        "ru": {"label": "Отслеживать отклонение", "info": "Для SFT и SFT-GO: записывать отклонение от эталонной модели."},
+        "en": {
+            "label": "Track deviation",
+            "info": "Supervised Fine-Tuning and SFT-GO: log the deviation from the reference model.",
+        },
+        "ru": {
+            "label": "Отслеживать отклонение",
+            "info": "Для SFT и SFT-GO: записывать отклонение от эталонной модели.",
+        },
         "zh": {"label": "记录偏移度", "info": "用于监督微调和 SFT-GO：记录相对参考模型的偏移度。"},
         "ko": {"label": "편차 추적", "info": "지도 미세 조정과 SFT-GO: 참조 모델과의 편차를 기록합니다."},
-        "ja": {"label": "乖離度を記録", "info": "教師ありファインチューニングと SFT-GO：参照モデルからの乖離度を記録します。"},
+        "ja": {
+            "label": "乖離度を記録",
+            "info": "教師ありファインチューニングと SFT-GO：参照モデルからの乖離度を記録します。",
+        },
     },
     "precompute_ref_logps": {
-        "en": {"label": "Precompute reference log-probs", "info": "One reference pass before training, cached; then the reference is released."},
-        "ru": {"label": "Предвычислить log-вероятности эталона", "info": "Один проход эталона до обучения с кэшем; затем эталон выгружается."},
+        "en": {
+            "label": "Precompute reference log-probs",
+            "info": "One reference pass before training, cached; then the reference is released.",
+        },
+        "ru": {
+            "label": "Предвычислить log-вероятности эталона",
+            "info": "Один проход эталона до обучения с кэшем; затем эталон выгружается.",
+        },
         "zh": {"label": "预计算参考模型对数概率", "info": "训练前计算一次并缓存，随后释放参考模型。"},
         "ko": {"label": "참조 로그 확률 사전 계산", "info": "학습 전에 한 번 계산해 캐시하고 참조 모델을 해제합니다."},
-        "ja": {"label": "参照の対数確率を事前計算", "info": "学習前に一度だけ計算してキャッシュし、参照モデルを解放します。"},
+        "ja": {
+            "label": "参照の対数確率を事前計算",
+            "info": "学習前に一度だけ計算してキャッシュし、参照モデルを解放します。",
+        },
     },
     "sft_go_tab": {
         "en": {"label": "SFT-GO (group-optimized SFT)"},
@@ -56,11 +91,26 @@ LOCALES = {
         "ja": {"label": "SFT-GO（グループ最適化 SFT）"},
     },
     "sft_go_grouping": {
-        "en": {"label": "Token grouping", "info": "tfidf: no extra model; rho1: excess loss against the reference; llmlingua2: a token classifier."},
-        "ru": {"label": "Группировка токенов", "info": "tfidf: без доп. модели; rho1: избыточная потеря относительно эталона; llmlingua2: классификатор токенов."},
-        "zh": {"label": "词元分组", "info": "tfidf：无需额外模型；rho1：相对参考模型的超额损失；llmlingua2：词元分类模型。"},
-        "ko": {"label": "토큰 그룹화", "info": "tfidf: 추가 모델 없음; rho1: 참조 대비 초과 손실; llmlingua2: 토큰 분류 모델."},
-        "ja": {"label": "トークンのグループ化", "info": "tfidf：追加モデル不要；rho1：参照に対する超過損失；llmlingua2：トークン分類モデル。"},
+        "en": {
+            "label": "Token grouping",
+            "info": "tfidf: no extra model; rho1: excess loss against the reference; llmlingua2: a token classifier.",
+        },
+        "ru": {
+            "label": "Группировка токенов",
+            "info": "tfidf: без доп. модели; rho1: избыточная потеря относительно эталона; llmlingua2: классификатор токенов.",
+        },
+        "zh": {
+            "label": "词元分组",
+            "info": "tfidf：无需额外模型；rho1：相对参考模型的超额损失；llmlingua2：词元分类模型。",
+        },
+        "ko": {
+            "label": "토큰 그룹화",
+            "info": "tfidf: 추가 모델 없음; rho1: 참조 대비 초과 손실; llmlingua2: 토큰 분류 모델.",
+        },
+        "ja": {
+            "label": "トークンのグループ化",
+            "info": "tfidf：追加モデル不要；rho1：参照に対する超過損失；llmlingua2：トークン分類モデル。",
+        },
     },
     "sft_go_eta": {
         "en": {"label": "Important fraction (η)", "info": "The share of each answer's tokens in the important group."},
@@ -70,11 +120,20 @@ LOCALES = {
         "ja": {"label": "重要トークンの割合 (η)", "info": "各回答のうち重要グループに入るトークンの割合。"},
     },
     "sft_go_lambda": {
-        "en": {"label": "Worst-group weight (λ)", "info": "L = (1 − λ)·CE + λ·max(group losses); the start value of a schedule."},
-        "ru": {"label": "Вес худшей группы (λ)", "info": "L = (1 − λ)·CE + λ·max(потерь групп); начальное значение расписания."},
+        "en": {
+            "label": "Worst-group weight (λ)",
+            "info": "L = (1 − λ)·CE + λ·max(group losses); the start value of a schedule.",
+        },
+        "ru": {
+            "label": "Вес худшей группы (λ)",
+            "info": "L = (1 − λ)·CE + λ·max(потерь групп); начальное значение расписания.",
+        },
         "zh": {"label": "最差组权重 (λ)", "info": "L = (1 − λ)·CE + λ·max(各组损失)；调度的初始值。"},
         "ko": {"label": "최악 그룹 가중치 (λ)", "info": "L = (1 − λ)·CE + λ·max(그룹 손실); 스케줄의 시작 값."},
-        "ja": {"label": "最悪グループの重み (λ)", "info": "L = (1 − λ)·CE + λ·max(グループ損失)；スケジュールの初期値。"},
+        "ja": {
+            "label": "最悪グループの重み (λ)",
+            "info": "L = (1 − λ)·CE + λ·max(グループ損失)；スケジュールの初期値。",
+        },
     },
     "sft_go_lambda_schedule": {
         "en": {"label": "λ schedule", "info": "constant, or decay to 0 over training."},
@@ -84,20 +143,47 @@ LOCALES = {
         "ja": {"label": "λ のスケジュール", "info": "constant、または学習中に 0 まで減衰。"},
     },
     "sft_go_group_reduction": {
-        "en": {"label": "Group losses", "info": "batch: each group's token mean over the batch (Group DRO); sample: per sample, then averaged."},
-        "ru": {"label": "Потери групп", "info": "batch: среднее по токенам группы во всём батче (Group DRO); sample: по каждому примеру, затем среднее."},
-        "zh": {"label": "组损失", "info": "batch：每组在整个批次上的词元平均（Group DRO）；sample：逐样本计算后取平均。"},
-        "ko": {"label": "그룹 손실", "info": "batch: 배치 전체에서 그룹별 토큰 평균 (Group DRO); sample: 샘플별 계산 후 평균."},
-        "ja": {"label": "グループ損失", "info": "batch：バッチ全体でのグループごとのトークン平均（Group DRO）；sample：サンプルごとに計算して平均。"},
+        "en": {
+            "label": "Group losses",
+            "info": "batch: each group's token mean over the batch (Group DRO); sample: per sample, then averaged.",
+        },
+        "ru": {
+            "label": "Потери групп",
+            "info": "batch: среднее по токенам группы во всём батче (Group DRO); sample: по каждому примеру, затем среднее.",
+        },
+        "zh": {
+            "label": "组损失",
+            "info": "batch：每组在整个批次上的词元平均（Group DRO）；sample：逐样本计算后取平均。",
+        },
+        "ko": {
+            "label": "그룹 손실",
+            "info": "batch: 배치 전체에서 그룹별 토큰 평균 (Group DRO); sample: 샘플별 계산 후 평균.",
+        },
+        "ja": {
+            "label": "グループ損失",
+            "info": "batch：バッチ全体でのグループごとのトークン平均（Group DRO）；sample：サンプルごとに計算して平均。",
+        },
     },
     "sft_go_classifier": {
-        "en": {"label": "LLMLingua-2 classifier path", "info": "A local 2-label token-classification model (llmlingua2 grouping only)."},
-        "ru": {"label": "Путь к классификатору LLMLingua-2", "info": "Локальная модель классификации токенов с 2 метками (только llmlingua2)."},
+        "en": {
+            "label": "LLMLingua-2 classifier path",
+            "info": "A local 2-label token-classification model (llmlingua2 grouping only).",
+        },
+        "ru": {
+            "label": "Путь к классификатору LLMLingua-2",
+            "info": "Локальная модель классификации токенов с 2 метками (только llmlingua2).",
+        },
         "zh": {"label": "LLMLingua-2 分类模型路径", "info": "本地二分类词元分类模型（仅用于 llmlingua2 分组）。"},
-        "ko": {"label": "LLMLingua-2 분류 모델 경로", "info": "로컬 2-레이블 토큰 분류 모델 (llmlingua2 그룹화 전용)."},
-        "ja": {"label": "LLMLingua-2 分類モデルのパス", "info": "ローカルの 2 ラベルのトークン分類モデル（llmlingua2 のみ）。"},
+        "ko": {
+            "label": "LLMLingua-2 분류 모델 경로",
+            "info": "로컬 2-레이블 토큰 분류 모델 (llmlingua2 그룹화 전용).",
+        },
+        "ja": {
+            "label": "LLMLingua-2 分類モデルのパス",
+            "info": "ローカルの 2 ラベルのトークン分類モデル（llmlingua2 のみ）。",
+        },
     },
-}  # fmt: skip
+}
 
 
 def create_elems() -> dict[str, Any]:
@@ -147,12 +233,17 @@ def place_after(anchor: Any, blocks: list[Any]) -> None:
 
 
 def stage_visibility(stage: str, num_stock: int) -> list[Any]:
-    """Visibility updates on a stage change: ``num_stock`` stock RLHF controls that do nothing for the new stages,
-    then the reference accordion (sft and the new stages) and the SFT-GO accordion."""
+    """Visibility updates on a stage change.
+
+    Visibility updates on a stage change: ``num_stock`` stock RLHF controls that do nothing for the new stages,
+    then the reference accordion (sft and the new stages), the SFT-GO accordion and `track_deviation` (sft and
+    sft_go: minorsft and sft_dpo always log the deviation).
+    """
     import gradio as gr
 
     stock = [gr.update(visible=stage not in NEW_STAGES)] * num_stock
-    return [*stock, gr.update(visible=stage in ("sft", *NEW_STAGES)), gr.update(visible=stage == SFT_GO_STAGE)]
+    ours = [stage in ("sft", *NEW_STAGES), stage == SFT_GO_STAGE, stage in ("sft", SFT_GO_STAGE)]
+    return [*stock, *(gr.update(visible=visible) for visible in ours)]
 
 
 def add_args(args: dict[str, Any], get: Callable[[str], Any]) -> dict[str, Any]:
@@ -190,7 +281,6 @@ def read_deviation_log(output_dir: str) -> list[dict[str, Any]]:
 def loss_and_deviation_plot(trainer_log: list[dict[str, Any]], deviation_log: list[dict[str, Any]]):
     """LLaMA-Board's live loss plot, with the deviation (Eq. 8) in a second panel below it."""
     import matplotlib.pyplot as plt
-
     from llamafactory.extras.ploting import smooth
 
     plt.close("all")

@@ -58,10 +58,10 @@ def write_report(grid_dir: str, docs_dir: str, general: dict[str, float], minute
         f"(total {minutes:.0f} minutes; {platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}).",
         "",
         "**Setup.** A tiny Qwen2 model (hidden 128, 4 layers, 643k parameters) first gets a *general* ability: SFT "
-        "(5 epochs, lr 1e-3) on 800 generated questions \"Which kind of thing is a <word>?\" in the paper's ceval "
+        '(5 epochs, lr 1e-3) on 800 generated questions "Which kind of thing is a <word>?" in the paper\'s ceval '
         "multiple-choice prompt, answered by a letter. The options (animal, colour, fruit, tool) come in a fixed "
         "order, and the category shows in the word's suffix (-ox, -el, -ap, -ik). It is then fine-tuned on a "
-        "*domain* of 64 questions \"On the star chart, what is the place named <word>?\" with the options metal, "
+        '*domain* of 64 questions "On the star chart, what is the place named <word>?" with the options metal, '
         "river, city, star and their own suffixes (-um, -ar, -os, -is). Nothing in the data forces forgetting: "
         "whether the general ability survives depends on how far tuning moves the model, which is what the "
         "paper's methods limit. "
@@ -85,24 +85,43 @@ def write_report(grid_dir: str, docs_dir: str, general: dict[str, float], minute
         "| method | lr | β | domain acc | general acc | final deviation | final loss |",
         "|---|---|---|---|---|---|---|",
     ]
-    for (method, lr, beta), v in sorted(settings.items(), key=lambda kv: (list(METHODS).index(kv[0][0]), kv[0][1], kv[0][2] or 0)):
+    for (method, lr, beta), v in sorted(
+        settings.items(), key=lambda kv: (list(METHODS).index(kv[0][0]), kv[0][1], kv[0][2] or 0)
+    ):
         mark = " **(best)**" if best[method] == (method, lr, beta) else ""
-        lines.append(f"| {METHODS[method]}{mark} | {lr:g} | {'—' if beta is None else f'{beta:g}'} | "
-                     f"{_mean_std(v['acc_domain_mc'])} | {_mean_std(v['acc_general_mc'])} | "
-                     f"{_mean_std(v['final_deviation'])} | {_mean_std(v['final_loss'])} |")  # fmt: skip
+        lines.append(
+            f"| {METHODS[method]}{mark} | {lr:g} | {'—' if beta is None else f'{beta:g}'} | "
+            f"{_mean_std(v['acc_domain_mc'])} | {_mean_std(v['acc_general_mc'])} | "
+            f"{_mean_std(v['final_deviation'])} | {_mean_std(v['final_loss'])} |"
+        )
 
-    lines += ["", "![Fig. 1](figures/reproduction_fig1_deviation.png)",
-              "![Fig. 2a](figures/reproduction_fig2a_lr_beta.png)",
-              "![Fig. 2b](figures/reproduction_fig2b_best_accuracy.png)", "", "## The paper's claims at this scale", ""]  # fmt: skip
+    lines += [
+        "",
+        "![Fig. 1](figures/reproduction_fig1_deviation.png)",
+        "![Fig. 2a](figures/reproduction_fig2a_lr_beta.png)",
+        "![Fig. 2b](figures/reproduction_fig2b_best_accuracy.png)",
+        "",
+        "## The paper's claims at this scale",
+        "",
+    ]
 
     # Claim 1: at 2x the learning rate, the reference methods deviate less than raw SFT. Eq. 8 is signed; a run
     # that collapsed ends below the reference (negative), so "less" compares the size |m_θ|.
-    lines += ["### 1. Fig. 1: at 2x the learning rate, SFT using DPO and MinorSFT deviate less than raw SFT", "",
-              "Final `deviation` (Eq. 8), mean over seeds. A negative value means the model ended up giving the domain "
-              "answers *less* probability than the reference did, which happens here only in runs that collapsed. "
-              "\"Less\" therefore compares sizes, |deviation|.", "",
-              "| raw SFT lr | raw SFT | reference-method lr | " + " | ".join(
-                  f"{METHODS[m]} β {b:g}" for m in ("sft_dpo", "minorsft") for b in sorted({k[2] for k in settings if k[0] == m})) + " |"]  # fmt: skip
+    lines += [
+        "### 1. Fig. 1: at 2x the learning rate, SFT using DPO and MinorSFT deviate less than raw SFT",
+        "",
+        "Final `deviation` (Eq. 8), mean over seeds. A negative value means the model ended up giving the domain "
+        "answers *less* probability than the reference did, which happens here only in runs that collapsed. "
+        '"Less" therefore compares sizes, |deviation|.',
+        "",
+        "| raw SFT lr | raw SFT | reference-method lr | "
+        + " | ".join(
+            f"{METHODS[m]} β {b:g}"
+            for m in ("sft_dpo", "minorsft")
+            for b in sorted({k[2] for k in settings if k[0] == m})
+        )
+        + " |",
+    ]
     lines.append("|---" * (3 + sum(len({k[2] for k in settings if k[0] == m}) for m in ("sft_dpo", "minorsft"))) + "|")
     less = more = 0
     for lr in sorted({k[1] for k in settings if k[0] == "sft"}):
@@ -115,19 +134,32 @@ def write_report(grid_dir: str, docs_dir: str, general: dict[str, float], minute
                 less, more = less + smaller, more + (not smaller)
                 cells.append(f"{other:.3f} ({'less' if smaller else 'more'})")
         lines.append(f"| {lr:g} | {sft:.3f} | {2 * lr:g} | " + " | ".join(cells) + " |")
-    claim1 = "agrees" if more == 0 else ("does not agree" if less == 0 else f"mixed: less in {less} of {less + more} pairs")
+    claim1 = (
+        "agrees" if more == 0 else ("does not agree" if less == 0 else f"mixed: less in {less} of {less + more} pairs")
+    )
     lines += ["", f"**Verdict: {claim1}.**", ""]
 
     # Claim 2: MinorSFT >= SFT using DPO and >= raw SFT at each method's best setting; a tie is no evidence
-    lines += ["### 2. Fig. 2: at each method's best setting, MinorSFT ≥ SFT using DPO and ≥ raw SFT", "",
-              "| eval set | " + " | ".join(f"{METHODS[m]} ({best[m][1]:g}" + (f", β {best[m][2]:g})" if best[m][2] else ")")
-                                          for m in METHODS) + " |",
-              "|---" * (1 + len(METHODS)) + "|"]  # fmt: skip
+    lines += [
+        "### 2. Fig. 2: at each method's best setting, MinorSFT ≥ SFT using DPO and ≥ raw SFT",
+        "",
+        "| eval set | "
+        + " | ".join(
+            f"{METHODS[m]} ({best[m][1]:g}" + (f", β {best[m][2]:g})" if best[m][2] else ")") for m in METHODS
+        )
+        + " |",
+        "|---" * (1 + len(METHODS)) + "|",
+    ]
     fails = ties = 0
     for e in EVALS + ("mean",):
-        acc = {m: (score(settings[best[m]]) if e == "mean" else statistics.mean(settings[best[m]][f"acc_{e}"])) for m in METHODS}
-        spread = {m: statistics.pstdev(_seed_means(settings[best[m]]) if e == "mean" else settings[best[m]][f"acc_{e}"])
-                  for m in METHODS}  # fmt: skip
+        acc = {
+            m: (score(settings[best[m]]) if e == "mean" else statistics.mean(settings[best[m]][f"acc_{e}"]))
+            for m in METHODS
+        }
+        spread = {
+            m: statistics.pstdev(_seed_means(settings[best[m]]) if e == "mean" else settings[best[m]][f"acc_{e}"])
+            for m in METHODS
+        }
         others = max(acc["sft_dpo"], acc["sft"])
         fails, ties = fails + (acc["minorsft"] < others), ties + (acc["minorsft"] == others)
         lines.append(f"| {e} | " + " | ".join(f"{acc[m]:.3f} ± {spread[m]:.3f}" for m in METHODS) + " |")
@@ -135,8 +167,12 @@ def write_report(grid_dir: str, docs_dir: str, general: dict[str, float], minute
     lines += ["", f"**Verdict: {claim2}.** Differences smaller than the seed spread are not evidence either way.", ""]
 
     # Claim 3: accuracy rises with the learning rate up to a threshold, then falls
-    lines += ["### 3. Each method improves with the learning rate up to a threshold, then degrades", "",
-              "Mean of the two accuracies at each learning rate (the better β):", ""]
+    lines += [
+        "### 3. Each method improves with the learning rate up to a threshold, then degrades",
+        "",
+        "Mean of the two accuracies at each learning rate (the better β):",
+        "",
+    ]
     shapes = []
     for method in METHODS:
         lrs = sorted({k[1] for k in settings if k[0] == method})
@@ -144,17 +180,29 @@ def write_report(grid_dir: str, docs_dir: str, general: dict[str, float], minute
         top = max(curve)
         first, last = curve.index(top), len(curve) - 1 - curve[::-1].index(top)
         rises, falls = first > 0, last < len(curve) - 1
-        shape = ("rises, peaks, then degrades" if rises and falls else
-                 "already at its best at the lowest learning rate, then degrades: no rise seen" if falls else
-                 "still rising at the highest learning rate" if rises else "flat")  # fmt: skip
+        shape = (
+            "rises, peaks, then degrades"
+            if rises and falls
+            else "already at its best at the lowest learning rate, then degrades: no rise seen"
+            if falls
+            else "still rising at the highest learning rate"
+            if rises
+            else "flat"
+        )
         shapes.append(rises and falls)
-        lines.append(f"- {METHODS[method]}: " + " → ".join(f"{lr:g}: {c:.3f}" for lr, c in zip(lrs, curve)) + f" ({shape}).")
+        lines.append(
+            f"- {METHODS[method]}: " + " → ".join(f"{lr:g}: {c:.3f}" for lr, c in zip(lrs, curve)) + f" ({shape})."
+        )
     claim3 = "agrees" if all(shapes) else ("does not agree" if not any(shapes) else "agrees for some methods only")
     lines += ["", f"**Verdict: {claim3}.**", ""]
 
-    lines += ["Why SFT using DPO and MinorSFT can coincide, and more on how this task was chosen: "
-              "[`reproduction/README.md`](../reproduction/README.md).", "",
-              "All runs: `results.md` of the grid, reproduced here.", ""]
+    lines += [
+        "Why SFT using DPO and MinorSFT can coincide, and more on how this task was chosen: "
+        "[`reproduction/README.md`](../reproduction/README.md).",
+        "",
+        "All runs: `results.md` of the grid, reproduced here.",
+        "",
+    ]
     with open(os.path.join(grid_dir, "results.md"), encoding="utf-8") as f:
         lines.append(f.read())
     path = os.path.join(docs_dir, "reproduction.md")

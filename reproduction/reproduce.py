@@ -1,4 +1,4 @@
-"""Small-scale reproduction of arXiv 2408.10642 on this machine (2 CPU cores, about 20 minutes), offline.
+"""Small-scale reproduction of arXiv 2408.10642 on this machine (2 CPU cores, about 10 minutes), offline.
 
 1. A tiny Qwen2 model gets a "general" ability first: SFT on generated "which kind of thing is a <word>?"
    questions in the paper's ceval multiple-choice format, where the category shows in the word's suffix
@@ -27,8 +27,9 @@ import yaml
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL_SIZE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2)  # fmt: skip
+MODEL_SIZE = dict(
+    hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
+)
 SFT_LRS = [1.0e-4, 3.0e-4, 1.0e-3, 3.0e-3]  # from under-learning the domain to wrecking the model
 REFERENCE_LRS = [2 * lr for lr in SFT_LRS]  # the paper: the reference methods peak at twice SFT's learning rate
 BETAS = [0.04, 0.2]
@@ -42,11 +43,15 @@ DOMAIN_EPOCHS = 1.0
 # generalising. The domain has its own question, categories and suffixes. Nothing forces forgetting: whether the
 # general ability survives depends on how far tuning moves the model, which is what the paper's methods limit.
 TASKS = {
-    "general": {"question": "Which kind of thing is a {word}?",
-                "categories": {"animal": "ox", "colour": "el", "fruit": "ap", "tool": "ik"}},
-    "domain": {"question": "On the star chart, what is the place named {word}?",
-               "categories": {"metal": "um", "river": "ar", "city": "os", "star": "is"}},
-}  # fmt: skip
+    "general": {
+        "question": "Which kind of thing is a {word}?",
+        "categories": {"animal": "ox", "colour": "el", "fruit": "ap", "tool": "ik"},
+    },
+    "domain": {
+        "question": "On the star chart, what is the place named {word}?",
+        "categories": {"metal": "um", "river": "ar", "city": "os", "star": "is"},
+    },
+}
 
 
 def stem(rng: random.Random) -> str:
@@ -61,8 +66,13 @@ def mc_set(task: str, count: int, seed: int) -> list[dict[str, str]]:
     for _ in range(count):
         answer = rng.randrange(4)
         word = f"{stem(rng)}-{categories[names[answer]]}"
-        questions.append({"question": TASKS[task]["question"].format(word=word), **dict(zip("ABCD", names)),
-                          "answer": "ABCD"[answer]})  # fmt: skip
+        questions.append(
+            {
+                "question": TASKS[task]["question"].format(word=word),
+                **dict(zip("ABCD", names)),
+                "answer": "ABCD"[answer],
+            }
+        )
     return questions
 
 
@@ -109,33 +119,83 @@ def prepare(cache: str) -> dict[str, str]:
     tokenizer = build_tokenizer(texts + ["system user assistant You are a helpful assistant."], paths["base"])
     build_model(tokenizer, paths["base"], seed=0, **MODEL_SIZE)
     print("[repro] stage 1: general ability", flush=True)
-    train(dict(model_name_or_path=paths["base"], stage="sft", do_train=True, finetuning_type="full",
-               dataset="general", dataset_dir=paths["data"], template="qwen", cutoff_len=160, overwrite_cache=True,
-               output_dir=paths["general"], overwrite_output_dir=True, logging_steps=10, save_strategy="no",
-               report_to="none", per_device_train_batch_size=16, learning_rate=1e-3, num_train_epochs=5.0,
-               lr_scheduler_type="linear", warmup_ratio=0.1, dataloader_num_workers=0, seed=0), cache, "general")  # fmt: skip
+    train(
+        dict(
+            model_name_or_path=paths["base"],
+            stage="sft",
+            do_train=True,
+            finetuning_type="full",
+            dataset="general",
+            dataset_dir=paths["data"],
+            template="qwen",
+            cutoff_len=160,
+            overwrite_cache=True,
+            output_dir=paths["general"],
+            overwrite_output_dir=True,
+            logging_steps=10,
+            save_strategy="no",
+            report_to="none",
+            per_device_train_batch_size=16,
+            learning_rate=1e-3,
+            num_train_epochs=5.0,
+            lr_scheduler_type="linear",
+            warmup_ratio=0.1,
+            dataloader_num_workers=0,
+            seed=0,
+        ),
+        cache,
+        "general",
+    )
     return paths
 
 
 def write_grid(paths: dict[str, str], workdir: str, output_dir: str) -> str:
-    base = dict(model_name_or_path=paths["general"], do_train=True, finetuning_type="full", dataset="domain",
-                dataset_dir=paths["data"], template="qwen", cutoff_len=160, overwrite_cache=True, logging_steps=1,
-                save_strategy="no", report_to="none", per_device_train_batch_size=16, num_train_epochs=DOMAIN_EPOCHS,
-                lr_scheduler_type="linear", warmup_ratio=0.1, dataloader_num_workers=0)  # fmt: skip
+    base = dict(
+        model_name_or_path=paths["general"],
+        do_train=True,
+        finetuning_type="full",
+        dataset="domain",
+        dataset_dir=paths["data"],
+        template="qwen",
+        cutoff_len=160,
+        overwrite_cache=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        per_device_train_batch_size=16,
+        num_train_epochs=DOMAIN_EPOCHS,
+        lr_scheduler_type="linear",
+        warmup_ratio=0.1,
+        dataloader_num_workers=0,
+    )
     with open(os.path.join(workdir, "base.yaml"), "w", encoding="utf-8") as f:
         yaml.safe_dump(base, f)
     grid = dict(
-        base="base.yaml", output_dir=output_dir,
-        eval=dict(files=[os.path.join(paths["eval"], "domain_mc.jsonl"), os.path.join(paths["eval"], "general_mc.jsonl")],
-                  prompt="ceval", batch_size=32),
+        base="base.yaml",
+        output_dir=output_dir,
+        eval=dict(
+            files=[os.path.join(paths["eval"], "domain_mc.jsonl"), os.path.join(paths["eval"], "general_mc.jsonl")],
+            prompt="ceval",
+            batch_size=32,
+        ),
         blocks=[
-            dict(name="sft", set=dict(stage="sft", sft_loss_reduction="sample", track_deviation=True), grid=dict(learning_rate=SFT_LRS, seed=SEEDS)),
-            dict(name="sft_dpo", set=dict(stage="sft_dpo"),
-                 grid=dict(learning_rate=REFERENCE_LRS, pref_beta=BETAS, seed=SEEDS)),
-            dict(name="minorsft", set=dict(stage="minorsft"),
-                 grid=dict(learning_rate=REFERENCE_LRS, pref_beta=BETAS, seed=SEEDS)),
+            dict(
+                name="sft",
+                set=dict(stage="sft", sft_loss_reduction="sample", track_deviation=True),
+                grid=dict(learning_rate=SFT_LRS, seed=SEEDS),
+            ),
+            dict(
+                name="sft_dpo",
+                set=dict(stage="sft_dpo"),
+                grid=dict(learning_rate=REFERENCE_LRS, pref_beta=BETAS, seed=SEEDS),
+            ),
+            dict(
+                name="minorsft",
+                set=dict(stage="minorsft"),
+                grid=dict(learning_rate=REFERENCE_LRS, pref_beta=BETAS, seed=SEEDS),
+            ),
         ],
-    )  # fmt: skip
+    )
     path = os.path.join(workdir, "grid.yaml")
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(grid, f, sort_keys=False)
@@ -165,7 +225,10 @@ def main() -> None:
     from llamafactory_minorsft.tools.grid import run_grid
 
     eval_files = [os.path.join(paths["eval"], f) for f in ("domain_mc.jsonl", "general_mc.jsonl")]
-    general = {n: r["accuracy"] for n, r in evaluate_files(MultipleChoiceScorer(paths["general"], "qwen", batch_size=32), eval_files).items()}
+    general = {
+        n: r["accuracy"]
+        for n, r in evaluate_files(MultipleChoiceScorer(paths["general"], "qwen", batch_size=32), eval_files).items()
+    }
     print(f"[repro] general model before domain tuning: {general}", flush=True)
     code = run_grid(grid)
     minutes = (time.time() - start) / 60

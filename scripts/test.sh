@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set everything up (idempotent) and run the tests on every supported LLaMA-Factory version:
+# Set everything up (idempotent), lint, and run the tests on every supported LLaMA-Factory version:
+#   0. `ruff check` and `ruff format --check` (LLaMA-Factory's rules, see pyproject.toml);
 #   1. the full suite on .venv (LLaMA-Factory 0.9.5, the default stack);
 #   2. the compatibility subset (tests marked `compat`) on .venv-lf-main (main at ff6d4d12e) and .venv-lf-0.9.4.
 # Both run on the two cores with pytest-xdist; PYTEST_WORKERS=0 runs them in one process. Extra arguments go to
@@ -26,8 +27,10 @@ run_pytest() {  # run_pytest VENV [pytest args...]
   PATH="$PWD/$venv/bin:$PATH" HF_HUB_OFFLINE=1 "$venv/bin/python" -m pytest -n "${PYTEST_WORKERS:-2}" "$@"
 }
 
-status=0  # every environment runs even when an earlier one fails; the exit status is the first failure's
-run_pytest .venv "$@" || status=$?
+status=0  # every step runs even when an earlier one fails; the exit status is the first failure's
+echo "[lint] ruff $(.venv/bin/ruff --version | cut -d' ' -f2)"
+{ .venv/bin/ruff check . && .venv/bin/ruff format --check .; } || status=$?
+run_pytest .venv "$@" || { rc=$?; [ "$status" != 0 ] || status=$rc; }
 for version in $COMPAT_VERSIONS; do
   run_pytest ".venv-lf-$version" -m compat "$@" || { rc=$?; [ "$status" != 0 ] || status=$rc; }
 done

@@ -30,8 +30,15 @@ def tiny(tmp_path_factory) -> SimpleNamespace:
         {"instruction": s["instruction"], "input": s["input"], "chosen": s["output"], "rejected": s["output"][::-1]}
         for s in make_instruction_data(8, seed=3)
     ]
-    write_dataset(data_dir, "pairs", pairs, {"ranking": True, "columns": {
-        "prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}})  # fmt: skip
+    write_dataset(
+        data_dir,
+        "pairs",
+        pairs,
+        {
+            "ranking": True,
+            "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"},
+        },
+    )
     return SimpleNamespace(root=root, **paths)
 
 
@@ -77,8 +84,11 @@ def cli_env(**extra) -> dict:
 
 
 def deepspeed_env(**extra) -> dict:
-    """``cli_env`` for a DeepSpeed run. LLaMA-Factory 0.9.4 caps deepspeed at 0.16.9, whose ZeRO-3 reference is wrong
-    (see ``check_zero3_reference``); its stack here has 0.19.8, which its version check accepts only when disabled."""
+    """``cli_env`` for a DeepSpeed run.
+
+    LLaMA-Factory 0.9.4 caps deepspeed at 0.16.9, whose ZeRO-3 reference is wrong (see ``check_zero3_reference``); its
+    stack here has 0.19.8, which its version check accepts only when disabled.
+    """
     from llamafactory.extras.env import VERSION
 
     return cli_env(**({"DISABLE_VERSION_CHECK": "1"} if VERSION == "0.9.4" else {}), **extra)
@@ -99,7 +109,9 @@ def run_cli(config: dict, workdir, *args, check: bool = True, env: dict | None =
         timeout=timeout,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"llamafactory-cli train failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+        raise AssertionError(
+            f"llamafactory-cli train failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+        )
 
     return proc
 

@@ -1,5 +1,8 @@
-"""Test helpers written independently of the package: the float64 log-prob oracle, the exact-SGD-step assertion
-and weight comparisons. Test modules import these, never each other."""
+"""Test helpers written independently of the package.
+
+Test helpers written independently of the package: the float64 log-prob oracle, the exact-SGD-step assertion
+and weight comparisons. Test modules import these, never each other.
+"""
 
 import json
 from pathlib import Path
@@ -32,7 +35,7 @@ def step_inputs(tiny):
 
 
 def answer_token_logps(model, prompt: list[int], answer: list[int]) -> torch.Tensor:
-    """log π of each answer token, from one sample's own forward pass, log-softmax in float64."""
+    """Log π of each answer token, from one sample's own forward pass, log-softmax in float64."""
     ids = torch.tensor([prompt + answer])
     logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), dim=-1)
     targets = ids[0, 1:]

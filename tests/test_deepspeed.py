@@ -18,33 +18,53 @@ DEEPSPEED = Path(__file__).resolve().parents[1] / "examples_yaml" / "deepspeed"
 KEYS = ("loss", *DEVIATION_METRICS, *COEF_METRICS)
 CASES = {
     "zero3-minorsft-full-ref_model": ("ds_z3_config.json", dict(stage="minorsft", ref_model="REF")),
-    "zero3-sft_dpo-lora-precompute": ("ds_z3_config.json", dict(stage="sft_dpo", finetuning_type="lora",
-                                                                 lora_target="all", precompute_ref_logps=True)),
+    "zero3-sft_dpo-lora-precompute": (
+        "ds_z3_config.json",
+        dict(stage="sft_dpo", finetuning_type="lora", lora_target="all", precompute_ref_logps=True),
+    ),
     "zero2-minorsft-full": ("ds_z2_config.json", dict(stage="minorsft")),
     # Eq. 5's sample mean: the global sample count, not each process's own
     "zero2-sft-sample": ("ds_z2_config.json", dict(stage="sft", sft_loss_reduction="sample", track_deviation=True)),
     # SFT-GO Rho-1: per-token reference log-probs gathered across processes (rows of different lengths); `sample`
     # group losses, exact across processes (`batch` makes each process's micro-batch its own Group DRO mini-batch)
-    "zero2-sft_go-rho1-precompute": ("ds_z2_config.json", dict(stage="sft_go", sft_go_grouping="rho1",
-                                                               sft_go_group_reduction="sample", ref_model="REF",
-                                                               precompute_ref_logps=True)),
-}  # fmt: skip
+    "zero2-sft_go-rho1-precompute": (
+        "ds_z2_config.json",
+        dict(
+            stage="sft_go",
+            sft_go_grouping="rho1",
+            sft_go_group_reduction="sample",
+            ref_model="REF",
+            precompute_ref_logps=True,
+        ),
+    ),
+}
 SFT_KEYS = ("loss", *DEVIATION_METRICS)  # no dynamic coefficient
 GO_KEYS = ("loss", "deviation", *GROUP_METRICS)
 
 
 # ZeRO-3 (the paper's set-up) is also checked on every supported LLaMA-Factory version
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.compat) if c.startswith("zero3") else c for c in CASES])
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.compat) if c.startswith("zero3") else c for c in CASES]
+)
 def test_deepspeed_two_processes_match_one(tiny, tmp_path, case):
     ds_config, overrides = CASES[case]
     overrides = {k: (tiny.ref_model if v == "REF" else v) for k, v in overrides.items()}
-    common = dict(dataset="minorsft_demo", cutoff_len=128, max_steps=3, learning_rate=1e-2, disable_shuffling=True,
-                  ref_logps_cache_dir=str(tmp_path / "cache"), **overrides)  # fmt: skip
+    common = dict(
+        dataset="minorsft_demo",
+        cutoff_len=128,
+        max_steps=3,
+        learning_rate=1e-2,
+        disable_shuffling=True,
+        ref_logps_cache_dir=str(tmp_path / "cache"),
+        **overrides,
+    )
     # one process, batch 4, and (for the precompute case) the online reference
     single = {**common, "precompute_ref_logps": None}
     run_cli(base_config(tiny, tmp_path / "single", **single), tmp_path / "single_run")
     run_cli(
-        base_config(tiny, tmp_path / "ds", per_device_train_batch_size=2, deepspeed=str(DEEPSPEED / ds_config), **common),
+        base_config(
+            tiny, tmp_path / "ds", per_device_train_batch_size=2, deepspeed=str(DEEPSPEED / ds_config), **common
+        ),
         tmp_path / "ds_run",
         env=deepspeed_env(FORCE_TORCHRUN="1", NPROC_PER_NODE="2"),
     )

@@ -13,10 +13,20 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_demo_prints_the_table_and_writes_the_plots(tmp_path):
     out = tmp_path / "demo_output"
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "llamafactory-minorsft"), "demo", "--output-dir", str(out),
-         "--examples-dir", str(ROOT / "examples_yaml" / "tiny")],
-        cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        [
+            str(Path(sys.executable).parent / "llamafactory-minorsft"),
+            "demo",
+            "--output-dir",
+            str(out),
+            "--examples-dir",
+            str(ROOT / "examples_yaml" / "tiny"),
+        ],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for label in ("SFT (track_deviation)", "MinorSFT", "SFT using DPO"):
         row = next(line for line in proc.stdout.splitlines() if line.startswith(f"| {label} "))

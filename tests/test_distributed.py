@@ -12,7 +12,9 @@ from helpers import assert_same_weights
 @pytest.mark.parametrize("stage", ["minorsft"])
 def test_two_processes_equal_one_big_batch(tiny, tmp_path, stage):
     single = base_config(tiny, tmp_path / "single", stage=stage, ref_model=tiny.ref_model)
-    double = base_config(tiny, tmp_path / "double", stage=stage, ref_model=tiny.ref_model, per_device_train_batch_size=2)
+    double = base_config(
+        tiny, tmp_path / "double", stage=stage, ref_model=tiny.ref_model, per_device_train_batch_size=2
+    )
     run_cli(single, tmp_path / "single_run")
     run_cli(double, tmp_path / "double_run", env=cli_env(FORCE_TORCHRUN="1", NPROC_PER_NODE="2"))
     assert_same_weights(tmp_path / "single", tmp_path / "double")

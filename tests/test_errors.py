@@ -26,8 +26,10 @@ CASES = {
     "track_deviation_on_pt": (dict(stage="pt", track_deviation=True), "`track_deviation` means nothing"),
     "sft_go_no_classifier": (dict(stage="sft_go", sft_go_grouping="llmlingua2"), "needs `sft_go_classifier`"),
     "pad_tokens_in_loss": (dict(ignore_pad_token_for_loss=False), "`ignore_pad_token_for_loss: false` cannot"),
-    "pad_tokens_tracked_sft": (dict(stage="sft", track_deviation=True, ignore_pad_token_for_loss=False),
-                               "`stage: sft` + `track_deviation`: pad tokens"),
+    "pad_tokens_tracked_sft": (
+        dict(stage="sft", track_deviation=True, ignore_pad_token_for_loss=False),
+        "`stage: sft` + `track_deviation`: pad tokens",
+    ),
     "sft_go_rho1_without_ref_model": (dict(stage="sft_go", sft_go_grouping="rho1"), "`sft_go_grouping: rho1` needs"),
     "sft_go_group_reduction": (dict(stage="sft_go", sft_go_group_reduction="token"), "`sft_go_group_reduction` must"),
     "sft_loss_reduction_on_minorsft": (dict(sft_loss_reduction="sample"), "`sft_loss_reduction` is an option of"),
@@ -88,22 +90,39 @@ def test_flash_attention_2_on_transformers_5_6_0_is_refused_before_the_model_loa
 
 
 def test_zero3_reference_on_deepspeed_0_16_is_refused_before_the_model_loads(tiny, tmp_path):
-    """The real deepspeed 0.16.9 (LLaMA-Factory 0.9.4's cap), installed beside this environment's, with ZeRO-3 and a
-    reference model: refused early, on every process. Run on the default stack, whose LLaMA-Factory has no cap."""
+    """A ZeRO-3 reference on deepspeed 0.16.9 is refused before the model loads.
+
+    The real deepspeed 0.16.9 (LLaMA-Factory 0.9.4's cap), installed beside this environment's, with ZeRO-3 and a
+    reference model: refused early, on every process. Run on the default stack, whose LLaMA-Factory has no cap.
+    """
     from llamafactory.extras.env import VERSION
 
     if VERSION != "0.9.5":
         pytest.skip("run on the default stack (LLaMA-Factory 0.9.4 caps deepspeed itself)")
     target = tmp_path / "deepspeed-0.16.9"
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target),
-           "deepspeed==0.16.9"]  # fmt: skip
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "--target",
+        str(target),
+        "deepspeed==0.16.9",
+    ]
     assert subprocess.run(pip, capture_output=True, text=True).returncode == 0
     out = tmp_path / "out"
     config = base_config(tiny, out, per_device_train_batch_size=2, deepspeed=str(DEEPSPEED_Z3))
     # DeepSpeed JIT-builds its CPU shm op into one cache per torch build, whatever its own version: 0.16.9's op there
     # makes a concurrent 0.19.8 run fail with "no attribute 'vector_kernel_level'", so it builds into its own
-    env = cli_env(PYTHONPATH=str(target), FORCE_TORCHRUN="1", NPROC_PER_NODE="2",
-                  TORCH_EXTENSIONS_DIR=str(tmp_path / "torch_extensions"))  # fmt: skip
+    env = cli_env(
+        PYTHONPATH=str(target),
+        FORCE_TORCHRUN="1",
+        NPROC_PER_NODE="2",
+        TORCH_EXTENSIONS_DIR=str(tmp_path / "torch_extensions"),
+    )
     proc = run_cli(config, tmp_path / "run", check=False, env=env)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0

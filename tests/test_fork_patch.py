@@ -1,6 +1,9 @@
-"""The fork patches: all three up to date with the plugin; the one of the installed LLaMA-Factory applies to its
+"""The fork patches: up to date, and training with the plugin's hooks off.
+
+The fork patches: all three up to date with the plugin; the one of the installed LLaMA-Factory applies to its
 pristine tree and trains with the plugin's automatic registration off, so that the patched LLaMA-Factory code path
-is the one that runs (``scripts/test.sh`` runs this on every supported version)."""
+is the one that runs (``scripts/test.sh`` runs this on every supported version).
+"""
 
 import os
 import shutil
@@ -23,8 +26,13 @@ INSTALLED = make_patch.installed_version()
 
 def test_committed_patches_are_what_the_generator_makes(tmp_path):
     """All three, against their pristine trees: the releases' wheels and the main source archive."""
-    proc = subprocess.run([sys.executable, str(PATCHES / "make_patch.py"), "--check"], capture_output=True, text=True,
-                          env=cli_env(LLAMAFACTORY_MINORSFT_DISABLE="1"), cwd=tmp_path)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(PATCHES / "make_patch.py"), "--check"],
+        capture_output=True,
+        text=True,
+        env=cli_env(LLAMAFACTORY_MINORSFT_DISABLE="1"),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -50,16 +58,27 @@ def fork_env(tree: Path) -> dict:
 def test_patched_tree_runs_minorsft_with_the_plugin_hooks_off(tiny, tmp_path, patched_tree):
     env = fork_env(patched_tree)
     probe = subprocess.run(
-        [sys.executable, "-c", "import llamafactory.train.tuner as t, llamafactory.extras.constants as c; "
-         "print(t.__file__); print(getattr(t, '_minorsft_patched', False)); print(c.TRAINING_STAGES['MinorSFT'])"],
-        env=env, capture_output=True, text=True, cwd=tmp_path,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import llamafactory.train.tuner as t, llamafactory.extras.constants as c; "
+            "print(t.__file__); print(getattr(t, '_minorsft_patched', False)); print(c.TRAINING_STAGES['MinorSFT'])",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert probe.returncode == 0, probe.stderr[-3000:]
     tuner_file, hooked, stage = probe.stdout.split()
     assert tuner_file.startswith(str(patched_tree)) and hooked == "False" and stage == "minorsft"
 
     out = tmp_path / "out"
-    run_cli(base_config(tiny, out, dataset="minorsft_demo", cutoff_len=128, max_steps=2, learning_rate=1e-2), tmp_path, env=env)
+    run_cli(
+        base_config(tiny, out, dataset="minorsft_demo", cutoff_len=128, max_steps=2, learning_rate=1e-2),
+        tmp_path,
+        env=env,
+    )
     logs = step_logs(out)
     assert len(logs) == 2 and all("deviation" in entry and "coef" in entry for entry in logs)
 

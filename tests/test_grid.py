@@ -35,21 +35,38 @@ def write_mc(tmp_path):
 
 
 def write_grid(tiny, tmp_path, **extra) -> Path:
-    base = dict(model_name_or_path=tiny.model, do_train=True, finetuning_type="full", dataset="minorsft_demo",
-                dataset_dir=tiny.data, template="qwen", cutoff_len=128, overwrite_cache=True, logging_steps=1,
-                save_strategy="no", report_to="none", per_device_train_batch_size=4, max_steps=3,
-                dataloader_num_workers=0)  # fmt: skip
+    base = dict(
+        model_name_or_path=tiny.model,
+        do_train=True,
+        finetuning_type="full",
+        dataset="minorsft_demo",
+        dataset_dir=tiny.data,
+        template="qwen",
+        cutoff_len=128,
+        overwrite_cache=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        per_device_train_batch_size=4,
+        max_steps=3,
+        dataloader_num_workers=0,
+    )
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     grid = dict(
-        base="base.yaml", output_dir=str(tmp_path / "grid_out"),
+        base="base.yaml",
+        output_dir=str(tmp_path / "grid_out"),
         eval=dict(files=["domain_mc.jsonl", "general_mc.csv"], prompt="ceval"),
-        blocks=[dict(name="sft", set=dict(stage="sft", track_deviation=True), grid=dict(learning_rate=[1e-3])),
-                dict(name="minorsft", set=dict(stage="minorsft"), grid=dict(learning_rate=[2e-3], pref_beta=[0.04])),
-                dict(name="sft_go", set=dict(stage="sft_go", sft_go_grouping="tfidf", track_deviation=True,
-                                             learning_rate=1e-3),
-                     grid=dict(sft_go_lambda=[0.5]))],
+        blocks=[
+            dict(name="sft", set=dict(stage="sft", track_deviation=True), grid=dict(learning_rate=[1e-3])),
+            dict(name="minorsft", set=dict(stage="minorsft"), grid=dict(learning_rate=[2e-3], pref_beta=[0.04])),
+            dict(
+                name="sft_go",
+                set=dict(stage="sft_go", sft_go_grouping="tfidf", track_deviation=True, learning_rate=1e-3),
+                grid=dict(sft_go_lambda=[0.5]),
+            ),
+        ],
         **extra,
-    )  # fmt: skip
+    )
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
     return path
@@ -57,8 +74,18 @@ def write_grid(tiny, tmp_path, **extra) -> Path:
 
 def test_eval_mc_scores_full_models_and_reads_all_formats(tiny, tmp_path):
     jsonl, csv_path = write_mc(tmp_path)
-    proc = tool("eval-mc", "--model", tiny.model, "--template", "qwen", "--output", tmp_path / "r.json", jsonl, csv_path,
-                cwd=tmp_path)  # fmt: skip
+    proc = tool(
+        "eval-mc",
+        "--model",
+        tiny.model,
+        "--template",
+        "qwen",
+        "--output",
+        tmp_path / "r.json",
+        jsonl,
+        csv_path,
+        cwd=tmp_path,
+    )
     results = json.loads((tmp_path / "r.json").read_text())
     assert results["domain_mc"]["total"] == 12 and results["general_mc"]["total"] == 12
     assert all(0 <= r["accuracy"] <= 1 and r["correct"] == round(r["accuracy"] * r["total"]) for r in results.values())
@@ -105,7 +132,10 @@ def test_mini_grid_trains_evaluates_plots_and_resumes(tiny, tmp_path):
     [
         (dict(colour="red"), "unknown key(s) colour"),
         (dict(blocks=[]), "`blocks` is empty"),
-        (dict(blocks=[dict(name="x", grid=dict(learning_rte=[1e-3]))]), "learning_rte are not LLaMA-Factory train options"),
+        (
+            dict(blocks=[dict(name="x", grid=dict(learning_rte=[1e-3]))]),
+            "learning_rte are not LLaMA-Factory train options",
+        ),
         (dict(blocks=[dict(name="x", grid=dict(learning_rate=[]))]), "non-empty lists"),
     ],
     ids=["unknown-top-key", "empty", "unknown-grid-key", "empty-values"],
@@ -123,6 +153,8 @@ def test_paper_grid_lists_the_paper_setup(tmp_path):
     paper_grid = Path(__file__).resolve().parents[1] / "examples_yaml" / "paper_grid.yaml"
     proc = tool("grid", paper_grid, "--dry-run", "--output-dir", tmp_path / "out", cwd=tmp_path)
     assert "21 runs" in proc.stdout
-    assert "minorsft-learning_rate=2e-05-pref_beta=0.04: stage=minorsft learning_rate=2e-05 pref_beta=0.04" in proc.stdout
+    assert (
+        "minorsft-learning_rate=2e-05-pref_beta=0.04: stage=minorsft learning_rate=2e-05 pref_beta=0.04" in proc.stdout
+    )
     assert "sft-learning_rate=1e-05: stage=sft learning_rate=1e-05" in proc.stdout
     assert "(instruction prompt)" in proc.stdout and "(ceval prompt)" in proc.stdout

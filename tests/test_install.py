@@ -27,8 +27,9 @@ def test_pip_install_keeps_the_installed_llamafactory(tmp_path):
     (site,) = (venv / "lib").glob("python*/site-packages")
     (site / "user_environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     source = tmp_path / "source"  # a copy: the build must not write into the checkout other tests run from
-    shutil.copytree(REPO / "llamafactory_minorsft", source / "llamafactory_minorsft",
-                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    shutil.copytree(
+        REPO / "llamafactory_minorsft", source / "llamafactory_minorsft", ignore=shutil.ignore_patterns("__pycache__")
+    )
     for name in ("setup.py", "README.md", "llamafactory_minorsft.pth"):
         shutil.copy(REPO / name, source / name)
 
@@ -36,8 +37,10 @@ def test_pip_install_keeps_the_installed_llamafactory(tmp_path):
     report = tmp_path / "report.json"
     proc = subprocess.run(
         [python, "-m", "pip", "install", "--no-index", "--no-build-isolation", "--report", str(report), str(source)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     installed = [item["metadata"]["name"] for item in json.loads(report.read_text())["install"]]
     assert installed == ["llamafactory-minorsft"]
@@ -51,8 +54,13 @@ def test_pip_install_keeps_the_installed_llamafactory(tmp_path):
 
 
 def test_setup_refuses_an_unknown_llamafactory_version(tmp_path):
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "setup.sh")], capture_output=True, text=True, timeout=60,
-                          env={"PATH": "/usr/bin:/bin", "LLAMAFACTORY_VERSION": "0.9.3"})  # fmt: skip
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "setup.sh")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "LLAMAFACTORY_VERSION": "0.9.3"},
+    )
     assert proc.returncode == 2
     assert "LLAMAFACTORY_VERSION=0.9.3 is not supported. Valid values: 0.9.5 (default, .venv), main" in proc.stderr
     assert "0.9.4 (.venv-lf-0.9.4)" in proc.stderr and not (REPO / ".venv-lf-0.9.3").exists()

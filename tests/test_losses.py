@@ -11,7 +11,13 @@ from llamafactory_minorsft.losses import (
     normalized_log_ratio,
     sft_dpo_loss,
 )
-from llamafactory_minorsft.train.metrics import COEF_METRICS, DEVIATION_METRICS, coef_sums, deviation_sums, metric_means
+from llamafactory_minorsft.train.metrics import (
+    COEF_METRICS,
+    DEVIATION_METRICS,
+    coef_sums,
+    deviation_sums,
+    metric_means,
+)
 
 
 def make_batch(seed=0, batch=4, length=12, vocab=11, empty_row=None):

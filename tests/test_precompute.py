@@ -13,9 +13,18 @@ METRICS = ("loss", "deviation", "rewards", "coef", "logps/policy", "logps/ref")
 
 
 def run(tiny, tmp_path, name, cache_dir, **overrides):
-    config = base_config(tiny, tmp_path / name, optim="adamw_torch", learning_rate=1e-2, max_steps=3,
-                         dataset="minorsft_demo", per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                         ref_logps_cache_dir=str(cache_dir), **overrides)  # fmt: skip
+    config = base_config(
+        tiny,
+        tmp_path / name,
+        optim="adamw_torch",
+        learning_rate=1e-2,
+        max_steps=3,
+        dataset="minorsft_demo",
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        ref_logps_cache_dir=str(cache_dir),
+        **overrides,
+    )
     proc = run_cli(config, tmp_path / f"{name}_run")
     results = json.loads((tmp_path / name / "all_results.json").read_text())
     return step_logs(tmp_path / name), results, proc.stdout + proc.stderr
@@ -54,9 +63,12 @@ def test_precomputed_equals_online_and_is_cached(tiny, tmp_path, overrides):
 
 
 def test_the_reference_never_uses_dropout(tiny, tmp_path):
-    """A base model with attention dropout, LoRA, the adapter-disabled base as reference. The reference forward
-    runs without dropout online (the policy is in train mode), as in the precompute pass; minorsft also turns the
-    policy's dropout off, as LLaMA-Factory's DPO does, so the first step's log-ratio is exactly 0."""
+    """A base model with attention dropout, LoRA, the adapter-disabled base as reference.
+
+    The reference forward runs without dropout online (the policy is in train mode), as in the precompute pass;
+    minorsft also turns the policy's dropout off, as LLaMA-Factory's DPO does, so the first step's log-ratio is exactly
+    0.
+    """
     model = tmp_path / "dropout_model"
     build_model(AutoTokenizer.from_pretrained(tiny.model), str(model), seed=0, attention_dropout=0.5)
     lora = dict(model_name_or_path=str(model), finetuning_type="lora", lora_target="all")
@@ -65,8 +77,16 @@ def test_the_reference_never_uses_dropout(tiny, tmp_path):
     assert minorsft[-1]["deviation"] != 0  # the adapters moved
     # sft keeps the stock (dropout) policy forward; its reference is the same deterministic base, online or not
     online, _, _ = run(tiny, tmp_path, "online", tmp_path / "cache", stage="sft", track_deviation=True, **lora)
-    first, _, _ = run(tiny, tmp_path, "first", tmp_path / "cache", stage="sft", track_deviation=True,
-                      precompute_ref_logps=True, **lora)  # fmt: skip
+    first, _, _ = run(
+        tiny,
+        tmp_path,
+        "first",
+        tmp_path / "cache",
+        stage="sft",
+        track_deviation=True,
+        precompute_ref_logps=True,
+        **lora,
+    )
     assert online[0]["logps/ref"] == pytest.approx(minorsft[0]["logps/ref"], rel=1e-6)
     for step_online, step_first in zip(online, first, strict=True):
         assert step_first["logps/ref"] == pytest.approx(step_online["logps/ref"], rel=1e-6)

@@ -10,20 +10,23 @@ from conftest import base_config, cli_env, run_cli, step_logs
 
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=cli_env(**env), capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=cli_env(**env), capture_output=True, text=True, timeout=600
+    )
 
 
 def test_env_var_turns_automatic_registration_off(tiny, tmp_path):
-    proc = run_cli(base_config(tiny, tmp_path / "out"), tmp_path, check=False,
-                   env=cli_env(LLAMAFACTORY_MINORSFT_DISABLE="1"))  # fmt: skip
+    proc = run_cli(
+        base_config(tiny, tmp_path / "out"), tmp_path, check=False, env=cli_env(LLAMAFACTORY_MINORSFT_DISABLE="1")
+    )
     assert proc.returncode != 0
     assert "Unknown task: minorsft" in proc.stderr  # LLaMA-Factory's own error: the stage is not registered
 
 
 def test_explicit_register_is_idempotent_and_trains(tiny, tmp_path):
     config = base_config(tiny, tmp_path / "out", max_steps=2)
-    proc = run_python(f"""
+    proc = run_python(
+        f"""
         import llamafactory_minorsft
         llamafactory_minorsft.register()
         llamafactory_minorsft.register()
@@ -33,14 +36,17 @@ def test_explicit_register_is_idempotent_and_trains(tiny, tmp_path):
         assert parser._TRAIN_ARGS.count(PluginFinetuningArguments) == 1
         assert not hasattr(tuner._training_function.__wrapped__, "__wrapped__"), "wrapped twice"
         tuner.run_exp({config!r})
-    """, LLAMAFACTORY_MINORSFT_DISABLE="1")  # fmt: skip
+    """,
+        LLAMAFACTORY_MINORSFT_DISABLE="1",
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "deviation" in step_logs(tmp_path / "out")[0]
 
 
 @pytest.mark.compat
 def test_untested_llamafactory_version_fails_loudly_without_half_patching():
-    proc = run_python("""
+    proc = run_python(
+        """
         import llamafactory.extras.env as env
         env.VERSION = "0.9.7"
         import llamafactory_minorsft
@@ -51,7 +57,9 @@ def test_untested_llamafactory_version_fails_loudly_without_half_patching():
             print("ERROR:", err)
         from llamafactory.hparams import parser, FinetuningArguments
         assert FinetuningArguments in parser._TRAIN_ARGS, "half-patched"
-    """, LLAMAFACTORY_MINORSFT_DISABLE="1")  # fmt: skip
+    """,
+        LLAMAFACTORY_MINORSFT_DISABLE="1",
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     (line,) = [line for line in proc.stdout.splitlines() if line.startswith("ERROR:")]
     assert line == (
@@ -76,20 +84,25 @@ def test_allow_untested_patches_with_a_warning_and_still_checks_every_target(tin
     # an untested version right after the installed one: the layout of the installed one must serve
     untested = {"0.9.4": "0.9.4.post1", "0.9.5": "0.9.5.post1", "0.9.6.dev0": "0.9.6.dev1"}[VERSION]
     config = base_config(tiny, tmp_path / "out", max_steps=1)
-    proc = run_python(f"""
+    proc = run_python(
+        f"""
         import llamafactory.extras.env as env
         env.VERSION = {untested!r}
         import llamafactory_minorsft
         llamafactory_minorsft.register()
         from llamafactory.train import tuner
         tuner.run_exp({config!r})
-    """, LLAMAFACTORY_MINORSFT_DISABLE="1", LLAMAFACTORY_MINORSFT_ALLOW_UNTESTED="1")  # fmt: skip
+    """,
+        LLAMAFACTORY_MINORSFT_DISABLE="1",
+        LLAMAFACTORY_MINORSFT_ALLOW_UNTESTED="1",
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"LLAMAFACTORY_MINORSFT_ALLOW_UNTESTED=1: patching LLaMA-Factory {untested}," in proc.stderr
     assert "deviation" in step_logs(tmp_path / "out")[0]
 
     # a missing patch target is still refused, and that module is left as it was
-    proc = run_python(f"""
+    proc = run_python(
+        f"""
         import llamafactory.extras.env as env
         env.VERSION = {untested!r}
         from llamafactory.hparams import parser, FinetuningArguments
@@ -101,7 +114,10 @@ def test_allow_untested_patches_with_a_warning_and_still_checks_every_target(tin
         except UnsupportedLlamaFactoryError as err:
             print("ERROR:", err)
         assert FinetuningArguments in parser._TRAIN_ARGS, "half-patched"
-    """, LLAMAFACTORY_MINORSFT_DISABLE="1", LLAMAFACTORY_MINORSFT_ALLOW_UNTESTED="1")  # fmt: skip
+    """,
+        LLAMAFACTORY_MINORSFT_DISABLE="1",
+        LLAMAFACTORY_MINORSFT_ALLOW_UNTESTED="1",
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "ERROR: llamafactory.hparams.parser lacks _EVAL_ARGS" in proc.stdout
     assert "Nothing was patched" in proc.stdout

@@ -1,4 +1,6 @@
-"""`stage: sft_go` through the stock CLI: one exact SGD step per grouping, the logged group metrics, LoRA with
+"""`stage: sft_go` through the stock CLI.
+
+`stage: sft_go` through the stock CLI: one exact SGD step per grouping, the logged group metrics, LoRA with
 gradient accumulation and precomputed per-token reference log-probs, and LLMLingua-2 grouping with a tiny
 token-classification model built here.
 
@@ -55,8 +57,14 @@ def expected_sft_go_step(tiny, grouping: str, reduction: str):
             groups[t in important].append(nll[t])
         imp = torch.stack([nll[t] for t in sorted(important)]).mean()
         unimp = torch.stack([nll[t] for t in range(len(answer)) if t not in important]).mean()
-        rows.append(dict(worst=torch.maximum(imp, unimp), imp=imp.item(), unimp=unimp.item(),
-                         worst_imp=float(imp.item() >= unimp.item())))  # fmt: skip
+        rows.append(
+            dict(
+                worst=torch.maximum(imp, unimp),
+                imp=imp.item(),
+                unimp=unimp.item(),
+                worst_imp=float(imp.item() >= unimp.item()),
+            )
+        )
         if grouping == "rho1":  # Eq. 8 of the MinorSFT paper, logged because a reference is loaded anyway
             rows[-1]["deviation"] = (logps.sum().item() - ref_logps.sum().item()) / len(answer)
 
@@ -70,8 +78,13 @@ def expected_sft_go_step(tiny, grouping: str, reduction: str):
     descent = {name: -grad.double() for name, grad in zip(params, grads)}
     theta0 = {name: p.detach().double() for name, p in params.items()}
     mean = lambda key: sum(row[key] for row in rows) / len(rows)  # noqa: E731
-    metrics = {"loss": total.item(), "group_loss/important": mean("imp"), "group_loss/unimportant": mean("unimp"),
-               "worst_group/important": mean("worst_imp"), "sft_go_lambda": LAM}  # fmt: skip
+    metrics = {
+        "loss": total.item(),
+        "group_loss/important": mean("imp"),
+        "group_loss/unimportant": mean("unimp"),
+        "worst_group/important": mean("worst_imp"),
+        "sft_go_lambda": LAM,
+    }
     if grouping == "rho1":
         metrics["deviation"] = mean("deviation")
     return theta0, descent, metrics
@@ -81,9 +94,17 @@ def expected_sft_go_step(tiny, grouping: str, reduction: str):
 @pytest.mark.parametrize("grouping, reduction", [("rho1", "batch"), ("tfidf", "sample"), ("tfidf", "batch")])
 def test_one_sgd_step_matches_the_sft_go_gradient(tiny, tmp_path, grouping, reduction):
     out = tmp_path / "out"
-    config = base_config(tiny, out, stage="sft_go", sft_go_grouping=grouping, sft_go_eta=ETA, sft_go_lambda=LAM,
-                         sft_go_group_reduction=reduction, pref_beta=None,
-                         ref_model=tiny.ref_model if grouping == "rho1" else None)  # fmt: skip
+    config = base_config(
+        tiny,
+        out,
+        stage="sft_go",
+        sft_go_grouping=grouping,
+        sft_go_eta=ETA,
+        sft_go_lambda=LAM,
+        sft_go_group_reduction=reduction,
+        pref_beta=None,
+        ref_model=tiny.ref_model if grouping == "rho1" else None,
+    )
     run_cli(config, tmp_path)
     theta0, descent, metrics = expected_sft_go_step(tiny, grouping, reduction)
 
@@ -110,10 +131,19 @@ def test_defaults_follow_the_papers_public_description():
 
 
 def test_lambda_zero_is_exactly_stock_sft(tiny, tmp_path):
-    """SFT-GO's CE term is stock SFT's token mean, normalised the same way under accumulation: λ = 0 gives the
-    same losses and the same weights, bit for bit."""
-    common = dict(optim="adamw_torch", learning_rate=1e-2, max_steps=3, dataset="minorsft_demo",
-                  per_device_train_batch_size=2, gradient_accumulation_steps=2)  # fmt: skip
+    """λ = 0 is exactly stock SFT.
+
+    SFT-GO's CE term is stock SFT's token mean, normalised the same way under accumulation: λ = 0 gives the
+    same losses and the same weights, bit for bit.
+    """
+    common = dict(
+        optim="adamw_torch",
+        learning_rate=1e-2,
+        max_steps=3,
+        dataset="minorsft_demo",
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+    )
     run_cli(base_config(tiny, tmp_path / "stock", stage="sft", **common), tmp_path / "stock_run")
     go = dict(stage="sft_go", sft_go_lambda=0.0, sft_go_group_reduction="sample", pref_beta=None)
     run_cli(base_config(tiny, tmp_path / "go", **go, **common), tmp_path / "go_run")
@@ -126,14 +156,30 @@ def test_lambda_zero_is_exactly_stock_sft(tiny, tmp_path):
 
 
 def test_lora_accumulation_and_precomputed_token_logps_match_the_big_batch(tiny, tmp_path):
-    """Rho-1 + LoRA: batch 1 × accumulation 4 with precomputed per-token reference log-probs (cached, then
+    """Rho-1 + LoRA: accumulation and precomputed token log-probs equal one big batch.
+
+    Rho-1 + LoRA: batch 1 × accumulation 4 with precomputed per-token reference log-probs (cached, then
     reused) gives the same steps as batch 4 with the online reference.
 
     The reference is a separate `ref_model`: with the initial model as reference every excess loss is 0 at the
-    first step, and the grouping would be decided by float noise that differs between batch shapes."""
-    common = dict(stage="sft_go", sft_go_grouping="rho1", sft_go_lambda=LAM, sft_go_group_reduction="sample",
-                  finetuning_type="lora", lora_target="all", pref_beta=None, ref_model=tiny.ref_model, dataset="minorsft_demo", cutoff_len=128,
-                  max_steps=3, learning_rate=0.05, disable_shuffling=True, ref_logps_cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    first step, and the grouping would be decided by float noise that differs between batch shapes.
+    """
+    common = dict(
+        stage="sft_go",
+        sft_go_grouping="rho1",
+        sft_go_lambda=LAM,
+        sft_go_group_reduction="sample",
+        finetuning_type="lora",
+        lora_target="all",
+        pref_beta=None,
+        ref_model=tiny.ref_model,
+        dataset="minorsft_demo",
+        cutoff_len=128,
+        max_steps=3,
+        learning_rate=0.05,
+        disable_shuffling=True,
+        ref_logps_cache_dir=str(tmp_path / "cache"),
+    )
     run_cli(base_config(tiny, tmp_path / "big", **common), tmp_path / "big_run")
     accumulated = dict(common, per_device_train_batch_size=1, gradient_accumulation_steps=4, precompute_ref_logps=True)
     first = run_cli(base_config(tiny, tmp_path / "acc", **accumulated), tmp_path / "acc_run")
@@ -143,8 +189,14 @@ def test_lora_accumulation_and_precomputed_token_logps_match_the_big_batch(tiny,
     big, acc, acc2 = step_logs(tmp_path / "big"), step_logs(tmp_path / "acc"), step_logs(tmp_path / "acc2")
     assert len(big) == len(acc) == len(acc2) == 3
     assert [a["loss"] for a in acc] == [b["loss"] for b in acc2]  # the cached values are the computed ones
-    keys = ("loss", "deviation", "group_loss/important", "group_loss/unimportant", "worst_group/important",
-            "sft_go_lambda")  # fmt: skip
+    keys = (
+        "loss",
+        "deviation",
+        "group_loss/important",
+        "group_loss/unimportant",
+        "worst_group/important",
+        "sft_go_lambda",
+    )
     for one, other in zip(big, acc):
         for key in keys:
             assert other[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), (one["step"], key)
@@ -158,17 +210,34 @@ def test_llmlingua2_grouping_with_a_tiny_token_classifier_and_track_deviation(ti
     classifier = tmp_path / "classifier"
     build_token_classifier(texts, str(classifier))
     out = tmp_path / "out"
-    config = base_config(tiny, out, stage="sft_go", sft_go_grouping="llmlingua2", sft_go_classifier=str(classifier),
-                         track_deviation=True, dataset="minorsft_demo", cutoff_len=128, max_steps=4, learning_rate=1e-3,
-                         optim="adamw_torch", per_device_train_batch_size=8, do_eval=True,
-                         eval_dataset="minorsft_demo_eval", eval_strategy="steps", eval_steps=4, plot_loss=True)  # fmt: skip
+    config = base_config(
+        tiny,
+        out,
+        stage="sft_go",
+        sft_go_grouping="llmlingua2",
+        sft_go_classifier=str(classifier),
+        track_deviation=True,
+        dataset="minorsft_demo",
+        cutoff_len=128,
+        max_steps=4,
+        learning_rate=1e-3,
+        optim="adamw_torch",
+        per_device_train_batch_size=8,
+        do_eval=True,
+        eval_dataset="minorsft_demo_eval",
+        eval_strategy="steps",
+        eval_steps=4,
+        plot_loss=True,
+    )
     proc = run_cli(config, tmp_path)
     assert "LLMLingua-2 (train_dataset)" in proc.stderr and "LLMLingua-2 (eval_dataset)" in proc.stderr
     logs = step_logs(out)
     assert len(logs) == 4 and all(math.isfinite(entry["loss"]) for entry in logs)
     assert all(0 <= entry["worst_group/important"] <= 1 for entry in logs)
     assert logs[-1]["loss"] < logs[0]["loss"]
-    final_eval = [entry for entry in json.loads((out / "trainer_state.json").read_text())["log_history"] if "eval_loss" in entry][-1]
+    final_eval = [
+        entry for entry in json.loads((out / "trainer_state.json").read_text())["log_history"] if "eval_loss" in entry
+    ][-1]
     assert math.isfinite(final_eval["eval_group_loss/important"]) and math.isfinite(final_eval["eval_deviation"])
     # track_deviation loads the initial model as reference: 0 at the first step, then the policy moves away
     assert logs[0]["deviation"] == 0.0 and logs[-1]["deviation"] > 0 and "coef" not in logs[0]
@@ -176,8 +245,11 @@ def test_llmlingua2_grouping_with_a_tiny_token_classifier_and_track_deviation(ti
 
 
 def test_llmlingua2_scores_land_on_the_right_tokens(tiny, tmp_path):
-    """A classifier that shares the LLM's tokenizer must give each answer token exactly its own keep-probability:
-    the character-offset mapping is then the identity, so any misalignment shows."""
+    """A classifier sharing the LLM's tokenizer maps scores one to one.
+
+    A classifier that shares the LLM's tokenizer must give each answer token exactly its own keep-probability:
+    the character-offset mapping is then the identity, so any misalignment shows.
+    """
     from datasets import Dataset
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForTokenClassification
 
@@ -185,8 +257,16 @@ def test_llmlingua2_scores_land_on_the_right_tokens(tiny, tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny.model)
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(tokenizer), num_labels=2, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        num_labels=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     classifier = Qwen2ForTokenClassification(config).eval()
     classifier.save_pretrained(tmp_path / "clf")
     tokenizer.save_pretrained(tmp_path / "clf")
@@ -206,8 +286,11 @@ CHINESE = ["净利润增长了百分之十", "营收 rose 12% 同比, ça va �
 
 
 def test_llmlingua2_gets_the_real_text_of_chinese_and_mixed_answers(tiny, tmp_path):
-    """Byte-level BPE splits each Chinese character over several tokens. The classifier must receive the answer's
-    real text (not "\ufffd" per token), and every character must fall in some token's span."""
+    """Byte-level BPE splits each Chinese character over several tokens.
+
+    The classifier must receive the answer's real text (not "\ufffd" per token), and every character must fall in some
+    token's span.
+    """
     from datasets import Dataset
     from transformers import AutoTokenizer
 

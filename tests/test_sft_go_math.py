@@ -1,6 +1,9 @@
-"""SFT-GO's pure functions: groupings on hand-made inputs with known answers, and the loss's gradient against an
+"""SFT-GO's pure functions.
+
+SFT-GO's pure functions: groupings on hand-made inputs with known answers, and the loss's gradient against an
 autograd computation written here from the definition L = (1 − λ)·CE + λ·W, with CE the token mean over the batch
-and W = max(L_imp, L_unimp) per sample (averaged over samples) or over the batch."""
+and W = max(L_imp, L_unimp) per sample (averaged over samples) or over the batch.
+"""
 
 import math
 
@@ -8,10 +11,10 @@ import pytest
 import torch
 
 from llamafactory_minorsft.sft_go import (
-    map_scores_by_offsets,
-    rho1_scores,
     batch_worst_group,
     group_losses,
+    map_scores_by_offsets,
+    rho1_scores,
     scheduled_lambda,
     sft_go_objective,
     smooth_idf,
@@ -37,7 +40,13 @@ def test_top_fraction_takes_the_highest_scores_rounding_up_and_ties_by_position(
 def test_smooth_idf_and_tfidf_scores_known_values():
     idf = smooth_idf([[1, 2, 2], [2, 3]], vocab_size=5)
     # N = 2; df(1) = 1, df(2) = 2, df(3) = 1, df(0) = df(4) = 0
-    expected = [math.log(3 / 1) + 1, math.log(3 / 2) + 1, math.log(3 / 3) + 1, math.log(3 / 2) + 1, math.log(3 / 1) + 1]
+    expected = [
+        math.log(3 / 1) + 1,
+        math.log(3 / 2) + 1,
+        math.log(3 / 3) + 1,
+        math.log(3 / 2) + 1,
+        math.log(3 / 1) + 1,
+    ]
     torch.testing.assert_close(idf, torch.tensor(expected, dtype=torch.float32))
 
     targets = torch.tensor([[1, 2, 2, -100], [3, 3, 3, 2]])
@@ -88,13 +97,17 @@ def reference_loss(token_logps, mask, important, lam: float, reduction: str) -> 
     nll = [-token_logps[r, t] for r in rows for t in cols if mask[r, t]]
     ce = sum(nll) / len(nll)  # the token mean over the batch, as stock SFT
     if reduction == "batch":
-        groups = [[-token_logps[r, t] for r in rows for t in cols if mask[r, t] and important[r, t] == flag]
-                  for flag in (True, False)]  # fmt: skip
+        groups = [
+            [-token_logps[r, t] for r in rows for t in cols if mask[r, t] and important[r, t] == flag]
+            for flag in (True, False)
+        ]
         worst = max(sum(g) / len(g) for g in groups if g)
     else:
         worsts = []
         for r in rows:
-            groups = [[-token_logps[r, t] for t in cols if mask[r, t] and important[r, t] == flag] for flag in (True, False)]
+            groups = [
+                [-token_logps[r, t] for t in cols if mask[r, t] and important[r, t] == flag] for flag in (True, False)
+            ]
             if any(groups):
                 worsts.append(max(sum(g) / len(g) for g in groups if g))
         worst = sum(worsts) / len(worsts)  # over the samples that have answer tokens
@@ -144,8 +157,11 @@ def test_batch_worst_group_of_a_batch_without_answer_tokens_is_zero():
 
 
 def test_rho1_grouping_with_a_zero_probability_reference_token_stays_finite():
-    """log πref = −inf on one token makes its excess loss −inf: it ranks last among the answer tokens (never
-    behind padding), and nothing in the loss or its gradient becomes NaN or inf."""
+    """A reference probability 0 on one token keeps the loss finite.
+
+    Log πref = −inf on one token makes its excess loss −inf: it ranks last among the answer tokens (never
+    behind padding), and nothing in the loss or its gradient becomes NaN or inf.
+    """
     logits = torch.randn(1, 4, 9, requires_grad=True)
     targets = torch.tensor([[1, 2, 3, 4]])
     mask = torch.tensor([[False, True, True, True]])  # the first position is prompt

@@ -43,13 +43,18 @@ def expected_step(tiny, stage: str):
         grads = torch.autograd.grad(logp, list(params.values()))
         for (name, _), grad in zip(params.items(), grads):
             descent[name] += weight * grad.double() / n  # −∇L = +(1/N) Σ weight_i ∇ log πθ
-        rows.append(dict(loss=loss, deviation=r / m, rewards=BETA * r, coef=coef, policy=logp.item(), ref=ref_logp.item()))
+        rows.append(
+            dict(loss=loss, deviation=r / m, rewards=BETA * r, coef=coef, policy=logp.item(), ref=ref_logp.item())
+        )
 
     mean = lambda key: sum(row[key] for row in rows) / n  # noqa: E731
     metrics = {
-        "loss": mean("loss"), "deviation": mean("deviation"), "rewards": mean("rewards"),
-        "logps/policy": mean("policy"), "logps/ref": mean("ref"),
-    }  # fmt: skip
+        "loss": mean("loss"),
+        "deviation": mean("deviation"),
+        "rewards": mean("rewards"),
+        "logps/policy": mean("policy"),
+        "logps/ref": mean("ref"),
+    }
     if stage != "sft_sample":  # sft has no dynamic coefficient
         metrics["coef"] = mean("coef")
     theta0 = {name: p.detach().double() for name, p in params.items()}

@@ -9,9 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 import torch
-from transformers import AutoModelForCausalLM
+import yaml
 
 from conftest import CLI, base_config, cli_env, log_history, run_cli, step_logs
 from helpers import assert_same_weights, weights
@@ -34,8 +33,14 @@ ACCUMULATION_CASES = {
 def test_gradient_accumulation_gives_the_big_batch_update(tiny, tmp_path, case):
     stage_args = ACCUMULATION_CASES[case]
     big = base_config(tiny, tmp_path / "big", ref_model=tiny.ref_model, **stage_args)
-    small = base_config(tiny, tmp_path / "small", ref_model=tiny.ref_model, **stage_args,
-                        per_device_train_batch_size=1, gradient_accumulation_steps=4)  # fmt: skip
+    small = base_config(
+        tiny,
+        tmp_path / "small",
+        ref_model=tiny.ref_model,
+        **stage_args,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=4,
+    )
     run_cli(big, tmp_path / "big_run")
     run_cli(small, tmp_path / "small_run")
     # float32 sums in another order (4 backward passes vs 1): measured up to 1.6e-7 apart on transformers 5.8
@@ -48,9 +53,19 @@ def test_gradient_accumulation_gives_the_big_batch_update(tiny, tmp_path, case):
 
 def test_lora_uses_the_adapter_disabled_base_as_reference(tiny, tmp_path):
     out = tmp_path / "out"
-    config = base_config(tiny, out, finetuning_type="lora", lora_rank=8, lora_target="all", optim="adamw_torch",
-                         learning_rate=5e-2, max_steps=4, dataset="minorsft_demo", save_strategy="steps",
-                         save_steps=4)  # fmt: skip
+    config = base_config(
+        tiny,
+        out,
+        finetuning_type="lora",
+        lora_rank=8,
+        lora_target="all",
+        optim="adamw_torch",
+        learning_rate=5e-2,
+        max_steps=4,
+        dataset="minorsft_demo",
+        save_strategy="steps",
+        save_steps=4,
+    )
     run_cli(config, tmp_path)
     logs = step_logs(out)
     # LoRA's B starts at zero: at step 1 the policy IS the base model, so the ratio is exactly 0 …
@@ -80,12 +95,35 @@ def test_sft_track_deviation_keeps_the_stock_loss(tiny, tmp_path):
 
 def test_minorsft_outputs_match_the_sft_workflow_and_eval_metrics(tiny, tmp_path):
     out = tmp_path / "out"
-    config = base_config(tiny, out, optim="adamw_torch", learning_rate=1e-2, max_steps=4, dataset="minorsft_demo",
-                         eval_dataset="minorsft_demo_eval", do_eval=True, eval_strategy="steps", eval_steps=2,
-                         per_device_eval_batch_size=8, save_strategy="steps", save_steps=2, plot_loss=True)  # fmt: skip
+    config = base_config(
+        tiny,
+        out,
+        optim="adamw_torch",
+        learning_rate=1e-2,
+        max_steps=4,
+        dataset="minorsft_demo",
+        eval_dataset="minorsft_demo_eval",
+        do_eval=True,
+        eval_strategy="steps",
+        eval_steps=2,
+        per_device_eval_batch_size=8,
+        save_strategy="steps",
+        save_steps=2,
+        plot_loss=True,
+    )
     run_cli(config, tmp_path)
-    for name in ("trainer_state.json", "all_results.json", "train_results.json", "eval_results.json", "README.md",
-                 "model.safetensors", "training_loss.png", "training_deviation.png", "checkpoint-2", "checkpoint-4"):  # fmt: skip
+    for name in (
+        "trainer_state.json",
+        "all_results.json",
+        "train_results.json",
+        "eval_results.json",
+        "README.md",
+        "model.safetensors",
+        "training_loss.png",
+        "training_deviation.png",
+        "checkpoint-2",
+        "checkpoint-4",
+    ):
         assert (out / name).exists(), name
     evals = [entry for entry in log_history(out) if "eval_loss" in entry]
     assert len(evals) >= 2
@@ -101,8 +139,21 @@ def test_zero_answer_tokens_after_truncation_give_no_nan(tiny, tmp_path):
     for stage in ("minorsft", "sft_dpo", "sft_go"):
         out = tmp_path / stage
         go = dict(sft_go_grouping="rho1", sft_go_lambda=1.0) if stage == "sft_go" else {}
-        run_cli(base_config(tiny, out, stage=stage, dataset="truncated", cutoff_len=24, max_steps=2, optim="adamw_torch",
-                            learning_rate=1e-3, ref_model=tiny.ref_model, **go), tmp_path / f"{stage}_run")  # fmt: skip
+        run_cli(
+            base_config(
+                tiny,
+                out,
+                stage=stage,
+                dataset="truncated",
+                cutoff_len=24,
+                max_steps=2,
+                optim="adamw_torch",
+                learning_rate=1e-3,
+                ref_model=tiny.ref_model,
+                **go,
+            ),
+            tmp_path / f"{stage}_run",
+        )
         keys = ("group_loss/important", "deviation") if stage == "sft_go" else METRICS
         for entry in step_logs(out):
             assert all(math.isfinite(entry[key]) for key in ("loss", "grad_norm") + keys), entry
@@ -118,8 +169,14 @@ def train_until_killed(config: dict, workdir: Path, checkpoint: Path) -> str:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     with open(workdir / "stderr.txt", "w") as err:
-        proc = subprocess.Popen([CLI, "train", str(workdir / "config.yaml")], cwd=workdir, env=cli_env(),
-                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [CLI, "train", str(workdir / "config.yaml")],
+            cwd=workdir,
+            env=cli_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+        )
         deadline = time.time() + 300
         while proc.poll() is None and time.time() < deadline:
             try:
@@ -135,7 +192,9 @@ def train_until_killed(config: dict, workdir: Path, checkpoint: Path) -> str:
 
 @pytest.mark.parametrize("precompute", [False, True], ids=["online", "precompute_ref_logps"])
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny, tmp_path, precompute):
-    """SIGKILL after checkpoint-2, resume from it, finish: the same losses, metrics and final weights as a run
+    """A run killed after checkpoint-2 and resumed equals an uninterrupted run.
+
+    SIGKILL after checkpoint-2, resume from it, finish: the same losses, metrics and final weights as a run
     that was never interrupted, and the reference is still the original model.
 
     Tolerance: both runs execute the same float32 operations in the same order on one CPU process (the resumed
@@ -143,9 +202,18 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny, tmp_path, preco
     round-off; we allow rel 1e-5. Measured here: identical.
     """
     cache = tmp_path / "cache"
-    common = dict(optim="adamw_torch", learning_rate=1e-2, max_steps=40, dataset="minorsft_demo", save_strategy="steps",
-                  save_steps=2, save_only_model=False, per_device_train_batch_size=2,
-                  precompute_ref_logps=precompute or None, ref_logps_cache_dir=str(cache))  # fmt: skip
+    common = dict(
+        optim="adamw_torch",
+        learning_rate=1e-2,
+        max_steps=40,
+        dataset="minorsft_demo",
+        save_strategy="steps",
+        save_steps=2,
+        save_only_model=False,
+        per_device_train_batch_size=2,
+        precompute_ref_logps=precompute or None,
+        ref_logps_cache_dir=str(cache),
+    )
     full_run = run_cli(base_config(tiny, tmp_path / "full", **common), tmp_path / "full_run")
     assert ("Reference log-probs" in full_run.stderr) == precompute  # the pass runs and fills the cache
 
@@ -157,8 +225,12 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny, tmp_path, preco
         (cache_file,) = cache.glob("*.pt")
         cache_file.write_bytes(cache_file.read_bytes()[: cache_file.stat().st_size // 2])  # a partial file
 
-    resumed_run = run_cli(base_config(tiny, crashed, **common, overwrite_output_dir=None,
-                                      resume_from_checkpoint=str(crashed / "checkpoint-2")), tmp_path / "resume_run")  # fmt: skip
+    resumed_run = run_cli(
+        base_config(
+            tiny, crashed, **common, overwrite_output_dir=None, resume_from_checkpoint=str(crashed / "checkpoint-2")
+        ),
+        tmp_path / "resume_run",
+    )
     assert ("Reference log-probs" in resumed_run.stderr) == precompute  # the partial cache was detected and rebuilt
 
     full = {entry["step"]: entry for entry in step_logs(tmp_path / "full")}
@@ -176,8 +248,22 @@ def test_bf16_policy_trains_with_finite_float32_metrics(tiny, tmp_path, stage):
     """bf16 weights and autocast (CPU here): log-prob sums are accumulated in float32, nothing becomes NaN/inf."""
     extra = dict(sft_go_grouping="tfidf", sft_go_lambda=1.0, track_deviation=True) if stage == "sft_go" else {}
     out = tmp_path / "out"
-    run_cli(base_config(tiny, out, stage=stage, bf16=True, use_cpu=True, dataset="minorsft_demo", cutoff_len=128,
-                        max_steps=3, optim="adamw_torch", learning_rate=1e-3, **extra), tmp_path)  # fmt: skip
+    run_cli(
+        base_config(
+            tiny,
+            out,
+            stage=stage,
+            bf16=True,
+            use_cpu=True,
+            dataset="minorsft_demo",
+            cutoff_len=128,
+            max_steps=3,
+            optim="adamw_torch",
+            learning_rate=1e-3,
+            **extra,
+        ),
+        tmp_path,
+    )
     logs = step_logs(out)
     assert len(logs) == 3 and all(math.isfinite(v) for entry in logs for v in entry.values() if isinstance(v, float))
     assert logs[0]["deviation"] == 0.0 and logs[-1]["deviation"] != 0.0  # policy = reference at the first step

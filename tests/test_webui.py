@@ -1,6 +1,9 @@
-"""LLaMA-Board end to end in a real browser: the real ``llamafactory-cli webui`` on loopback, driven by Playwright
-in headless Chromium (Debian's ``chromium``; ``scripts/test.sh`` installs it). A screenshot of the finished
-run is saved to ``test-artifacts/webui_minorsft.png``."""
+"""LLaMA-Board end to end in a real browser.
+
+LLaMA-Board end to end in a real browser: the real ``llamafactory-cli webui`` on loopback, driven by Playwright
+in headless Chromium (Debian's ``chromium``; ``scripts/test.sh`` installs it). Screenshots: the MinorSFT
+controls in ``test-artifacts/webui_stage_controls.png``, the finished run in ``test-artifacts/webui_minorsft.png``.
+"""
 
 import json
 import os
@@ -36,8 +39,9 @@ def webui(tmp_path):
     port = free_port()
     env = cli_env(GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False")
     log = open(tmp_path / "webui.log", "w")
-    server = subprocess.Popen([str(VENV_BIN / "llamafactory-cli"), "webui"], cwd=tmp_path, env=env, stdout=log,
-                              stderr=subprocess.STDOUT)  # fmt: skip
+    server = subprocess.Popen(
+        [str(VENV_BIN / "llamafactory-cli"), "webui"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
@@ -85,6 +89,15 @@ def choose_dataset(page, name: str) -> list[str]:
     return listed
 
 
+def top(page, text: str) -> float:
+    """The page y of the visible element showing ``text``."""
+    return page.get_by_text(text, exact=True).filter(visible=True).first.bounding_box()["y"]
+
+
+def shown(page, text: str) -> bool:
+    return page.get_by_text(text, exact=True).filter(visible=True).count() > 0
+
+
 def preview(page) -> str:
     page.get_by_role("button", name="Preview command").click()
     page.wait_for_timeout(1500)
@@ -95,15 +108,23 @@ def preview(page) -> str:
 def test_minorsft_from_the_web_ui(webui, tiny):
     from playwright.sync_api import sync_playwright
 
-    assert os.path.exists(CHROMIUM), "Debian's chromium is missing: scripts/test.sh installs it (apt-get install chromium)"
+    assert os.path.exists(CHROMIUM), (
+        "Debian's chromium is missing: scripts/test.sh installs it (apt-get install chromium)"
+    )
     url, workdir = webui
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run"],
-        )  # fmt: skip
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         page = browser.new_page(viewport={"width": 1400, "height": 2000})
         try:
             drive_the_ui(page, url, tiny, workdir)
@@ -142,21 +163,44 @@ def drive_the_ui(page, url: str, tiny, workdir: Path) -> None:
     pick(page, "Model name", MODEL_NAME)
     page.get_by_role("textbox", name=re.compile(r"^Model path")).fill(tiny.model)
     pick(page, "Chat template", "qwen")
+
+    # the new accordions sit with the RLHF configurations, above the Start button; each stage shows what it uses
+    ref_tab, go_tab = LOCALES["ref_tab"]["en"]["label"], LOCALES["sft_go_tab"]["en"]["label"]
+    stock_rlhf = [LF_LOCALES[name]["en"]["label"] for name in ("pref_loss", "pref_ftx", "reward_model")]
+    open_accordion(page, "RLHF configurations")
+    pick(page, "Stage", "DPO")
+    assert all(shown(page, label) for label in stock_rlhf) and not shown(page, ref_tab) and not shown(page, go_tab)
+    pick(page, "Stage", "SFT-GO")
+    assert shown(page, ref_tab) and shown(page, go_tab) and not any(shown(page, label) for label in stock_rlhf)
+    assert top(page, "RLHF configurations") < top(page, ref_tab) < top(page, go_tab) < top(page, "Start")
     pick(page, "Stage", "MinorSFT")
+    assert shown(page, ref_tab) and not shown(page, go_tab) and not any(shown(page, label) for label in stock_rlhf)
+    open_accordion(page, ref_tab)
+    assert not shown(page, "Track deviation")  # minorsft always logs the deviation
+    page.screenshot(path=str(ARTIFACTS / "webui_stage_controls.png"), full_page=True)
     data_dir = page.get_by_role("textbox", name=re.compile(r"^Data dir"))
     data_dir.fill(tiny.data)
     datasets = choose_dataset(page, "minorsft_demo")
     assert "minorsft_demo" in datasets and "pairs" not in datasets  # `pairs` is a ranking data set
     pick(page, "Compute type", "fp32")
     open_accordion(page, "Extra configurations")
-    page.get_by_role("textbox", name=re.compile(r"^Extra arguments")).fill(json.dumps(
-        {"max_steps": 40, "logging_steps": 1, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
-         "report_to": "none", "dataloader_num_workers": 0, "preprocessing_num_workers": 1, "save_steps": 1000}))  # fmt: skip
-    open_accordion(page, "RLHF configurations")
+    page.get_by_role("textbox", name=re.compile(r"^Extra arguments")).fill(
+        json.dumps(
+            {
+                "max_steps": 40,
+                "logging_steps": 1,
+                "per_device_train_batch_size": 2,
+                "gradient_accumulation_steps": 1,
+                "report_to": "none",
+                "dataloader_num_workers": 0,
+                "preprocessing_num_workers": 1,
+                "save_steps": 1000,
+            }
+        )
+    )
     beta = page.get_by_label("number input for Beta value")
     beta.fill("0.2")
     beta.press("Enter")
-    open_accordion(page, "Reference model (MinorSFT")
     pick(page, "Output dir", "ui_minorsft")
     pick(page, "Config path", "ui_minorsft.yaml")
 

@@ -32,8 +32,12 @@ def _main(argv=None) -> int:
     mc.add_argument("--model", required=True, help="model path (for LoRA: the base model)")
     mc.add_argument("--adapter", help="LoRA adapter path")
     mc.add_argument("--template", required=True, help="LLaMA-Factory chat template, e.g. qwen")
-    mc.add_argument("--prompt", choices=["ceval", "instruction"], default="ceval",
-                    help="the paper's ceval-exam prompt, or its FinanceIQ/fineval instruction")  # fmt: skip
+    mc.add_argument(
+        "--prompt",
+        choices=["ceval", "instruction"],
+        default="ceval",
+        help="the paper's ceval-exam prompt, or its FinanceIQ/fineval instruction",
+    )
     mc.add_argument("--batch-size", type=int, default=8)
     mc.add_argument("--output", help="write the results as JSON here")
     mc.add_argument("files", nargs="+")
@@ -63,9 +67,13 @@ def _main(argv=None) -> int:
         from .tiny import build_tiny_setup
 
         paths = build_tiny_setup(
-            args.output_dir, seed=args.seed, num_samples=args.num_samples, hidden_size=args.hidden_size,
-            intermediate_size=2 * args.hidden_size, num_hidden_layers=args.num_layers,
-        )  # fmt: skip
+            args.output_dir,
+            seed=args.seed,
+            num_samples=args.num_samples,
+            hidden_size=args.hidden_size,
+            intermediate_size=2 * args.hidden_size,
+            num_hidden_layers=args.num_layers,
+        )
         for name, path in paths.items():
             print(f"{name}: {path}")
         return 0

@@ -13,6 +13,7 @@ from .runs import final_value, log_history, train
 
 RUNS = (("sft", "SFT (track_deviation)"), ("minorsft", "MinorSFT"), ("sft_dpo", "SFT using DPO"))
 
+
 def run_demo(output_dir: str = "demo_output", examples_dir: str = "examples_yaml/tiny") -> int:
     from .figures import plot_deviation_curves
     from .tiny import build_tiny_setup

@@ -77,7 +77,6 @@ class MultipleChoiceScorer:
 
     def __init__(self, model: str, template: str, adapter: Optional[str] = None, batch_size: int = 8) -> None:
         import torch
-
         from llamafactory.data import get_template_and_fix_tokenizer
         from llamafactory.hparams import get_infer_args
         from llamafactory.model import load_model, load_tokenizer

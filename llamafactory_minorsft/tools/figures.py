@@ -67,12 +67,17 @@ def plot_accuracy_heatmaps(runs: list[Run], eval_sets: list[str], path: str) -> 
     for ax, method in zip(axes[0], methods):
         done = [r for r in runs if r.method == method and r.result.get("eval")]
         lrs = sorted({r.config.get("learning_rate") for r in done}, key=float)
-        betas = sorted({r.config.get("pref_beta") for r in done if r.config.get("stage") != "sft"} or {None}, key=lambda b: b or 0)
+        betas = sorted(
+            {r.config.get("pref_beta") for r in done if r.config.get("stage") != "sft"} or {None}, key=lambda b: b or 0
+        )
         grid = [[float("nan")] * len(lrs) for _ in betas]
         for bi, beta in enumerate(betas):
             for li, lr in enumerate(lrs):
-                cell = [statistics.mean(r.result["eval"][e] for e in eval_sets) for r in done
-                        if r.config.get("learning_rate") == lr and (beta is None or r.config.get("pref_beta") == beta)]  # fmt: skip
+                cell = [
+                    statistics.mean(r.result["eval"][e] for e in eval_sets)
+                    for r in done
+                    if r.config.get("learning_rate") == lr and (beta is None or r.config.get("pref_beta") == beta)
+                ]
                 if cell:
                     grid[bi][li] = statistics.mean(cell)
         image = ax.imshow(grid, cmap="viridis", aspect="auto")

@@ -63,7 +63,9 @@ def load_grid(path: str, output_dir: Optional[str] = None) -> tuple[list[Run], d
     where = os.path.dirname(os.path.abspath(path))
     unknown = set(spec) - TOP_KEYS
     if unknown:
-        raise ValueError(f"Grid file {path}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(TOP_KEYS))}.")
+        raise ValueError(
+            f"Grid file {path}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(TOP_KEYS))}."
+        )
     if "base" not in spec:
         raise ValueError(f"Grid file {path}: `base` (a LLaMA-Factory train config) is missing.")
     if not spec.get("blocks"):
@@ -78,7 +80,9 @@ def load_grid(path: str, output_dir: Optional[str] = None) -> tuple[list[Run], d
     settings = {"output_dir": out, "eval": dict(spec.get("eval") or {})}
     unknown = set(settings["eval"]) - EVAL_KEYS
     if unknown:
-        raise ValueError(f"Grid file {path}: unknown `eval` key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(EVAL_KEYS))}.")
+        raise ValueError(
+            f"Grid file {path}: unknown `eval` key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(EVAL_KEYS))}."
+        )
     default_prompt = settings["eval"].get("prompt", "ceval")
     files = []
     for entry in settings["eval"].get("files", []):  # a path, or {path, prompt}
@@ -174,12 +178,23 @@ def summarize(runs: list[Run], output_dir: str) -> dict[str, Optional[Run]]:
 
     grid_keys = list(dict.fromkeys(k for run in runs for k in run.values))
     eval_sets = list(dict.fromkeys(k for run in runs for k in run.result.get("eval", {})))
-    header = ["run", "method"] + grid_keys + ["final_loss", "final_deviation"] + [f"acc_{e}" for e in eval_sets] + ["status"]
+    header = (
+        ["run", "method"]
+        + grid_keys
+        + ["final_loss", "final_deviation"]
+        + [f"acc_{e}" for e in eval_sets]
+        + ["status"]
+    )
     rows = []
     for run in runs:
         r = run.result
-        rows.append([run.name, run.method] + [run.values.get(k, "") for k in grid_keys] + [r.get("loss"), r.get("deviation")]
-                    + [r.get("eval", {}).get(e) for e in eval_sets] + [r.get("status", "not run")])  # fmt: skip
+        rows.append(
+            [run.name, run.method]
+            + [run.values.get(k, "") for k in grid_keys]
+            + [r.get("loss"), r.get("deviation")]
+            + [r.get("eval", {}).get(e) for e in eval_sets]
+            + [r.get("status", "not run")]
+        )
 
     with open(os.path.join(output_dir, "results.csv"), "w", encoding="utf-8", newline="") as f:
         csv.writer(f).writerows([header] + rows)
@@ -190,7 +205,9 @@ def summarize(runs: list[Run], output_dir: str) -> dict[str, Optional[Run]]:
         f.write("\n".join(md) + "\n")
 
     best = best_runs(runs, eval_sets)
-    plot_deviation_curves({m: r.config["output_dir"] for m, r in best.items() if r}, os.path.join(output_dir, "fig1_deviation.png"))
+    plot_deviation_curves(
+        {m: r.config["output_dir"] for m, r in best.items() if r}, os.path.join(output_dir, "fig1_deviation.png")
+    )
     if eval_sets:
         plot_best_accuracy(runs, best, eval_sets, os.path.join(output_dir, "fig2b_best_accuracy.png"))
         plot_accuracy_heatmaps(runs, eval_sets, os.path.join(output_dir, "fig2a_lr_beta.png"))
@@ -222,7 +239,11 @@ def best_runs(runs: list[Run], eval_sets: list[str]) -> dict[str, Optional[Run]]
             best[method] = None
             continue
         top = max(candidates, key=candidates.get)
-        best[method] = next(run for run in runs if run.method == method and run.setting == top[1] and run.result.get("status") == "done")
+        best[method] = next(
+            run
+            for run in runs
+            if run.method == method and run.setting == top[1] and run.result.get("status") == "done"
+        )
     return best
 
 
@@ -238,10 +259,15 @@ def run_grid(path: str, output_dir: Optional[str] = None, dry_run: bool = False)
 
     if dry_run:
         for run in runs:
-            print(f"{run.name}: " + " ".join(f"{k}={v}" for k, v in run.config.items() if k in run.values or k == "stage"))
+            print(
+                f"{run.name}: "
+                + " ".join(f"{k}={v}" for k, v in run.config.items() if k in run.values or k == "stage")
+            )
         for entry in settings["eval"].get("files", []):
-            print(f"evaluates on {entry['path']} ({entry['prompt']} prompt)"
-                  + ("" if os.path.isfile(entry["path"]) else ": missing, provide it before the real run"))
+            print(
+                f"evaluates on {entry['path']} ({entry['prompt']} prompt)"
+                + ("" if os.path.isfile(entry["path"]) else ": missing, provide it before the real run")
+            )
         print(f"{len(runs)} runs into {settings['output_dir']}")
         return 0
 

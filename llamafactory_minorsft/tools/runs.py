@@ -1,5 +1,8 @@
-"""What the tools share about LLaMA-Factory runs: a grid run's record, training through the stock
-``llamafactory-cli`` into a log file, and reading a finished run's logged metrics."""
+"""What the tools share about LLaMA-Factory runs.
+
+What the tools share about LLaMA-Factory runs: a grid run's record, training through the stock
+``llamafactory-cli`` into a log file, and reading a finished run's logged metrics.
+"""
 
 import json
 import os

@@ -12,8 +12,9 @@ from typing import Optional
 
 
 QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-DEFAULT_SIZE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2)  # fmt: skip
+DEFAULT_SIZE = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
 
 _NAMES = ["Ada", "Bo", "Cyd", "Dee", "Eli", "Fay", "Gus", "Hal", "Ivy", "Jo", "Kit", "Lu", "Max", "Ned", "Oli", "Pam"]
 _ITEMS = ["apples", "books", "coins", "pens", "stones", "cards", "shells", "keys"]
@@ -61,11 +62,13 @@ def make_mc_questions(num_questions: int = 32, seed: int = 0) -> list[dict[str, 
             options.add(a + b + rng.choice([-3, -2, -1, 1, 2, 3, 10]))
         options = rng.sample(sorted(options), 4)
         letters = "ABCD"
-        questions.append({
-            "question": f"What is {a} plus {b}?",
-            **{letter: str(option) for letter, option in zip(letters, options)},
-            "answer": letters[options.index(a + b)],
-        })  # fmt: skip
+        questions.append(
+            {
+                "question": f"What is {a} plus {b}?",
+                **{letter: str(option) for letter, option in zip(letters, options)},
+                "answer": letters[options.index(a + b)],
+            }
+        )
     return questions
 
 
@@ -164,9 +167,17 @@ def build_token_classifier(texts: list[str], output_dir: str, seed: int = 0, voc
 
     tokenizer = build_tokenizer(texts, output_dir, vocab_size=vocab_size)
     config = Qwen2Config(
-        vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-        num_labels=2, id2label={0: "drop", 1: "keep"}, label2id={"drop": 0, "keep": 1},
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        num_labels=2,
+        id2label={0: "drop", 1: "keep"},
+        label2id={"drop": 0, "keep": 1},
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     torch.manual_seed(seed)
     Qwen2ForTokenClassification(config).save_pretrained(output_dir)

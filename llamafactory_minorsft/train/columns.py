@@ -71,8 +71,11 @@ def answer_values(padded: torch.Tensor, mask: torch.Tensor, name: str) -> torch.
 
 
 def add_reference_columns(dataset: "Dataset", values: dict[str, torch.Tensor], per_token: bool) -> "Dataset":
-    """The ``ref_logps`` column, and with ``per_token`` the ``ref_token_logps`` column (flat values split back
-    into one list per sample)."""
+    """Add the precomputed reference log-probs as columns.
+
+    The ``ref_logps`` column, and with ``per_token`` the ``ref_token_logps`` column (flat values split back
+    into one list per sample).
+    """
     dataset = dataset.add_column(REF_LOGPS, values["logps"].tolist())
     if per_token:
         per_sample = values["token_logps"].split(values["num_tokens"].tolist())

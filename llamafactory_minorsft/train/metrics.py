@@ -44,8 +44,11 @@ def deviation_sums(
 
 
 def coef_sums(coef: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
-    """``COEF_METRICS``: the dynamic coefficient, and 1 where it is below 0.01 (the share of samples that have
-    practically stopped training: long, well-fit answers reach it without any warning)."""
+    """Sums of ``COEF_METRICS``.
+
+    ``COEF_METRICS``: the dynamic coefficient, and 1 where it is below 0.01 (the share of samples that have
+    practically stopped training: long, well-fit answers reach it without any warning).
+    """
     valid = num_tokens > 0
     coef = coef.detach().float()
     return _pairs([coef, (coef < SWITCHED_OFF_COEF).float()], [valid, valid])
@@ -54,8 +57,11 @@ def coef_sums(coef: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
 def group_sums(
     important: torch.Tensor, unimportant: torch.Tensor, worst_is_important: torch.Tensor, num_tokens: torch.Tensor
 ) -> torch.Tensor:
-    """``GROUP_METRICS``: each group's mean token NLL over the samples where it is not empty (NaN marks an empty
-    group), and the share of valid samples whose worst (higher-loss) group is the important one."""
+    """Sums of ``GROUP_METRICS``.
+
+    ``GROUP_METRICS``: each group's mean token NLL over the samples where it is not empty (NaN marks an empty
+    group), and the share of valid samples whose worst (higher-loss) group is the important one.
+    """
     valid = num_tokens > 0
     present = [~torch.isnan(important) & valid, ~torch.isnan(unimportant) & valid, valid]
     values = [important.nan_to_num(0.0), unimportant.nan_to_num(0.0), worst_is_important.float()]

@@ -27,7 +27,9 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".m
 
 
 def default_cache_dir() -> str:
-    return os.getenv(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "llamafactory_minorsft", "ref_logps")
+    return os.getenv(CACHE_ENV) or os.path.join(
+        os.path.expanduser("~"), ".cache", "llamafactory_minorsft", "ref_logps"
+    )
 
 
 def path_fingerprint(name_or_path: Optional[str]) -> Any:
@@ -103,8 +105,11 @@ def load(path: str, num_samples: int, per_token: bool = False) -> Optional[dict[
 
 
 def save(path: str, values: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
-    """Write ``logps``, ``num_tokens`` (and ``token_logps``) atomically: a crash mid-write never leaves a file
-    that ``load`` accepts."""
+    """Write the values atomically.
+
+    Write ``logps``, ``num_tokens`` (and ``token_logps``) atomically: a crash mid-write never leaves a file
+    that ``load`` accepts.
+    """
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp_path = f"{path}.tmp.{os.getpid()}"
     stored = {"logps": values["logps"].float().cpu(), "num_tokens": values["num_tokens"].long().cpu(), "info": info}

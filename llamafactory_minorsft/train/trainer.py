@@ -100,11 +100,16 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
         self._num_answered_samples: Optional[torch.Tensor] = None
         self._stored_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         # group → metric names; every process logs the same groups, so their all-reduce in ``log`` is collective-safe
-        self.metric_groups: dict[str, tuple[str, ...]] = {"deviation": DEVIATION_METRICS} if self.uses_reference else {}
+        self.metric_groups: dict[str, tuple[str, ...]] = (
+            {"deviation": DEVIATION_METRICS} if self.uses_reference else {}
+        )
 
     def _prepare_reference(self, ref_model: Optional["PreTrainedModel"]) -> Optional[torch.nn.Module]:
-        """Prepare the frozen reference as LLaMA-Factory's DPO trainer does: sharded by DeepSpeed or FSDP, else
-        placed by accelerate in eval mode. Done here because LLaMA-Factory 0.9.4's SFT trainer takes no reference."""
+        """Prepare the frozen reference as LLaMA-Factory's DPO trainer does.
+
+        Prepare the frozen reference as LLaMA-Factory's DPO trainer does: sharded by DeepSpeed or FSDP, else
+        placed by accelerate in eval mode. Done here because LLaMA-Factory 0.9.4's SFT trainer takes no reference.
+        """
         if ref_model is None:
             return None
 
@@ -144,7 +149,7 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
     def reference_token_logps(
         self, model: "PreTrainedModel", model_inputs: dict, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """log πref of each answer token and the answer mask: the frozen ``ref_model``, or the policy without adapters."""
+        """Log πref of each answer token and the answer mask: the frozen ``ref_model``, or the policy without adapters."""
         if self.ref_model is None:  # LoRA: the base model with the adapters disabled, no second copy
             ref_model, ref_context = model, self.accelerator.unwrap_model(model).disable_adapter()
         else:
@@ -183,7 +188,9 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
         return values
 
     def precompute_reference(self, cache: dict[str, reference_cache.CachedSplit]) -> dict[str, float]:
-        """``precompute_ref_logps``: attach log πref of every split as columns, from ``cache`` or one reference
+        """Attach precomputed reference log-probs and free the reference model.
+
+        ``precompute_ref_logps``: attach log πref of every split as columns, from ``cache`` or one reference
         pass per missing split (then cached), switch the loss to them and free the reference model.
 
         Returns the runtime of each pass.

@@ -1,5 +1,8 @@
-"""Entry of this package's runs, as LLaMA-Factory's ``train/tuner.py`` dispatches its own: each stage to its
-workflow."""
+"""Entry of this package's runs: each stage to its workflow.
+
+Entry of this package's runs, as LLaMA-Factory's ``train/tuner.py`` dispatches its own: each stage to its
+workflow.
+"""
 
 from ..stages import REFERENCE_STAGES, SFT_GO_STAGE
 

@@ -1,4 +1,6 @@
-"""The workflow every stage of this package shares, mirroring LLaMA-Factory's sft workflow: tokenizer → template →
+"""The workflow every stage of this package shares.
+
+The workflow every stage of this package shares, mirroring LLaMA-Factory's sft workflow: tokenizer → template →
 dataset → (stage preparation) → model → reference → trainer → train / eval → plots → model card.
 
 Each stage folder's ``workflow.py`` calls ``run_workflow`` with its trainer and, where it needs one, a preparation
@@ -24,9 +26,8 @@ from .columns import ExtraColumnsCollator
 
 
 if TYPE_CHECKING:
-    from transformers import Seq2SeqTrainingArguments, TrainerCallback
-
     from llamafactory.hparams import DataArguments
+    from transformers import Seq2SeqTrainingArguments, TrainerCallback
 
     from ..hparams import PluginFinetuningArguments
     from .trainer import BaseSFTTrainer

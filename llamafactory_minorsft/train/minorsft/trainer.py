@@ -6,16 +6,19 @@ from typing_extensions import override
 
 from ...losses import minorsft_loss, sft_dpo_loss
 from ..metrics import COEF_METRICS, coef_sums
-from ..trainer import Batch, BaseSFTTrainer
+from ..trainer import BaseSFTTrainer, Batch
 
 
 LOSS_FUNCTIONS = {"minorsft": minorsft_loss, "sft_dpo": sft_dpo_loss}
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """TRL's ``disable_dropout_in_model`` (``nn.Dropout`` modules), plus the attention dropout that Hugging Face
+    """Turn every dropout of ``model`` off, attention dropout included.
+
+    TRL's ``disable_dropout_in_model`` (``nn.Dropout`` modules), plus the attention dropout that Hugging Face
     attention layers keep as a float attribute (Qwen2, Llama: ``attention_dropout``), which TRL's leaves on.
-    The saved config is untouched."""
+    The saved config is untouched.
+    """
     disable_dropout_in_model(model)
     for module in model.modules():
         if isinstance(getattr(module, "attention_dropout", None), float):

@@ -4,12 +4,15 @@ import torch
 from typing_extensions import override
 
 from ...losses import sft_sample_loss
-from ..trainer import Batch, BaseSFTTrainer
+from ..trainer import BaseSFTTrainer, Batch
 
 
 class SFTTrainer(BaseSFTTrainer):
-    r"""Stock SFT with the deviation metric beside it (`track_deviation`), and/or each sample's mean token NLL
-    averaged over samples (`sft_loss_reduction: sample`, Eq. 5) instead of the stock token mean."""
+    r"""Stock SFT with the deviation metric, or with Eq. 5's sample mean.
+
+    Stock SFT with the deviation metric beside it (`track_deviation`), and/or each sample's mean token NLL
+    averaged over samples (`sft_loss_reduction: sample`, Eq. 5) instead of the stock token mean.
+    """
 
     def __init__(self, finetuning_args, **kwargs) -> None:
         sample_mean = finetuning_args.sft_loss_reduction == "sample"

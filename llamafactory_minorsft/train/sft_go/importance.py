@@ -69,9 +69,14 @@ class KeepProbabilityScorer:
         for start in range(0, len(texts), self.batch_size):
             chunk = texts[start : start + self.batch_size]
             encoded = self.tokenizer(
-                chunk, return_offsets_mapping=True, truncation=True, max_length=self.max_length,
-                return_overflowing_tokens=True, padding=True, return_tensors="pt",
-            )  # fmt: skip
+                chunk,
+                return_offsets_mapping=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_overflowing_tokens=True,
+                padding=True,
+                return_tensors="pt",
+            )
             offsets = encoded.pop("offset_mapping")
             owners = encoded.pop("overflow_to_sample_mapping")
             inputs = {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}

@@ -16,7 +16,7 @@ from ...sft_go import (
 )
 from ..columns import TOKEN_IMPORTANCE, answer_values
 from ..metrics import GROUP_METRICS, group_sums
-from ..trainer import Batch, BaseSFTTrainer
+from ..trainer import BaseSFTTrainer, Batch
 
 
 class SFTGOTrainer(BaseSFTTrainer):
