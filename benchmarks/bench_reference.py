@@ -8,6 +8,10 @@ is taken over the steps of all its runs. Peak memory is the process's peak resid
 (``ru_maxrss``), the largest over the runs.
 
     .venv/bin/python benchmarks/bench_reference.py              # writes benchmarks/RESULTS.md
+
+With ``--vocab-size`` (e.g. Qwen2's 151936) it measures the real-vocabulary table instead: an untied output head of
+that size on a small decoder, samples of exactly ``--seq-len`` tokens, every stage against stock SFT. That table
+replaces the part of RESULTS.md after ``REAL_VOCAB_MARK``; the small-vocabulary run keeps it.
 """
 
 import argparse
@@ -26,10 +30,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MODEL_SIZE = dict(
     hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4
 )
+#: the decoder of the real-vocabulary table: the output head dominates, as in Qwen2-0.5B and 1.5B
+REAL_VOCAB_SIZE = dict(
+    hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
+REAL_VOCAB_MARK = "<!-- real-vocabulary table: bench_reference.py --vocab-size -->"
 
 
 def worker(config_path: str, result_path: str) -> None:
     """Run one training in this process and write its step times and peak RSS."""
+    import torch
     from llamafactory.train.tuner import run_exp
     from transformers import TrainerCallback
 
@@ -41,6 +51,8 @@ def worker(config_path: str, result_path: str) -> None:
             self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # kernels run asynchronously: the step ends when they do
             self.times.append(time.perf_counter() - self.start)
 
     with open(config_path, encoding="utf-8") as f:
@@ -51,28 +63,31 @@ def worker(config_path: str, result_path: str) -> None:
     with open(os.path.join(config["output_dir"], "all_results.json"), encoding="utf-8") as f:
         results = json.load(f)
 
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
+    if torch.cuda.is_available():
+        peak["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     with open(result_path, "w", encoding="utf-8") as f:
-        json.dump({"step_times": timer.times, "peak_rss_mb": peak_mb, "results": results}, f)
+        json.dump({"step_times": timer.times, **peak, "results": results}, f)
 
 
-def make_data(data_dir: str, num_samples: int) -> None:
-    """Answers of about 150 tokens: six generated answers joined, so a step does real work."""
+def make_data(data_dir: str, num_samples: int, pieces_per_answer: int = 6) -> None:
+    """Answers of ``pieces_per_answer`` generated answers joined (6: about 150 tokens), so a step does real work."""
     from llamafactory_minorsft.tools.tiny import make_instruction_data, write_dataset
 
-    pieces = make_instruction_data(num_samples * 6, seed=5)
+    n = pieces_per_answer
+    pieces = make_instruction_data(num_samples * n, seed=5)
     samples = [
         {
-            "instruction": pieces[6 * i]["instruction"],
+            "instruction": pieces[n * i]["instruction"],
             "input": "",
-            "output": " ".join(p["output"] for p in pieces[6 * i : 6 * i + 6]),
+            "output": " ".join(p["output"] for p in pieces[n * i : n * i + n]),
         }
         for i in range(num_samples)
     ]
     write_dataset(data_dir, "bench", samples)
 
 
-def run_variant(name: str, config: dict, workdir: str) -> dict:
+def run_variant(name: str, config: dict, workdir: str, device: str = "cpu") -> dict:
     config_path = os.path.join(workdir, f"{name}.json")
     result_path = os.path.join(workdir, f"{name}.result.json")
     with open(config_path, "w", encoding="utf-8") as f:
@@ -84,6 +99,7 @@ def run_variant(name: str, config: dict, workdir: str) -> dict:
             stdout=log,
             stderr=subprocess.STDOUT,
             check=True,
+            env={**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {})},
         )
     with open(result_path, encoding="utf-8") as f:
         return json.load(f)
@@ -97,9 +113,21 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2, help="runs per variant, in alternating order")
     parser.add_argument("--output", default=os.path.join(HERE, "RESULTS.md"))
+    parser.add_argument("--vocab-size", type=int, help="the real-vocabulary table, with an output head of this size")
+    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sample of the real-vocabulary table")
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="cuda: bf16 on the GPU, peak = max_memory_allocated"
+    )
     args = parser.parse_args()
     if args.worker:
         return worker(*args.worker)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is visible")
+    if args.vocab_size:
+        return real_vocabulary(args)
 
     from llamafactory_minorsft.tools.tiny import build_tiny_setup
 
@@ -223,9 +251,132 @@ def main() -> None:
             "The target is a floor, not a budget with headroom; use `precompute_ref_logps` where memory is tight.",
             "",
         ]
-    with open(args.output, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
+    write_section(args.output, "\n".join(lines), before_mark=True)
     print("\n".join(lines))
+    print(f"[bench] written to {args.output}; work files in {workdir}")
+
+
+def write_section(path: str, text: str, before_mark: bool) -> None:
+    """Replace the part of ``path`` before (or from) ``REAL_VOCAB_MARK``, keeping the other part."""
+    old = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+    head, mark, tail = old.partition(REAL_VOCAB_MARK)
+    if before_mark:
+        new = text.rstrip("\n") + "\n\n" + (mark + tail if mark else "")
+    else:
+        new = head.rstrip("\n") + "\n\n" + REAL_VOCAB_MARK + "\n\n" + text
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(new.rstrip("\n") + "\n")
+
+
+def real_vocabulary(args) -> None:
+    """Every stage against stock SFT at a real vocabulary size (see the module docstring)."""
+    from llamafactory_minorsft.tools.tiny import build_tiny_setup
+
+    workdir = tempfile.mkdtemp(prefix="minorsft_bench_vocab_")
+    size = dict(REAL_VOCAB_SIZE, vocab_size=args.vocab_size, tie_word_embeddings=False)
+    paths = build_tiny_setup(os.path.join(workdir, "tiny"), seed=0, num_samples=64, **size)
+    num_samples = args.steps * args.batch_size
+    # answers longer than the cutoff: every sample is exactly --seq-len tokens, most of them answer tokens
+    make_data(paths["data"], num_samples, pieces_per_answer=max(6, args.seq_len // 10))
+    base = dict(
+        model_name_or_path=paths["model"],
+        do_train=True,
+        finetuning_type="full",
+        dataset="bench",
+        dataset_dir=paths["data"],
+        template="qwen",
+        cutoff_len=args.seq_len,
+        overwrite_cache=True,
+        dataloader_num_workers=0,
+        overwrite_output_dir=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-4,
+        max_steps=args.steps,
+        pref_beta=0.04,
+        seed=42,
+        **({"bf16": True} if args.device == "cuda" else {}),
+    )
+    rho1 = dict(stage="sft_go", sft_go_grouping="rho1", ref_model=paths["ref_model"], precompute_ref_logps=True)
+    # name → (label, overrides, step-time target, memory target), both as ratios against stock sft
+    variants = {
+        "sft": ("stock sft", dict(stage="sft"), None, None),
+        "minorsft_online": ("minorsft, online reference", dict(stage="minorsft"), 1.30, 0.85),
+        "minorsft_pass": (
+            "minorsft, precompute pass (cache miss)",
+            dict(stage="minorsft", precompute_ref_logps=True),
+            None,
+            None,
+        ),
+        "minorsft_precomputed": (
+            "minorsft, precomputed (cache hit)",
+            dict(stage="minorsft", precompute_ref_logps=True),
+            1.05,
+            0.80,
+        ),
+        "sft_dpo_online": ("sft_dpo, online reference", dict(stage="sft_dpo"), 1.30, 0.85),
+        "sft_track": ("sft + track_deviation", dict(stage="sft", track_deviation=True), 1.30, None),
+        "sft_go_tfidf": ("sft_go, tfidf", dict(stage="sft_go"), 1.10, None),
+        "sft_go_rho1_pass": ("sft_go, rho1, precompute pass (cache miss)", rho1, None, None),
+        "sft_go_rho1_precomputed": ("sft_go, rho1, precomputed (cache hit)", rho1, None, None),
+    }
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for repeat in range(args.repeats):
+        order = list(variants) if repeat % 2 == 0 else list(reversed(variants))
+        for hit, miss in (("minorsft_precomputed", "minorsft_pass"), ("sft_go_rho1_precomputed", "sft_go_rho1_pass")):
+            order.remove(hit)  # always right after the pass that fills this round's cache
+            order.insert(order.index(miss) + 1, hit)
+        for name in order:
+            config = {**base, **variants[name][1], "output_dir": os.path.join(workdir, "out", name)}
+            config["ref_logps_cache_dir"] = os.path.join(workdir, f"cache{repeat}")
+            runs[name].append(run_variant(f"{name}.{repeat}", config, workdir, args.device))
+
+    for hit in ("minorsft_precomputed", "sft_go_rho1_precomputed"):
+        assert all("ref_precompute_train_runtime" not in r["results"] for r in runs[hit]), f"{hit}: no cache hit"
+    median = {
+        name: statistics.median(t for r in rs for t in r["step_times"][args.warmup :]) for name, rs in runs.items()
+    }
+    memory = "peak_cuda_mb" if args.device == "cuda" else "peak_rss_mb"
+    peak = {name: max(r[memory] for r in rs) for name, rs in runs.items()}
+    memory_label = "peak CUDA allocated (MB)" if args.device == "cuda" else "peak RSS (MB)"
+    if args.device == "cuda":
+        import torch
+
+        where = f"GPU: {torch.cuda.get_device_name()}, bf16"
+    else:
+        where = f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}"
+    lines = [
+        "## At a real vocabulary size" + (" (GPU)" if args.device == "cuda" else ""),
+        "",
+        f"Command: `.venv/bin/python benchmarks/bench_reference.py --vocab-size {args.vocab_size} --seq-len "
+        f"{args.seq_len} --batch-size {args.batch_size} --steps {args.steps} --warmup {args.warmup} "
+        f"--repeats {args.repeats} --device {args.device}`",
+        "",
+        f"{where}; date "
+        f"{time.strftime('%Y-%m-%d')}. Model: Qwen2 architecture {REAL_VOCAB_SIZE}, vocabulary {args.vocab_size}, "
+        f"untied output head; full fine-tuning, batch {args.batch_size} x {args.seq_len} tokens, {args.steps} steps "
+        f"per run, {args.repeats} run(s) per variant; median of steps {args.warmup + 1}-{args.steps}.",
+        "",
+        f"| variant | median step (s) | step vs SFT | target | {memory_label} | memory vs SFT | target | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, (label, _, time_target, memory_target) in variants.items():
+        t, m = median[name] / median["sft"], peak[name] / peak["sft"]
+        ok = (time_target is None or t <= time_target) and (memory_target is None or m <= memory_target)
+        measured_only = time_target is None and memory_target is None
+        verdict = "baseline" if name == "sft" else "measured" if measured_only else "met" if ok else "**missed**"
+        lines.append(
+            f"| {label} | {median[name]:.2f} | {t:.2f}x | {'' if time_target is None else f'≤ {time_target:.2f}x'} "
+            f"| {peak[name]:.0f} | {m:.2f}x | {'' if memory_target is None else f'≤ {memory_target:.2f}x'} "
+            f"| {verdict} |"
+        )
+    text = "\n".join(lines) + "\n"
+    write_section(args.output, text, before_mark=False)
+    print(text)
     print(f"[bench] written to {args.output}; work files in {workdir}")
 
 

@@ -121,15 +121,15 @@ def build_model(tokenizer, output_dir: str, seed: int = 0, **size) -> None:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    # `size` may also set `vocab_size` (at least the tokenizer's; extra ids are never produced) and `tie_word_embeddings`
+    size = {"vocab_size": len(tokenizer), "tie_word_embeddings": True, **DEFAULT_SIZE, **size}
     config = Qwen2Config(
-        vocab_size=len(tokenizer),
         max_position_embeddings=4096,
-        tie_word_embeddings=True,
         bos_token_id=None,
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id,
         torch_dtype="float32",
-        **{**DEFAULT_SIZE, **size},
+        **size,
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)

@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
 from tqdm import tqdm
+from transformers.integrations import is_deepspeed_zero3_enabled
 from typing_extensions import override
 
-from ..losses import IGNORE_INDEX, answer_token_logps
+from ..losses import IGNORE_INDEX, answer_token_logps, fused_sample_loss, projected_token_logps
 from . import reference_cache
 from .columns import EXTRA_COLUMNS, REF_LOGPS, REF_TOKEN_LOGPS, add_reference_columns, answer_values
+from .head import hidden_states_as_logits, plain_head
 from .metrics import DEVIATION_METRICS, deviation_sums, metric_means
 
 
@@ -156,9 +158,22 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
             ref_model, ref_context = self.ref_model, nullcontext()
 
         with ref_context, eval_mode(ref_model):  # a reference never uses dropout (the policy's is on in training)
-            logits = ref_model(**model_inputs, use_cache=False).logits
+            return self.forward_token_logps(ref_model, model_inputs, labels)[1:]
 
-        return answer_token_logps(logits, labels)
+    def forward_token_logps(self, model, model_inputs: dict, labels: torch.Tensor):
+        """(outputs, token log-probs, answer mask) of one forward pass.
+
+        Where the model allows it, the answer log-probs come from the hidden states (``head``): ``outputs.logits``
+        are then the hidden states.
+        """
+        head = plain_head(model)
+        if head is None:
+            outputs = model(**model_inputs, use_cache=False)
+            return outputs, *answer_token_logps(outputs.logits, labels)
+
+        with hidden_states_as_logits(model):
+            outputs = model(**model_inputs, use_cache=False)
+        return outputs, *projected_token_logps(outputs.logits, head, labels)
 
     @torch.no_grad()
     def compute_reference_logps(self, dataset, desc: str) -> dict[str, torch.Tensor]:
@@ -250,36 +265,78 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
 
         return (batch.num_tokens > 0).sum().clamp(min=1)
 
-    def sample_losses(self, batch: Batch) -> torch.Tensor:
-        """The hook of per-sample stages: L_i of every sample, shape (batch,), 0 for invalid samples."""
+    def sample_losses(self, logps: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The hook of per-sample stages: L_i of every sample from its log π(y_i|x_i).
+
+        Shape (batch,), 0 for invalid samples. Elementwise and without side effects: the fused path calls it once
+        per sample.
+        """
         raise NotImplementedError
 
     def batch_loss(self, batch: Batch) -> torch.Tensor:
         """The loss of a micro-batch: Σ_i L_i / N·P by default (see the class docstring)."""
-        return self.sample_losses(batch).sum() / self.denominator(batch)
+        return self.sample_losses(batch.logps, batch).sum() / self.denominator(batch)
+
+    def store_batch_metrics(self, batch: Batch) -> None:
+        """Add the batch's metric sums; stages with metrics of their own extend it."""
+        if self.uses_reference:
+            sums = deviation_sums(batch.logps, batch.ref_logps, batch.num_tokens, self.beta)
+            self.store_metrics("deviation", sums, batch.training)
+
+    def fused_head_weight(self, model) -> Optional[torch.Tensor]:
+        """The output head's weight where the per-sample loss can be fused with it (``fused_sample_loss``).
+
+        That takes a per-sample stage in training, a plain head, and parameters that DeepSpeed ZeRO-3 or FSDP do
+        not shard; elsewhere None.
+        """
+        if not (self.per_sample and model.training) or is_deepspeed_zero3_enabled() or self.is_fsdp_enabled:
+            return None
+
+        head = plain_head(model)
+        return None if head is None else head.weight
 
     @override
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         model_inputs = {key: value for key, value in inputs.items() if key not in ("labels", *EXTRA_COLUMNS)}
-        stock_loss = None
+        labels = inputs["labels"]
         if self.uses_stock_loss:
             stock_inputs = {key: value for key, value in inputs.items() if key not in EXTRA_COLUMNS}
             stock_loss, outputs = super().compute_loss(
                 model, stock_inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
             )
+            logits = outputs.logits if self.logps_need_grad else outputs.logits.detach()
+            batch = Batch(inputs, labels, *answer_token_logps(logits, labels), model.training, stock_loss)
+        elif (weight := self.fused_head_weight(model)) is not None:
+            return self._fused_loss(model, model_inputs, inputs, weight, return_outputs)
+        elif model.training:  # evaluation keeps the logits in ``outputs`` for `compute_accuracy`
+            outputs, token_logps, mask = self.forward_token_logps(model, model_inputs, labels)
+            batch = Batch(inputs, labels, token_logps, mask, model.training)
         else:
             outputs = model(**model_inputs, use_cache=False)
+            batch = Batch(inputs, labels, *answer_token_logps(outputs.logits, labels), model.training)
 
-        logits = outputs.logits if self.logps_need_grad else outputs.logits.detach()
-        token_logps, mask = answer_token_logps(logits, inputs["labels"])
-        batch = Batch(inputs, inputs["labels"], token_logps, mask, model.training, stock_loss)
         if self.uses_reference:
             self._reference(model, model_inputs, batch)
 
         loss = self.batch_loss(batch)
+        self.store_batch_metrics(batch)
+        return (loss, outputs) if return_outputs else loss
+
+    def _fused_loss(self, model, model_inputs: dict, inputs: dict, weight: torch.Tensor, return_outputs: bool):
+        """``compute_loss`` of a per-sample stage through ``fused_sample_loss``: the reference comes first."""
+        labels = inputs["labels"]
+        batch = Batch(inputs, labels, None, labels[:, 1:] != IGNORE_INDEX, training=True)
         if self.uses_reference:
-            sums = deviation_sums(batch.logps, batch.ref_logps, batch.num_tokens, self.beta)
-            self.store_metrics("deviation", sums, batch.training)
+            self._reference(model, model_inputs, batch)
+
+        with hidden_states_as_logits(model):
+            outputs = model(**model_inputs, use_cache=False)
+
+        def loss_of(logps: torch.Tensor) -> torch.Tensor:
+            return self.sample_losses(logps, batch).sum() / self.denominator(batch)
+
+        loss, batch.token_logps, _ = fused_sample_loss(outputs.logits, weight, labels, loss_of)
+        self.store_batch_metrics(batch)
         return (loss, outputs) if return_outputs else loss
 
     def store_metrics(self, group: str, sums: torch.Tensor, training: bool) -> None:

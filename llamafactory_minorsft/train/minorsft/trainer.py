@@ -37,7 +37,11 @@ class MinorSFTTrainer(BaseSFTTrainer):
         disable_dropout(self.model)
 
     @override
-    def sample_losses(self, batch: Batch) -> torch.Tensor:
-        losses, coef = self.loss_function(batch.logps, batch.ref_logps, batch.num_tokens, self.beta)
+    def sample_losses(self, logps: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return self.loss_function(logps, batch.ref_logps, batch.num_tokens, self.beta)[0]
+
+    @override
+    def store_batch_metrics(self, batch: Batch) -> None:
+        super().store_batch_metrics(batch)
+        coef = self.loss_function(batch.logps.detach(), batch.ref_logps, batch.num_tokens, self.beta)[1]
         self.store_metrics("coef", coef_sums(coef, batch.num_tokens), batch.training)
-        return losses

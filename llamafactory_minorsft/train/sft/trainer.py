@@ -22,8 +22,8 @@ class SFTTrainer(BaseSFTTrainer):
         super().__init__(finetuning_args=finetuning_args, **kwargs)
 
     @override
-    def sample_losses(self, batch: Batch) -> torch.Tensor:
-        return sft_sample_loss(batch.logps, batch.num_tokens)
+    def sample_losses(self, logps: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return sft_sample_loss(logps, batch.num_tokens)
 
     @override
     def batch_loss(self, batch: Batch) -> torch.Tensor:
