@@ -11,7 +11,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 
 IGNORE_INDEX = -100  # LLaMA-Factory's extras.constants.IGNORE_INDEX (kept here so this module stays pure)
@@ -85,51 +84,53 @@ def answer_token_logps(
     return token_logps[:, :-1], mask[:, :-1]
 
 
-def _projected_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+#: logits projected at once (float32): about 256 MB, 441 rows at Qwen2's 151,936-token vocabulary
+CHUNK_ELEMENTS = 2**26
+
+
+def _answer_chunks(mask: torch.Tensor, vocab_size: int):
+    """(row, answer positions) of each chunk: a sample's answer positions, at most ``CHUNK_ELEMENTS`` logits each.
+
+    The chunks are the same wherever they are used, so the reference and the fused policy make the same float
+    operations (identical log-probs for identical weights).
+    """
+    rows = max(16, CHUNK_ELEMENTS // vocab_size)
+    for i in range(mask.size(0)):
+        positions = mask[i].nonzero().squeeze(-1)
+        for start in range(0, positions.numel(), rows):
+            yield i, positions[start : start + rows]
+
+
+def _picked_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of each row's target, log-sum-exp of each row) of float32 ``logits``."""
+    logsumexp = torch.logsumexp(logits, -1, keepdim=True)
+    return (logits.gather(-1, targets.unsqueeze(-1)) - logsumexp).squeeze(-1), logsumexp
 
 
 def projected_token_logps(
-    hidden: torch.Tensor,
-    head: torch.nn.Module,
-    labels: torch.Tensor,
-    ignore_index: int = IGNORE_INDEX,
-    chunk_elements: int = 2**25,
+    hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``answer_token_logps`` from the final hidden states, never building the (batch, length, vocabulary) logits.
 
-    Only the answer positions are projected through ``head`` (called as a module, so DeepSpeed ZeRO-3 gathers its
-    weight), in chunks of about ``chunk_elements`` logits. With gradients on, each chunk is checkpointed: backward
-    recomputes its logits, so memory holds one chunk at a time.
-
-    Returns ``(token_logps, mask)``, both (batch, length − 1), as ``answer_token_logps``.
+    Only the answer positions are projected through ``head`` (a module call, so DeepSpeed ZeRO-3 gathers its
+    weight), one chunk of a sample at a time. Meant for no-grad reference passes; with gradients on, every chunk's
+    logits are kept for backward. Returns ``(token_logps, mask)``, both (batch, length − 1).
     """
     targets = labels[:, 1:]
     mask = targets != ignore_index
-    answer_hidden, answer_targets = hidden[:, :-1][mask], targets[mask]
-    vocab_size = head.out_features if hasattr(head, "out_features") else head.weight.size(0)
-    chunk = max(16, chunk_elements // vocab_size)
-    checkpointed = torch.is_grad_enabled() and answer_hidden.requires_grad
-    parts = []
-    for start in range(0, answer_hidden.size(0), chunk):
-        args = (head, answer_hidden[start : start + chunk], answer_targets[start : start + chunk])
-        if checkpointed:
-            parts.append(torch.utils.checkpoint.checkpoint(_projected_logps, *args, use_reentrant=False))
-        else:
-            parts.append(_projected_logps(*args))
+    token_logps = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    for i, positions in _answer_chunks(mask, head.out_features):
+        token_logps[i, positions] = _picked_logps(head(hidden[i, positions]).float(), targets[i, positions])[0]
 
-    flat = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
-    token_logps = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device).masked_scatter(mask, flat)
     return token_logps, mask
 
 
 class _FusedSampleLoss(torch.autograd.Function):
-    """Σ of per-sample losses of the answer log-probs, with the head's gradients computed in the forward pass.
+    """Per-sample losses of the answer log-probs with the head's gradients computed in the forward pass.
 
-    Each sample's answer logits are built once (one sample at a time), its log-prob and the loss's derivative
-    dL/d log π(y_i|x_i) taken, and the logits turned in place into dL/dlogits = dL/d log π · (onehot − softmax):
-    three head matmuls per step, as stock SFT's cross-entropy, and memory for one sample's logits.
+    Each sample's answer logits are built once, its log-prob and the loss's slope dL/d log π(y_i|x_i) taken, and
+    the logits turned in place into dL/dlogits = slope · (onehot − softmax): three head matmuls per step, as stock
+    SFT's cross-entropy, and memory for one sample's logits. Backward only scales the stored gradients.
     """
 
     @staticmethod
@@ -138,27 +139,27 @@ class _FusedSampleLoss(torch.autograd.Function):
         token_logps = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        for i in range(batch):
-            positions = mask[i].nonzero().squeeze(-1)
-            if positions.numel() == 0:
-                continue
+        chunks = {}  # row → [(positions, logits, log-sum-exp)]
+        for i, positions in _answer_chunks(mask, weight.size(0)):
+            logits = torch.nn.functional.linear(hidden[i, positions], weight).float()
+            token_logps[i, positions], logsumexp = _picked_logps(logits, targets[i, positions])
+            chunks.setdefault(i, []).append((positions, logits, logsumexp))
+            if positions[-1] != mask[i].nonzero()[-1, 0]:
+                continue  # the sample's last chunk completes its log-prob
 
-            answer_hidden, answer_targets = hidden[i, positions], targets[i, positions].unsqueeze(-1)
-            logits = torch.nn.functional.linear(answer_hidden, weight).float()
-            logsumexp = torch.logsumexp(logits, -1, keepdim=True)
-            token_logps[i, positions] = (logits.gather(-1, answer_targets) - logsumexp).squeeze(-1)
-            with torch.enable_grad():  # dL/d log π(y_i|x_i): the losses are per sample, so the others can be 0
+            with torch.enable_grad():  # the slope of sample i: the other samples' terms do not depend on it
                 logps = torch.zeros(batch, dtype=torch.float32, device=hidden.device)
                 logps[i] = token_logps[i].sum()
                 leaf = logps.requires_grad_()
-                (slope,) = torch.autograd.grad(sample_loss(leaf), leaf)
+                slope = torch.autograd.grad(sample_loss(leaf), leaf)[0][i]
 
-            grad_logits = logits.sub_(logsumexp).exp_().mul_(-slope[i])  # in place: dL/dlogits
-            grad_logits.scatter_add_(-1, answer_targets, slope[i].expand(answer_targets.shape).contiguous())
-            grad_logits = grad_logits.to(weight.dtype)
-            grad_hidden[i, positions] = grad_logits @ weight
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.t().float(), answer_hidden.float())
+            for positions, logits, logsumexp in chunks.pop(i):
+                grad_logits = logits.sub_(logsumexp).exp_().mul_(-slope)  # in place: dL/dlogits
+                grad_logits.scatter_add_(-1, targets[i, positions].unsqueeze(-1), slope.expand(len(positions), 1))
+                grad_logits = grad_logits.to(weight.dtype)
+                grad_hidden[i, positions] = grad_logits @ weight
+                if grad_weight is not None:
+                    grad_weight.addmm_(grad_logits.t().float(), hidden[i, positions].float())
 
         loss = sample_loss(token_logps.sum(-1))
         ctx.save_for_backward(grad_hidden, grad_weight)
@@ -180,11 +181,12 @@ def fused_sample_loss(
     sample_loss,
     ignore_index: int = IGNORE_INDEX,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A per-sample loss straight from the final hidden states and the output head's ``weight``.
+    """A per-sample loss straight from the final hidden states and the output head's ``weight`` (no bias).
 
     ``sample_loss`` maps the per-sample log-probs log π(y|x) to a scalar in which each sample's term depends on
-    its own log-prob only (Eq. 3, 5 and 7 do). Same values and gradients as ``sample_loss`` of ``projected_token_logps``, without keeping any logits for
-    backward. Returns ``(loss, token_logps, mask)``; the token log-probs carry no gradient.
+    its own log-prob only (Eq. 3, 5 and 7 do). Same values and gradients as ``sample_loss`` of
+    ``projected_token_logps``, without keeping any logits for backward. Returns ``(loss, token_logps, mask)``;
+    the token log-probs carry no gradient.
     """
     targets = labels[:, 1:]
     mask = targets != ignore_index

@@ -1,7 +1,8 @@
 """Answer log-probs without the full logits.
 
 The decoder runs with its output head switched off, and the head then
-projects only the answer positions, a chunk at a time (see ``losses.projected_token_logps``).
+projects only the answer positions, a chunk at a time (``losses.projected_token_logps`` and
+``losses.fused_sample_loss``).
 
 This needs a causal LM whose forward is ``logits = self.lm_head(hidden_states[...])`` and nothing else: no logit
 scaling or soft-capping, a plain ``nn.Linear`` head (tied to the embeddings or not) that no adapter wraps. Other
@@ -32,7 +33,7 @@ def plain_head(model: torch.nn.Module) -> Optional[torch.nn.Linear]:
     lm = causal_lm(model)
     head = getattr(lm, "lm_head", None)
     model_type = getattr(getattr(lm, "config", None), "model_type", None)
-    if model_type in PLAIN_HEAD_MODEL_TYPES and type(head) is torch.nn.Linear:
+    if model_type in PLAIN_HEAD_MODEL_TYPES and type(head) is torch.nn.Linear and head.bias is None:
         return head
     return None
 

@@ -158,22 +158,13 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
             ref_model, ref_context = self.ref_model, nullcontext()
 
         with ref_context, eval_mode(ref_model):  # a reference never uses dropout (the policy's is on in training)
-            return self.forward_token_logps(ref_model, model_inputs, labels)[1:]
+            head = plain_head(ref_model) if self.head_free(model) else None
+            if head is None:
+                return answer_token_logps(ref_model(**model_inputs, use_cache=False).logits, labels)
 
-    def forward_token_logps(self, model, model_inputs: dict, labels: torch.Tensor):
-        """(outputs, token log-probs, answer mask) of one forward pass.
-
-        Where the model allows it, the answer log-probs come from the hidden states (``head``): ``outputs.logits``
-        are then the hidden states.
-        """
-        head = plain_head(model)
-        if head is None:
-            outputs = model(**model_inputs, use_cache=False)
-            return outputs, *answer_token_logps(outputs.logits, labels)
-
-        with hidden_states_as_logits(model):
-            outputs = model(**model_inputs, use_cache=False)
-        return outputs, *projected_token_logps(outputs.logits, head, labels)
+            with hidden_states_as_logits(ref_model):
+                hidden = ref_model(**model_inputs, use_cache=False).logits
+            return projected_token_logps(hidden, head, labels)
 
     @torch.no_grad()
     def compute_reference_logps(self, dataset, desc: str) -> dict[str, torch.Tensor]:
@@ -283,17 +274,17 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
             sums = deviation_sums(batch.logps, batch.ref_logps, batch.num_tokens, self.beta)
             self.store_metrics("deviation", sums, batch.training)
 
-    def fused_head_weight(self, model) -> Optional[torch.Tensor]:
-        """The output head's weight where the per-sample loss can be fused with it (``fused_sample_loss``).
+    def head_free(self, model) -> bool:
+        """The stage takes its log-probs from the hidden states (``head``), fused with its loss in training.
 
-        That takes a per-sample stage in training, a plain head, and parameters that DeepSpeed ZeRO-3 or FSDP do
-        not shard; elsewhere None.
+        That takes a per-sample loss of the policy's own forward, a plain head, and parameters that DeepSpeed
+        ZeRO-3 or FSDP do not shard. The reference then follows the same path, so both make the same float
+        operations (r = 0 exactly where the weights are equal).
         """
-        if not (self.per_sample and model.training) or is_deepspeed_zero3_enabled() or self.is_fsdp_enabled:
-            return None
+        if not self.per_sample or self.uses_stock_loss or is_deepspeed_zero3_enabled() or self.is_fsdp_enabled:
+            return False
 
-        head = plain_head(model)
-        return None if head is None else head.weight
+        return plain_head(model) is not None
 
     @override
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -306,12 +297,9 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
             )
             logits = outputs.logits if self.logps_need_grad else outputs.logits.detach()
             batch = Batch(inputs, labels, *answer_token_logps(logits, labels), model.training, stock_loss)
-        elif (weight := self.fused_head_weight(model)) is not None:
-            return self._fused_loss(model, model_inputs, inputs, weight, return_outputs)
-        elif model.training:  # evaluation keeps the logits in ``outputs`` for `compute_accuracy`
-            outputs, token_logps, mask = self.forward_token_logps(model, model_inputs, labels)
-            batch = Batch(inputs, labels, token_logps, mask, model.training)
-        else:
+        elif model.training and self.head_free(model):
+            return self._fused_loss(model, model_inputs, inputs, return_outputs)
+        else:  # evaluation keeps the logits in ``outputs`` for `compute_accuracy`
             outputs = model(**model_inputs, use_cache=False)
             batch = Batch(inputs, labels, *answer_token_logps(outputs.logits, labels), model.training)
 
@@ -322,20 +310,20 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
         self.store_batch_metrics(batch)
         return (loss, outputs) if return_outputs else loss
 
-    def _fused_loss(self, model, model_inputs: dict, inputs: dict, weight: torch.Tensor, return_outputs: bool):
+    def _fused_loss(self, model, model_inputs: dict, inputs: dict, return_outputs: bool):
         """``compute_loss`` of a per-sample stage through ``fused_sample_loss``: the reference comes first."""
         labels = inputs["labels"]
         batch = Batch(inputs, labels, None, labels[:, 1:] != IGNORE_INDEX, training=True)
         if self.uses_reference:
             self._reference(model, model_inputs, batch)
 
-        with hidden_states_as_logits(model):
+        with hidden_states_as_logits(model) as head:
             outputs = model(**model_inputs, use_cache=False)
 
         def loss_of(logps: torch.Tensor) -> torch.Tensor:
             return self.sample_losses(logps, batch).sum() / self.denominator(batch)
 
-        loss, batch.token_logps, _ = fused_sample_loss(outputs.logits, weight, labels, loss_of)
+        loss, batch.token_logps, _ = fused_sample_loss(outputs.logits, head.weight, labels, loss_of)
         self.store_batch_metrics(batch)
         return (loss, outputs) if return_outputs else loss
 
