@@ -87,6 +87,32 @@ def make_data(data_dir: str, num_samples: int, pieces_per_answer: int = 6) -> No
     write_dataset(data_dir, "bench", samples)
 
 
+def train_config(paths: dict, args, **overrides) -> dict:
+    """The training config every variant shares; ``overrides`` add to or replace its keys."""
+    config = dict(
+        model_name_or_path=paths["model"],
+        do_train=True,
+        finetuning_type="full",
+        dataset="bench",
+        dataset_dir=paths["data"],
+        template="qwen",
+        cutoff_len=256,
+        overwrite_cache=True,
+        dataloader_num_workers=0,
+        overwrite_output_dir=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-4,
+        max_steps=args.steps,
+        pref_beta=0.04,
+        seed=42,
+    )
+    return {**config, **overrides}
+
+
 def run_variant(name: str, config: dict, workdir: str, device: str = "cpu") -> dict:
     config_path = os.path.join(workdir, f"{name}.json")
     result_path = os.path.join(workdir, f"{name}.result.json")
@@ -135,27 +161,7 @@ def main() -> None:
     paths = build_tiny_setup(os.path.join(workdir, "tiny"), seed=0, num_samples=64, **MODEL_SIZE)
     num_samples = args.steps * args.batch_size
     make_data(paths["data"], num_samples)
-    base = dict(
-        model_name_or_path=paths["model"],
-        do_train=True,
-        finetuning_type="full",
-        dataset="bench",
-        dataset_dir=paths["data"],
-        template="qwen",
-        cutoff_len=256,
-        overwrite_cache=True,
-        dataloader_num_workers=0,
-        overwrite_output_dir=True,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=1,
-        learning_rate=1e-4,
-        max_steps=args.steps,
-        pref_beta=0.04,
-        seed=42,
-    )
+    base = train_config(paths, args)
     lora = dict(finetuning_type="lora", lora_target="all", lora_rank=8)
     variants = {
         "sft": dict(stage="sft"),
@@ -278,27 +284,11 @@ def real_vocabulary(args) -> None:
     num_samples = args.steps * args.batch_size
     # answers longer than the cutoff: every sample is exactly --seq-len tokens, most of them answer tokens
     make_data(paths["data"], num_samples, pieces_per_answer=max(6, args.seq_len // 10))
-    base = dict(
-        model_name_or_path=paths["model"],
-        do_train=True,
-        finetuning_type="full",
-        dataset="bench",
-        dataset_dir=paths["data"],
-        template="qwen",
+    base = train_config(
+        paths,
+        args,
         cutoff_len=args.seq_len,
-        overwrite_cache=True,
-        dataloader_num_workers=0,
-        overwrite_output_dir=True,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size,
-        gradient_accumulation_steps=1,
-        learning_rate=1e-4,
-        max_steps=args.steps,
-        pref_beta=0.04,
-        seed=42,
         **({"bf16": True} if args.device == "cuda" else {}),
     )
     rho1 = dict(stage="sft_go", sft_go_grouping="rho1", ref_model=paths["ref_model"], precompute_ref_logps=True)

@@ -89,7 +89,7 @@ CHUNK_ELEMENTS = 2**26
 
 
 def _answer_chunks(mask: torch.Tensor, vocab_size: int):
-    """(row, answer positions) of each chunk: a sample's answer positions, at most ``CHUNK_ELEMENTS`` logits each.
+    """(row, answer positions, last chunk of the row?) of each chunk: at most ``CHUNK_ELEMENTS`` logits of a sample.
 
     The chunks are the same wherever they are used, so the reference and the fused policy make the same float
     operations (identical log-probs for identical weights).
@@ -98,7 +98,7 @@ def _answer_chunks(mask: torch.Tensor, vocab_size: int):
     for i in range(mask.size(0)):
         positions = mask[i].nonzero().squeeze(-1)
         for start in range(0, positions.numel(), rows):
-            yield i, positions[start : start + rows]
+            yield i, positions[start : start + rows], start + rows >= positions.numel()
 
 
 def _picked_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +119,7 @@ def projected_token_logps(
     targets = labels[:, 1:]
     mask = targets != ignore_index
     token_logps = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
-    for i, positions in _answer_chunks(mask, head.out_features):
+    for i, positions, _ in _answer_chunks(mask, head.out_features):
         token_logps[i, positions] = _picked_logps(head(hidden[i, positions]).float(), targets[i, positions])[0]
 
     return token_logps, mask
@@ -140,11 +140,11 @@ class _FusedSampleLoss(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         chunks = {}  # row → [(positions, logits, log-sum-exp)]
-        for i, positions in _answer_chunks(mask, weight.size(0)):
+        for i, positions, last in _answer_chunks(mask, weight.size(0)):
             logits = torch.nn.functional.linear(hidden[i, positions], weight).float()
             token_logps[i, positions], logsumexp = _picked_logps(logits, targets[i, positions])
             chunks.setdefault(i, []).append((positions, logits, logsumexp))
-            if positions[-1] != mask[i].nonzero()[-1, 0]:
+            if not last:
                 continue  # the sample's last chunk completes its log-prob
 
             with torch.enable_grad():  # the slope of sample i: the other samples' terms do not depend on it

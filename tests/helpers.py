@@ -42,6 +42,18 @@ def answer_token_logps(model, prompt: list[int], answer: list[int]) -> torch.Ten
     return logprobs[torch.arange(targets.numel()), targets][len(prompt) - 1 :]  # the positions predicting the answer
 
 
+def batch_token_logps(hidden, head, labels, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log π of each answer token, answer mask) of a batch, from its full logits.
+
+    log_softmax of every position in float64, picked at the next label; 0 off the answer.
+    """
+    logprobs = torch.log_softmax(head(hidden).double(), -1)[:, :-1]
+    targets = labels[:, 1:]
+    mask = targets != ignore_index
+    picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(mask, picked, torch.zeros_like(picked)), mask
+
+
 def weights(path) -> dict[str, torch.Tensor]:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return {name: value.detach() for name, value in model.named_parameters()}

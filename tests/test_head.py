@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from helpers import batch_token_logps
 from llamafactory_minorsft import losses
 from llamafactory_minorsft.losses import IGNORE_INDEX, projected_token_logps
 from llamafactory_minorsft.train.head import hidden_states_as_logits, plain_head
@@ -23,22 +24,13 @@ def batch(seed: int, dtype: torch.dtype, batch: int = 3, length: int = 40, hidde
     return states, head, labels
 
 
-def naive(states, head, labels):
-    """log_softmax of every position's full logits in float64, picked at the next label."""
-    logprobs = torch.log_softmax(head(states).double(), -1)[:, :-1]
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return torch.where(mask, picked, torch.zeros_like(picked)), mask
-
-
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("chunk_elements", [1, 2**25])  # 16 positions a chunk (the floor: 3 chunks a row), one
 def test_projected_logps_equal_the_full_logits_values_and_gradients(dtype, tolerance, chunk_elements, monkeypatch):
     monkeypatch.setattr(losses, "CHUNK_ELEMENTS", chunk_elements)
     states, head, labels = batch(0, dtype)
     weights = torch.linspace(-1.0, 2.0, labels.size(0) * (labels.size(1) - 1)).view(labels.size(0), -1)
-    expected, mask = naive(states, head, labels)
+    expected, mask = batch_token_logps(states, head, labels)
     expected_grads = torch.autograd.grad((expected * weights).sum(), [states, head.weight])
 
     token_logps, got_mask = projected_token_logps(states, head, labels)
@@ -81,8 +73,10 @@ def test_qwen2_takes_the_hidden_state_path_exactly(tied):
     with hidden_states_as_logits(model) as used:
         hidden = model(input_ids=ids).logits
     assert used is head and model.lm_head is head and hidden.shape == (2, 9, 16)
-    expected, _ = naive(hidden, head, labels)
-    torch.testing.assert_close(expected, naive(model(input_ids=ids).logits, torch.nn.Identity(), labels)[0])
+    expected, _ = batch_token_logps(hidden, head, labels)
+    torch.testing.assert_close(
+        expected, batch_token_logps(model(input_ids=ids).logits, torch.nn.Identity(), labels)[0]
+    )
     torch.testing.assert_close(projected_token_logps(hidden, head, labels)[0].double(), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -122,7 +116,7 @@ def test_fused_sample_loss_equals_autograd_of_the_paper_losses(dtype, tolerance,
         def sample_loss(logps):
             return loss_fn(logps, ref, (labels[:, 1:] != IGNORE_INDEX).sum(-1), 0.3)[0].sum() / 2
 
-        token_logps, mask = naive(states, head, labels)
+        token_logps, mask = batch_token_logps(states, head, labels)
         expected = sample_loss(token_logps.sum(-1))
         expected_grads = torch.autograd.grad(expected, [states, head.weight])
         loss, got_tokens, got_mask = fused_sample_loss(states, head.weight, labels, sample_loss)

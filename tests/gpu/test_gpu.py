@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import base_config, cli_env, deepspeed_env, run_cli, step_logs
+from helpers import batch_token_logps
 from llamafactory_minorsft.losses import IGNORE_INDEX, fused_sample_loss, minorsft_loss, projected_token_logps
 
 
@@ -30,13 +31,6 @@ QWEN2_05B = dict(  # Qwen2-0.5B's config.json, random weights
 )
 
 
-def naive_token_logps(hidden, head, labels):
-    logprobs = torch.log_softmax(head(hidden).double(), -1)[:, :-1]
-    targets = labels[:, 1:]
-    picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return torch.where(targets != IGNORE_INDEX, picked, torch.zeros_like(picked))
-
-
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 def test_chunked_and_fused_logps_match_a_naive_log_softmax_on_cuda(dtype, tolerance):
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -44,7 +38,7 @@ def test_chunked_and_fused_logps_match_a_naive_log_softmax_on_cuda(dtype, tolera
     head = torch.nn.Linear(64, 151936, bias=False, device="cuda", dtype=dtype)
     labels = torch.randint(0, 151936, (2, 300), device="cuda", generator=gen)
     labels[:, :50] = IGNORE_INDEX
-    expected = naive_token_logps(hidden, head, labels)
+    expected = batch_token_logps(hidden, head, labels)[0]
     token_logps, _ = projected_token_logps(hidden, head, labels)
     torch.testing.assert_close(token_logps.double(), expected, rtol=tolerance, atol=tolerance)
 
