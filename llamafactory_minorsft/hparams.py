@@ -88,7 +88,7 @@ class SFTGOArguments:
         default=0.9,
         metadata={
             "help": (
-                "λ in [0, 1] of L = (1 − λ)·CE + λ·max(L_important, L_unimportant): 0 is exactly stock SFT, 1 keeps "
+                "λ in [0, 1] of L = (1 − λ)·CE + λ·max(L_important, L_unimportant): 0 is stock SFT, 1 keeps "
                 "only the worst group. With a decaying schedule it is the starting value. Default 0.9, the value "
                 "the SFT-GO paper uses for all settings."
             )

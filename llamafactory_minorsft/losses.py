@@ -125,43 +125,69 @@ def projected_token_logps(
     return token_logps, mask
 
 
-class _FusedSampleLoss(torch.autograd.Function):
-    """Per-sample losses of the answer log-probs with the head's gradients computed in the forward pass.
+def _head_grads(logits, logsumexp, targets, slope, hidden, weight, grad_weight) -> torch.Tensor:
+    """The gradient of a chunk's hidden states (returned) and head weight (added to ``grad_weight``).
 
-    Each sample's answer logits are built once, its log-prob and the loss's slope dL/d log π(y_i|x_i) taken, and
-    the logits turned in place into dL/dlogits = slope · (onehot − softmax): three head matmuls per step, as stock
-    SFT's cross-entropy, and memory for one sample's logits. Backward only scales the stored gradients.
+    dL/dlogits = slope · (onehot − softmax) is built in place in the float32 ``logits``; ``slope`` is
+    dL/d log π of each position of the chunk, shape (positions, 1).
+    """
+    grad_logits = logits.sub_(logsumexp).exp_().mul_(-slope)
+    grad_logits.scatter_add_(-1, targets.unsqueeze(-1), slope)
+    grad_logits = grad_logits.to(weight.dtype)
+    if grad_weight is not None:
+        grad_weight.addmm_(grad_logits.t().float(), hidden.float())
+    return grad_logits @ weight
+
+
+class _FusedAnswerLoss(torch.autograd.Function):
+    """A loss of the answer-token log-probs, with the head's gradients computed in the forward pass.
+
+    The answer logits are built one chunk at a time; their log-probs and the loss's slopes dL/d log π(y_t|x, y_<t)
+    are taken, and the logits turned in place into dL/dlogits. Backward only scales the stored gradients.
+
+    ``rowwise``: each sample's term depends on its own tokens only, so a sample's slopes are known once its last
+    chunk is in, and its logits are kept until then: three head matmuls per step, as stock SFT's cross-entropy.
+    Otherwise (a loss that couples the samples, as a worst group over the batch) the slopes wait for the whole
+    batch and the logits are projected a second time: four matmuls, memory for one chunk.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, mask, sample_loss):
-        batch = targets.size(0)
+    def forward(ctx, hidden, weight, targets, mask, loss_fn, rowwise):
         token_logps = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        chunks = {}  # row → [(positions, logits, log-sum-exp)]
-        for i, positions, last in _answer_chunks(mask, weight.size(0)):
+
+        def project(i, positions):
             logits = torch.nn.functional.linear(hidden[i, positions], weight).float()
             token_logps[i, positions], logsumexp = _picked_logps(logits, targets[i, positions])
-            chunks.setdefault(i, []).append((positions, logits, logsumexp))
-            if not last:
-                continue  # the sample's last chunk completes its log-prob
+            return logits, logsumexp
 
-            with torch.enable_grad():  # the slope of sample i: the other samples' terms do not depend on it
-                logps = torch.zeros(batch, dtype=torch.float32, device=hidden.device)
-                logps[i] = token_logps[i].sum()
-                leaf = logps.requires_grad_()
-                slope = torch.autograd.grad(sample_loss(leaf), leaf)[0][i]
+        def backprop(i, positions, logits, logsumexp, slopes):
+            slope = slopes[i, positions].unsqueeze(-1)
+            rows = hidden[i, positions]
+            grad_hidden[i, positions] = _head_grads(
+                logits, logsumexp, targets[i, positions], slope, rows, weight, grad_weight
+            )
 
-            for positions, logits, logsumexp in chunks.pop(i):
-                grad_logits = logits.sub_(logsumexp).exp_().mul_(-slope)  # in place: dL/dlogits
-                grad_logits.scatter_add_(-1, targets[i, positions].unsqueeze(-1), slope.expand(len(positions), 1))
-                grad_logits = grad_logits.to(weight.dtype)
-                grad_hidden[i, positions] = grad_logits @ weight
-                if grad_weight is not None:
-                    grad_weight.addmm_(grad_logits.t().float(), hidden[i, positions].float())
+        if rowwise:
+            chunks = []  # the current sample's (positions, logits, log-sum-exp)
+            for i, positions, last in _answer_chunks(mask, weight.size(0)):
+                chunks.append((positions, *project(i, positions)))
+                if last:  # sample i is complete; the other samples' terms do not depend on it
+                    row = torch.zeros_like(token_logps)
+                    row[i] = token_logps[i]
+                    slopes = _slopes(loss_fn, row)
+                    for chunk in chunks:
+                        backprop(i, *chunk, slopes)
+                    chunks = []
+        else:
+            logsumexps = [project(i, positions)[1] for i, positions, _ in _answer_chunks(mask, weight.size(0))]
+            slopes = _slopes(loss_fn, token_logps)
+            for (i, positions, _), logsumexp in zip(_answer_chunks(mask, weight.size(0)), logsumexps):
+                logits = torch.nn.functional.linear(hidden[i, positions], weight).float()
+                backprop(i, positions, logits, logsumexp, slopes)
 
-        loss = sample_loss(token_logps.sum(-1))
+        loss = loss_fn(token_logps)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(token_logps)
@@ -171,26 +197,34 @@ class _FusedSampleLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _):
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_weight = None if grad_weight is None else (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight, None, None, None
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight, None, None, None, None
 
 
-def fused_sample_loss(
+def _slopes(loss_fn, token_logps: torch.Tensor) -> torch.Tensor:
+    """dL/d log π of every answer token, by autograd of ``loss_fn`` at ``token_logps``."""
+    with torch.enable_grad():
+        leaf = token_logps.detach().requires_grad_()
+        return torch.autograd.grad(loss_fn(leaf), leaf)[0]
+
+
+def fused_answer_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    sample_loss,
+    loss_fn,
+    rowwise: bool = True,
     ignore_index: int = IGNORE_INDEX,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A per-sample loss straight from the final hidden states and the output head's ``weight`` (no bias).
+    """A loss of the answer-token log-probs straight from the final hidden states and the head's ``weight`` (no bias).
 
-    ``sample_loss`` maps the per-sample log-probs log π(y|x) to a scalar in which each sample's term depends on
-    its own log-prob only (Eq. 3, 5 and 7 do). Same values and gradients as ``sample_loss`` of
-    ``projected_token_logps``, without keeping any logits for backward. Returns ``(loss, token_logps, mask)``;
-    the token log-probs carry no gradient.
+    ``loss_fn`` maps the token log-probs (batch, length − 1), 0 off the answers, to a scalar. ``rowwise``: each
+    sample's term depends on its own row only (Eq. 3, 5, 7 and the token-mean cross-entropy do); False for a loss
+    that couples the samples. Same values and gradients as ``loss_fn`` of ``projected_token_logps``, without
+    keeping any logits for backward. Returns ``(loss, token_logps, mask)``; the token log-probs carry no gradient.
     """
     targets = labels[:, 1:]
     mask = targets != ignore_index
-    loss, token_logps = _FusedSampleLoss.apply(hidden[:, :-1], weight, targets.clamp(min=0), mask, sample_loss)
+    loss, token_logps = _FusedAnswerLoss.apply(hidden[:, :-1], weight, targets.clamp(min=0), mask, loss_fn, rowwise)
     return loss, token_logps, mask
 
 

@@ -165,7 +165,7 @@ def sft_go_objective(ce: torch.Tensor, worst: torch.Tensor, lam: float) -> torch
     """SFT-GO's loss L = (1 − λ)·CE + λ·W.
 
     SFT-GO's loss L = (1 − λ)·CE + λ·W: CE is the standard SFT loss, the token mean over the batch's answer
-    tokens (so λ = 0 is exactly stock SFT), and W the worst-group term (``group_losses``/``batch_worst_group``).
+    tokens (so λ = 0 is stock SFT), and W the worst-group term (``group_losses``/``batch_worst_group``).
     Its gradient is (1 − λ)·∇CE + λ·∇L_worst.
     """
     return (1 - lam) * ce + lam * worst

@@ -21,3 +21,14 @@ def test_two_processes_equal_one_big_batch(tiny, tmp_path, stage):
     one, two = step_logs(tmp_path / "single")[0], step_logs(tmp_path / "double")[0]
     for key in ("loss", "deviation", "rewards", "coef", "logps/policy", "logps/ref"):
         assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+
+
+def test_two_processes_track_deviation_keeps_the_stock_loss(tiny, tmp_path):
+    """The fused token mean under data parallelism: the Trainer counts tokens across processes, scales back by P."""
+    env = cli_env(FORCE_TORCHRUN="1", NPROC_PER_NODE="2")
+    common = dict(stage="sft", per_device_train_batch_size=2, learning_rate=0.5)
+    run_cli(base_config(tiny, tmp_path / "stock", **common), tmp_path / "stock_run", env=env)
+    run_cli(base_config(tiny, tmp_path / "tracked", track_deviation=True, **common), tmp_path / "t_run", env=env)
+    assert_same_weights(tmp_path / "stock", tmp_path / "tracked", rtol=1e-4, atol=1e-6)
+    stock, tracked = step_logs(tmp_path / "stock")[0], step_logs(tmp_path / "tracked")[0]
+    assert tracked["loss"] == pytest.approx(stock["loss"], rel=1e-5) and tracked["deviation"] == 0

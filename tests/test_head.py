@@ -105,8 +105,8 @@ def test_other_heads_fall_back_to_the_full_logits():
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("chunk_elements", [1, 2**25])
-def test_fused_sample_loss_equals_autograd_of_the_paper_losses(dtype, tolerance, chunk_elements, monkeypatch):
-    from llamafactory_minorsft.losses import fused_sample_loss, minorsft_loss, sft_dpo_loss
+def test_fused_loss_equals_autograd_of_the_paper_losses(dtype, tolerance, chunk_elements, monkeypatch):
+    from llamafactory_minorsft.losses import fused_answer_loss, minorsft_loss, sft_dpo_loss
 
     monkeypatch.setattr(losses, "CHUNK_ELEMENTS", chunk_elements)
     states, head, labels = batch(2, dtype)
@@ -119,7 +119,9 @@ def test_fused_sample_loss_equals_autograd_of_the_paper_losses(dtype, tolerance,
         token_logps, mask = batch_token_logps(states, head, labels)
         expected = sample_loss(token_logps.sum(-1))
         expected_grads = torch.autograd.grad(expected, [states, head.weight])
-        loss, got_tokens, got_mask = fused_sample_loss(states, head.weight, labels, sample_loss)
+        loss, got_tokens, got_mask = fused_answer_loss(
+            states, head.weight, labels, lambda tokens: sample_loss(tokens.sum(-1))
+        )
         assert torch.equal(got_mask, mask) and not got_tokens.requires_grad
         torch.testing.assert_close(got_tokens.double(), token_logps.detach(), rtol=tolerance, atol=tolerance)
         torch.testing.assert_close(loss.double(), expected.double(), rtol=tolerance, atol=tolerance)
@@ -131,3 +133,41 @@ def test_fused_sample_loss_equals_autograd_of_the_paper_losses(dtype, tolerance,
         # the reference path makes the same float operations: equal weights give r = 0 exactly
         with torch.no_grad():
             assert torch.equal(projected_token_logps(states, head, labels)[0], got_tokens)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("chunk_elements", [1, 2**25])
+@pytest.mark.parametrize("rowwise", [True, False])
+def test_fused_loss_of_token_logps_equals_autograd(dtype, tolerance, chunk_elements, rowwise, monkeypatch):
+    """Token-level losses: a token mean (the stock cross-entropy), and a worst group per sample or over the batch.
+
+    Written here from the token log-probs, not with this package's SFT-GO functions: a per-token slope that
+    differs within a sample, and (``rowwise=False``) a loss that couples the samples.
+    """
+    from llamafactory_minorsft.losses import fused_answer_loss
+
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", chunk_elements)
+    states, head, labels = batch(3, dtype)
+    mask = labels[:, 1:] != IGNORE_INDEX
+    group = mask & (torch.arange(mask.size(1)) % 3 == 0)  # a fixed "important" group: every third position
+
+    def group_nll(tokens, members, dim):
+        return -(tokens * members).sum(dim) / members.sum(dim).clamp(min=1)
+
+    def loss_fn(tokens):
+        token_mean = -tokens.sum() / 57.0  # a Trainer's token count: any constant
+        if rowwise:  # each sample's worst group, summed
+            worst = torch.maximum(group_nll(tokens, group, -1), group_nll(tokens, mask & ~group, -1)).sum()
+        else:  # the worst group over the batch
+            worst = torch.maximum(group_nll(tokens, group, None), group_nll(tokens, mask & ~group, None))
+        return 0.6 * token_mean + 0.4 * worst
+
+    token_logps, _ = batch_token_logps(states, head, labels)
+    expected = loss_fn(token_logps)
+    expected_grads = torch.autograd.grad(expected, [states, head.weight])
+    loss, got_tokens, _ = fused_answer_loss(states, head.weight, labels, loss_fn, rowwise=rowwise)
+    torch.testing.assert_close(got_tokens.double(), token_logps.detach(), rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(loss.double(), expected.double(), rtol=tolerance, atol=tolerance)
+    grads = torch.autograd.grad(loss * 2.0, [states, head.weight])
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got.double(), 2.0 * want.double(), rtol=tolerance, atol=tolerance)

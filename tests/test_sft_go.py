@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from conftest import base_config, run_cli, step_logs
-from helpers import answer_token_logps, assert_sgd_step, encode, step_inputs
+from helpers import answer_token_logps, assert_same_weights, assert_sgd_step, encode, step_inputs
 from llamafactory_minorsft.tools.tiny import build_token_classifier
 from llamafactory_minorsft.train.metrics import GROUP_METRICS
 
@@ -130,15 +129,14 @@ def test_defaults_follow_the_papers_public_description():
     assert (args.sft_go_group_reduction, args.sft_go_grouping, args.sft_go_eta) == ("batch", "tfidf", 0.5)
 
 
-def test_lambda_zero_is_exactly_stock_sft(tiny, tmp_path):
-    """λ = 0 is exactly stock SFT.
+def test_lambda_zero_is_stock_sft(tiny, tmp_path):
+    """λ = 0 is stock SFT.
 
-    SFT-GO's CE term is stock SFT's token mean, normalised the same way under accumulation: λ = 0 gives the
-    same losses and the same weights, bit for bit.
+    SFT-GO's CE term is stock SFT's token mean, normalised the same way under accumulation (taken from the fused
+    head): λ = 0 gives the same losses and the same weights up to float32 rounding.
     """
     common = dict(
-        optim="adamw_torch",
-        learning_rate=1e-2,
+        learning_rate=0.5,  # plain SGD (``base_config``): an update linear in the gradient, so rounding stays rounding
         max_steps=3,
         dataset="minorsft_demo",
         per_device_train_batch_size=2,
@@ -148,11 +146,9 @@ def test_lambda_zero_is_exactly_stock_sft(tiny, tmp_path):
     go = dict(stage="sft_go", sft_go_lambda=0.0, sft_go_group_reduction="sample", pref_beta=None)
     run_cli(base_config(tiny, tmp_path / "go", **go, **common), tmp_path / "go_run")
     stock, sft_go = step_logs(tmp_path / "stock"), step_logs(tmp_path / "go")
-    assert len(stock) == 3 and [e["loss"] for e in sft_go] == [e["loss"] for e in stock]
+    assert len(stock) == 3 and [e["loss"] for e in sft_go] == pytest.approx([e["loss"] for e in stock], rel=1e-5)
     assert sft_go[0]["group_loss/important"] != sft_go[0]["group_loss/unimportant"]  # the groups were formed
-    stock_weights = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "stock").named_parameters())
-    for name, param in AutoModelForCausalLM.from_pretrained(tmp_path / "go").named_parameters():
-        assert torch.equal(param, stock_weights[name]), name
+    assert_same_weights(tmp_path / "stock", tmp_path / "go", rtol=1e-4, atol=1e-6)
 
 
 def test_lora_accumulation_and_precomputed_token_logps_match_the_big_batch(tiny, tmp_path):

@@ -2,7 +2,7 @@
 
 The decoder runs with its output head switched off, and the head then
 projects only the answer positions, a chunk at a time (``losses.projected_token_logps`` and
-``losses.fused_sample_loss``).
+``losses.fused_answer_loss``).
 
 This needs a causal LM whose forward is ``logits = self.lm_head(hidden_states[...])`` and nothing else: no logit
 scaling or soft-capping, a plain ``nn.Linear`` head (tied to the embeddings or not) that no adapter wraps. Other

@@ -9,7 +9,7 @@ normalisation over the global batch, and the metric sums. Each stage's trainer (
 import gc
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -18,7 +18,7 @@ from tqdm import tqdm
 from transformers.integrations import is_deepspeed_zero3_enabled
 from typing_extensions import override
 
-from ..losses import IGNORE_INDEX, answer_token_logps, fused_sample_loss, projected_token_logps
+from ..losses import IGNORE_INDEX, answer_token_logps, fused_answer_loss, projected_token_logps
 from . import reference_cache
 from .columns import EXTRA_COLUMNS, REF_LOGPS, REF_TOKEN_LOGPS, add_reference_columns, answer_values
 from .head import hidden_states_as_logits, plain_head
@@ -56,7 +56,8 @@ class Batch:
     token_logps: torch.Tensor  # log πθ of each answer token, (batch, length − 1)
     mask: torch.Tensor  # the answer tokens, (batch, length − 1)
     training: bool
-    stock_loss: Optional[torch.Tensor] = None  # the stock token-mean loss, where ``uses_stock_loss``
+    stock_loss: Optional[torch.Tensor] = None  # the stock token-mean loss, where ``uses_stock_loss`` (stock path)
+    num_items: Optional[torch.Tensor] = None  # what the stock token mean divides by (fused path)
     ref_token_logps: Optional[torch.Tensor] = None  # log πref of each answer token (online, or precomputed for Rho-1)
     ref_logps: Optional[torch.Tensor] = None  # log πref(y|x), where a reference model is involved
 
@@ -79,8 +80,9 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
     """
 
     per_sample = True  # losses are per-sample means over the global batch; False keeps the stock token mean
-    uses_stock_loss = False  # the stock token-mean loss is computed too (``Batch.stock_loss``)
+    uses_stock_loss = False  # the loss has the stock token-mean cross-entropy in it (``token_mean_loss``)
     logps_need_grad = True  # False: the answer log-probs only feed metrics
+    rowwise = True  # each sample's loss term depends on its own tokens only (see ``fused_answer_loss``)
 
     def __init__(
         self,
@@ -265,7 +267,10 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
         raise NotImplementedError
 
     def batch_loss(self, batch: Batch) -> torch.Tensor:
-        """The loss of a micro-batch: Σ_i L_i / N·P by default (see the class docstring)."""
+        """The loss of a micro-batch: Σ_i L_i / N·P by default (see the class docstring).
+
+        A function of ``batch.token_logps`` without side effects: the fused path differentiates it by autograd.
+        """
         return self.sample_losses(batch.logps, batch).sum() / self.denominator(batch)
 
     def store_batch_metrics(self, batch: Batch) -> None:
@@ -277,28 +282,66 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
     def head_free(self, model) -> bool:
         """The stage takes its log-probs from the hidden states (``head``), fused with its loss in training.
 
-        That takes a per-sample loss of the policy's own forward, a plain head, and parameters that DeepSpeed
-        ZeRO-3 or FSDP do not shard. The reference then follows the same path, so both make the same float
-        operations (r = 0 exactly where the weights are equal).
+        That takes a plain head and parameters that DeepSpeed ZeRO-3 or FSDP do not shard, and a stock token mean
+        that ``token_mean_loss`` reproduces (``stock_loss_is_token_mean``). The reference then follows the same
+        path, so both make the same float operations (r = 0 exactly where the weights are equal).
         """
-        if not self.per_sample or self.uses_stock_loss or is_deepspeed_zero3_enabled() or self.is_fsdp_enabled:
+        if is_deepspeed_zero3_enabled() or self.is_fsdp_enabled:
+            return False
+        if self.uses_stock_loss and not self.stock_loss_is_token_mean():
             return False
 
         return plain_head(model) is not None
+
+    def stock_loss_is_token_mean(self) -> bool:
+        """The stock loss is the model's own token-mean cross-entropy, normalised by the Trainer alone.
+
+        Not so with LLaMA-Factory's loss functions (``use_dft_loss``, ``use_eaft_loss``, ``use_asft_loss``), label
+        smoothing, DataParallel over several GPUs in one process, or sequence parallelism: those keep the stock loss.
+        """
+        parallelism = getattr(self.accelerator, "parallelism_config", None)
+        return (
+            self.compute_loss_func is None
+            and self.label_smoother is None
+            and self.args.n_gpu <= 1
+            and not getattr(parallelism, "sp_enabled", False)
+        )
+
+    def token_mean_loss(self, batch: Batch) -> torch.Tensor:
+        r"""Stock SFT's loss: the answer tokens' NLL summed, over the Trainer's count of them.
+
+        The count is ``num_items_in_batch`` (the tokens of all accumulation steps, of all processes where
+        ``average_tokens_across_devices``, whose loss the Trainer scales back up by P), else the micro-batch's
+        tokens (the Trainer then divides by the accumulation steps), as ``transformers`` does for the model's loss.
+        """
+        if batch.stock_loss is not None:
+            return batch.stock_loss
+
+        return -batch.token_logps.sum() / batch.num_items
+
+    def stock_num_items(self, batch: Batch, num_items_in_batch) -> torch.Tensor:
+        """What ``token_mean_loss`` divides by on the fused path (see there)."""
+        if not self.model_accepts_loss_kwargs or num_items_in_batch is None:
+            return batch.mask.sum().clamp(min=1)
+
+        num_items = torch.as_tensor(num_items_in_batch, device=batch.mask.device)
+        if self.args.average_tokens_across_devices:
+            num_items = num_items / self.accelerator.num_processes
+        return num_items
 
     @override
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         model_inputs = {key: value for key, value in inputs.items() if key not in ("labels", *EXTRA_COLUMNS)}
         labels = inputs["labels"]
-        if self.uses_stock_loss:
+        if model.training and self.head_free(model):
+            return self._fused_loss(model, model_inputs, inputs, return_outputs, num_items_in_batch)
+        elif self.uses_stock_loss:
             stock_inputs = {key: value for key, value in inputs.items() if key not in EXTRA_COLUMNS}
             stock_loss, outputs = super().compute_loss(
                 model, stock_inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
             )
             logits = outputs.logits if self.logps_need_grad else outputs.logits.detach()
             batch = Batch(inputs, labels, *answer_token_logps(logits, labels), model.training, stock_loss)
-        elif model.training and self.head_free(model):
-            return self._fused_loss(model, model_inputs, inputs, return_outputs)
         else:  # evaluation keeps the logits in ``outputs`` for `compute_accuracy`
             outputs = model(**model_inputs, use_cache=False)
             batch = Batch(inputs, labels, *answer_token_logps(outputs.logits, labels), model.training)
@@ -310,20 +353,22 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
         self.store_batch_metrics(batch)
         return (loss, outputs) if return_outputs else loss
 
-    def _fused_loss(self, model, model_inputs: dict, inputs: dict, return_outputs: bool):
-        """``compute_loss`` of a per-sample stage through ``fused_sample_loss``: the reference comes first."""
+    def _fused_loss(self, model, model_inputs: dict, inputs: dict, return_outputs: bool, num_items_in_batch):
+        """``compute_loss`` through ``fused_answer_loss``: ``batch_loss`` as a function of the token log-probs."""
         labels = inputs["labels"]
         batch = Batch(inputs, labels, None, labels[:, 1:] != IGNORE_INDEX, training=True)
+        if self.uses_stock_loss:
+            batch.num_items = self.stock_num_items(batch, num_items_in_batch)
         if self.uses_reference:
             self._reference(model, model_inputs, batch)
 
         with hidden_states_as_logits(model) as head:
             outputs = model(**model_inputs, use_cache=False)
 
-        def loss_of(logps: torch.Tensor) -> torch.Tensor:
-            return self.sample_losses(logps, batch).sum() / self.denominator(batch)
+        def loss_of(token_logps: torch.Tensor) -> torch.Tensor:
+            return self.batch_loss(replace(batch, token_logps=token_logps))
 
-        loss, batch.token_logps, _ = fused_sample_loss(outputs.logits, head.weight, labels, loss_of)
+        loss, batch.token_logps, _ = fused_answer_loss(outputs.logits, head.weight, labels, loss_of, self.rowwise)
         self.store_batch_metrics(batch)
         return (loss, outputs) if return_outputs else loss
 

@@ -15,7 +15,7 @@ import torch
 
 from conftest import base_config, cli_env, deepspeed_env, run_cli, step_logs
 from helpers import batch_token_logps
-from llamafactory_minorsft.losses import IGNORE_INDEX, fused_sample_loss, minorsft_loss, projected_token_logps
+from llamafactory_minorsft.losses import IGNORE_INDEX, fused_answer_loss, minorsft_loss, projected_token_logps
 
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -49,7 +49,7 @@ def test_chunked_and_fused_logps_match_a_naive_log_softmax_on_cuda(dtype, tolera
         return minorsft_loss(logps, ref, m, 0.04)[0].sum() / 2
 
     want = torch.autograd.grad(loss_of(expected.sum(-1).float()), [hidden, head.weight])
-    loss, _, _ = fused_sample_loss(hidden, head.weight, labels, loss_of)
+    loss, _, _ = fused_answer_loss(hidden, head.weight, labels, lambda tokens: loss_of(tokens.sum(-1)))
     got = torch.autograd.grad(loss, [hidden, head.weight])
     for g, w in zip(got, want):
         torch.testing.assert_close(g.double(), w.double(), rtol=tolerance, atol=tolerance)

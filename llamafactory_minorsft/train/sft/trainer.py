@@ -17,7 +17,7 @@ class SFTTrainer(BaseSFTTrainer):
     def __init__(self, finetuning_args, **kwargs) -> None:
         sample_mean = finetuning_args.sft_loss_reduction == "sample"
         self.per_sample = sample_mean
-        self.uses_stock_loss = not sample_mean  # the stock loss, untouched; log-probs only feed the metrics
+        self.uses_stock_loss = not sample_mean  # the stock token mean; log-probs only feed the metrics
         self.logps_need_grad = sample_mean
         super().__init__(finetuning_args=finetuning_args, **kwargs)
 
@@ -27,4 +27,4 @@ class SFTTrainer(BaseSFTTrainer):
 
     @override
     def batch_loss(self, batch: Batch) -> torch.Tensor:
-        return super().batch_loss(batch) if self.per_sample else batch.stock_loss
+        return super().batch_loss(batch) if self.per_sample else self.token_mean_loss(batch)

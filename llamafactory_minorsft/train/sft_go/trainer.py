@@ -20,7 +20,7 @@ from ..trainer import BaseSFTTrainer, Batch
 
 
 class SFTGOTrainer(BaseSFTTrainer):
-    r"""SFT-GO: CE is the stock token-mean loss, so λ = 0 is exactly stock SFT."""
+    r"""SFT-GO: CE is the stock token-mean loss, so λ = 0 is stock SFT (up to float32 rounding on the fused path)."""
 
     uses_stock_loss = True
 
@@ -28,7 +28,9 @@ class SFTGOTrainer(BaseSFTTrainer):
         super().__init__(finetuning_args=finetuning_args, **kwargs)
         self.go_args = finetuning_args  # sft_go_* options
         self.idf = idf  # TF-IDF grouping: idf of every token id over the training answers
+        self.rowwise = finetuning_args.sft_go_group_reduction == "sample"  # `batch`: a worst group over the batch
         self.metric_groups["groups"] = GROUP_METRICS
+        self._lambda = 0.0
         self._train_lambda: Optional[float] = None
 
     def current_lambda(self) -> float:
@@ -52,21 +54,28 @@ class SFTGOTrainer(BaseSFTTrainer):
         return top_fraction_mask(scores, batch.mask, self.go_args.sft_go_eta)
 
     @override
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._lambda = self.current_lambda()  # once per batch: ``batch_loss`` may run once per sample
+        if model.training:
+            self._train_lambda = self._lambda  # logged as used, not as of the next step
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    @override
     def batch_loss(self, batch: Batch) -> torch.Tensor:
         important = self.important_tokens(batch)
-        lam = self.current_lambda()
-        if batch.training:
-            self._train_lambda = lam  # logged as used, not as of the next step
-
-        groups = group_losses(batch.token_logps, batch.mask, important)
         if self.go_args.sft_go_group_reduction == "sample":
-            worst = groups.worst.sum() / self.denominator(batch)
+            worst = group_losses(batch.token_logps, batch.mask, important).worst.sum() / self.denominator(batch)
         else:  # each micro-batch of each process is one Group DRO mini-batch, weighted by its valid samples
             worst = batch_worst_group(batch.token_logps, batch.mask, important)
             worst = worst * (batch.num_tokens > 0).sum() / self.denominator(batch)
 
+        return sft_go_objective(self.token_mean_loss(batch), worst, self._lambda)
+
+    @override
+    def store_batch_metrics(self, batch: Batch) -> None:
+        super().store_batch_metrics(batch)
+        groups = group_losses(batch.token_logps.detach(), batch.mask, self.important_tokens(batch))
         self.store_metrics("groups", group_sums(*groups[1:], batch.num_tokens), batch.training)
-        return sft_go_objective(batch.stock_loss, worst, lam)
 
     @override
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
