@@ -104,6 +104,17 @@ def test_sft_track_deviation_keeps_the_stock_loss(tiny, tmp_path):
     assert_same_weights(tmp_path / "stock", tmp_path / "tracked", rtol=1e-4, atol=1e-6)
 
 
+def test_sft_track_deviation_keeps_llamafactory_loss_functions(tiny, tmp_path):
+    """``use_dft_loss`` is not the token mean the fused head reproduces: tracking then keeps the stock loss."""
+    common = dict(stage="sft", use_dft_loss=True, max_steps=2, dataset="minorsft_demo")
+    run_cli(base_config(tiny, tmp_path / "stock", **common), tmp_path / "stock_run")
+    run_cli(base_config(tiny, tmp_path / "tracked", track_deviation=True, **common), tmp_path / "tracked_run")
+    stock, tracked = step_logs(tmp_path / "stock"), step_logs(tmp_path / "tracked")
+    assert [e["loss"] for e in tracked] == [e["loss"] for e in stock]  # bit-identical: the stock forward and loss
+    assert tracked[0]["deviation"] == 0 and tracked[-1]["deviation"] != 0
+    assert_same_weights(tmp_path / "stock", tmp_path / "tracked", rtol=0, atol=0)
+
+
 def test_minorsft_outputs_match_the_sft_workflow_and_eval_metrics(tiny, tmp_path):
     out = tmp_path / "out"
     config = base_config(
