@@ -324,7 +324,7 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
         if not self.model_accepts_loss_kwargs or num_items_in_batch is None:
             return batch.mask.sum().clamp(min=1)
 
-        num_items = torch.as_tensor(num_items_in_batch, device=batch.mask.device)
+        num_items = torch.as_tensor(num_items_in_batch, device=batch.mask.device).clamp(min=1)  # 0: loss 0, not NaN
         if self.args.average_tokens_across_devices:
             num_items = num_items / self.accelerator.num_processes
         return num_items
