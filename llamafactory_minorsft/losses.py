@@ -181,9 +181,10 @@ class _FusedAnswerLoss(torch.autograd.Function):
                         backprop(i, *chunk, slopes)
                     chunks = []
         else:
-            logsumexps = [project(i, positions)[1] for i, positions, _ in _answer_chunks(mask, weight.size(0))]
+            chunks = [(i, positions) for i, positions, _ in _answer_chunks(mask, weight.size(0))]
+            logsumexps = [project(i, positions)[1] for i, positions in chunks]
             slopes = _slopes(loss_fn, token_logps)
-            for (i, positions, _), logsumexp in zip(_answer_chunks(mask, weight.size(0)), logsumexps):
+            for (i, positions), logsumexp in zip(chunks, logsumexps):
                 logits = torch.nn.functional.linear(hidden[i, positions], weight).float()
                 backprop(i, positions, logits, logsumexp, slopes)
 
