@@ -9,9 +9,15 @@ is taken over the steps of all its runs. Peak memory is the process's peak resid
 
     .venv/bin/python benchmarks/bench_reference.py              # writes benchmarks/RESULTS.md
 
-With ``--vocab-size`` (e.g. Qwen2's 151936) it measures the real-vocabulary table instead: an untied output head of
-that size on a small decoder, samples of exactly ``--seq-len`` tokens, every stage against stock SFT. That table
-replaces the part of RESULTS.md after ``REAL_VOCAB_MARK``; the small-vocabulary run keeps it.
+With ``--vocab-size`` (e.g. Qwen2's 151936) it measures one real-vocabulary table instead, a ``--suite`` of
+``SUITES``: `stages` (every stage against stock SFT, an untied head on a hidden-256 decoder, samples of exactly
+``--seq-len`` tokens), `head-short` and `head-long` (Qwen2-1.5B's tied head and layers, 2 of them, at 1 x 256 and
+2 x 1,024 tokens), `zero3` (DeepSpeed ZeRO-3 over 2 processes). ``--precision bf16`` saves the model in bf16 and
+trains with `bf16: true`, as GPU users do (on the CPU with `use_cpu: true`: accelerate's autocast); ``--deepspeed z2``
+runs every variant under DeepSpeed ZeRO-2 (torchrun, one process). Each table replaces its own section of RESULTS.md
+after ``REAL_VOCAB_MARK``; the others stay.
+
+    .venv/bin/python benchmarks/bench_reference.py --suite head-long --vocab-size 151936 --precision bf16 ...
 """
 
 import argparse
@@ -24,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,7 +41,8 @@ MODEL_SIZE = dict(
 REAL_VOCAB_SIZE = dict(
     hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
 )
-REAL_VOCAB_MARK = "<!-- real-vocabulary table: bench_reference.py --vocab-size -->"
+REAL_VOCAB_MARK = "<!-- real-vocabulary tables: bench_reference.py --vocab-size, one section per suite -->"
+SECTION_MARK = "<!-- section: "
 
 
 def worker(config_path: str, result_path: str) -> None:
@@ -60,12 +68,16 @@ def worker(config_path: str, result_path: str) -> None:
 
     timer = StepTimer()
     run_exp(config, callbacks=[timer])
-    with open(os.path.join(config["output_dir"], "all_results.json"), encoding="utf-8") as f:
-        results = json.load(f)
+    results = {}
+    if int(os.environ.get("RANK", "0")) == 0:  # rank 0 writes it
+        with open(os.path.join(config["output_dir"], "all_results.json"), encoding="utf-8") as f:
+            results = json.load(f)
 
     peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
     if torch.cuda.is_available():
         peak["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if "LOCAL_RANK" in os.environ:  # under torchrun: one result per process
+        result_path += f".{os.environ['RANK']}"
     with open(result_path, "w", encoding="utf-8") as f:
         json.dump({"step_times": timer.times, **peak, "results": results}, f)
 
@@ -113,22 +125,45 @@ def train_config(paths: dict, args, **overrides) -> dict:
     return {**config, **overrides}
 
 
-def run_variant(name: str, config: dict, workdir: str, device: str = "cpu") -> dict:
+def run_variant(name: str, config: dict, workdir: str, device: str = "cpu", nproc: int = 0) -> dict:
+    """Train ``config`` in a process of its own (``nproc`` > 0: that many, under torchrun); its step times and peak.
+
+    Under torchrun every process writes its own result: the step times are rank 0's, the peak the largest.
+    """
     config_path = os.path.join(workdir, f"{name}.json")
     result_path = os.path.join(workdir, f"{name}.result.json")
     with open(config_path, "w", encoding="utf-8") as f:
         json.dump(config, f)
     print(f"[bench] {name} ...", flush=True)
+    command = [sys.executable, __file__, "--worker", config_path, result_path]
+    if nproc:
+        torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+        command = [torchrun, f"--nproc_per_node={nproc}", f"--master_port={free_port()}", *command[1:]]
     with open(os.path.join(workdir, f"{name}.log"), "w", encoding="utf-8") as log:
         subprocess.run(
-            [sys.executable, __file__, "--worker", config_path, result_path],
+            command,
             stdout=log,
             stderr=subprocess.STDOUT,
             check=True,
             env={**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {})},
         )
-    with open(result_path, encoding="utf-8") as f:
-        return json.load(f)
+    results = []
+    for rank in range(max(1, nproc)):
+        with open(result_path + (f".{rank}" if nproc else ""), encoding="utf-8") as f:
+            results.append(json.load(f))
+    merged = dict(results[0])
+    for key in ("peak_rss_mb", "peak_cuda_mb"):
+        if key in merged:
+            merged[key] = max(result[key] for result in results)
+    return merged
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def main() -> None:
@@ -140,7 +175,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs per variant, in alternating order")
     parser.add_argument("--output", default=os.path.join(HERE, "RESULTS.md"))
     parser.add_argument("--vocab-size", type=int, help="the real-vocabulary table, with an output head of this size")
-    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sample of the real-vocabulary table")
+    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sample of the `stages` suite")
+    parser.add_argument("--suite", choices=list(SUITES), default="stages", help="the real-vocabulary table to measure")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: a bf16 checkpoint + bf16")
+    parser.add_argument("--deepspeed", choices=list(DEEPSPEED_CONFIGS), help="run every variant under this ZeRO stage")
     parser.add_argument(
         "--device", choices=["cpu", "cuda"], default="cpu", help="cuda: bf16 on the GPU, peak = max_memory_allocated"
     )
@@ -153,7 +191,7 @@ def main() -> None:
         if not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA device is visible")
     if args.vocab_size:
-        return real_vocabulary(args)
+        return vocabulary_table(args)
 
     from llamafactory_minorsft.tools.tiny import build_tiny_setup
 
@@ -257,43 +295,69 @@ def main() -> None:
             "The target is a floor, not a budget with headroom; use `precompute_ref_logps` where memory is tight.",
             "",
         ]
-    write_section(args.output, "\n".join(lines), before_mark=True)
+    write_section(args.output, "\n".join(lines), None)
     print("\n".join(lines))
     print(f"[bench] written to {args.output}; work files in {workdir}")
 
 
-def write_section(path: str, text: str, before_mark: bool) -> None:
-    """Replace the part of ``path`` before (or from) ``REAL_VOCAB_MARK``, keeping the other part."""
+def write_section(path: str, text: str, key: Optional[str]) -> None:
+    """Replace one table of ``path``, keeping the others.
+
+    ``key`` None: the small-vocabulary table, before ``REAL_VOCAB_MARK``; else the real-vocabulary section ``key``,
+    after its own marker (added at the end if new).
+    """
     old = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
-    head, mark, tail = old.partition(REAL_VOCAB_MARK)
-    if before_mark:
-        new = text.rstrip("\n") + "\n\n" + (mark + tail if mark else "")
+    small, mark, tail = old.partition(REAL_VOCAB_MARK)
+    sections = {}  # key → text, in file order
+    for part in tail.split(SECTION_MARK)[1:]:
+        section_key, _, body = part.partition(" -->")
+        sections[section_key] = body.strip("\n")
+    if key is None:
+        small = text
     else:
-        new = head.rstrip("\n") + "\n\n" + REAL_VOCAB_MARK + "\n\n" + text
+        sections[key] = text.strip("\n")
+    new = small.rstrip("\n") + "\n\n" + REAL_VOCAB_MARK + "\n"
+    for section_key, body in sections.items():
+        new += f"\n{SECTION_MARK}{section_key} -->\n\n{body}\n"
     with open(path, "w", encoding="utf-8") as f:
-        f.write(new.rstrip("\n") + "\n")
+        f.write(new)
 
 
-def real_vocabulary(args) -> None:
-    """Every stage against stock SFT at a real vocabulary size (see the module docstring)."""
-    from llamafactory_minorsft.tools.tiny import build_tiny_setup
+#: Qwen2-1.5B's decoder layer and head (config.json), 2 layers: the head's fixed costs at a realistic hidden size
+QWEN2_15B_HEAD = dict(
+    hidden_size=1536,
+    intermediate_size=8960,
+    num_hidden_layers=2,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+)
+#: suite → (model size, micro-batch size, tokens per sample, processes, variants with their targets). Targets are
+#: ratios against stock sft in the same run: (step time, peak memory), None where only measured.
+SUITES = {
+    # issue 14's table: every stage, hidden 256, an untied head
+    "stages": (dict(REAL_VOCAB_SIZE, tie_word_embeddings=False), 2, 1024, 1, "stages"),
+    # issue 19: Qwen2-1.5B's head, a short and a long micro-batch, and ZeRO-3 over 2 processes at hidden 256
+    "head-short": (QWEN2_15B_HEAD, 1, 256, 1, {"minorsft_online": (None, 1.05), "minorsft_precomputed": (None, 0.90)}),
+    "head-long": (QWEN2_15B_HEAD, 2, 1024, 1, {"minorsft_online": (1.30, 0.85), "minorsft_precomputed": (1.05, 0.80)}),
+    "zero3": (
+        dict(REAL_VOCAB_SIZE, tie_word_embeddings=False),
+        1,
+        1024,
+        2,
+        {"minorsft_online": (1.30, 0.75), "minorsft_precomputed": (1.05, 0.70)},
+    ),
+}
+DEEPSPEED_CONFIGS = {
+    "z2": os.path.join(HERE, "..", "examples_yaml", "deepspeed", "ds_z2_config.json"),
+    "z3": os.path.join(HERE, "..", "examples_yaml", "deepspeed", "ds_z3_config.json"),
+}
 
-    workdir = tempfile.mkdtemp(prefix="minorsft_bench_vocab_")
-    size = dict(REAL_VOCAB_SIZE, vocab_size=args.vocab_size, tie_word_embeddings=False)
-    paths = build_tiny_setup(os.path.join(workdir, "tiny"), seed=0, num_samples=64, **size)
-    num_samples = args.steps * args.batch_size
-    # answers longer than the cutoff: every sample is exactly --seq-len tokens, most of them answer tokens
-    make_data(paths["data"], num_samples, pieces_per_answer=max(6, args.seq_len // 10))
-    base = train_config(
-        paths,
-        args,
-        cutoff_len=args.seq_len,
-        per_device_eval_batch_size=args.batch_size,
-        **({"bf16": True} if args.device == "cuda" else {}),
-    )
+
+def stage_variants(paths: dict) -> dict:
+    """Every stage against stock sft (issue 14): name → (label, overrides, step-time target, memory target)."""
     rho1 = dict(stage="sft_go", sft_go_grouping="rho1", ref_model=paths["ref_model"], precompute_ref_logps=True)
-    # name → (label, overrides, step-time target, memory target), both as ratios against stock sft
-    variants = {
+    return {
         "sft": ("stock sft", dict(stage="sft"), None, None),
         "minorsft_online": ("minorsft, online reference", dict(stage="minorsft"), 1.30, 0.85),
         "minorsft_pass": (
@@ -314,42 +378,109 @@ def real_vocabulary(args) -> None:
         "sft_go_rho1_pass": ("sft_go, rho1, precompute pass (cache miss)", rho1, None, None),
         "sft_go_rho1_precomputed": ("sft_go, rho1, precomputed (cache hit)", rho1, None, None),
     }
+
+
+def head_variants(targets: dict) -> dict:
+    """Minorsft's reference modes against stock sft: name → (label, overrides, step-time target, memory target)."""
+    return {
+        "sft": ("stock sft", dict(stage="sft"), None, None),
+        "minorsft_online": ("minorsft, online reference", dict(stage="minorsft"), *targets["minorsft_online"]),
+        "minorsft_pass": (
+            "minorsft, precompute pass (cache miss)",
+            dict(stage="minorsft", precompute_ref_logps=True),
+            None,
+            None,
+        ),
+        "minorsft_precomputed": (
+            "minorsft, precomputed (cache hit)",
+            dict(stage="minorsft", precompute_ref_logps=True),
+            *targets["minorsft_precomputed"],
+        ),
+    }
+
+
+def vocabulary_table(args) -> None:
+    """One suite of ``SUITES`` at a real vocabulary size (see the module docstring)."""
+    from llamafactory_minorsft.tools.tiny import build_tiny_setup
+
+    size, batch_size, seq_len, nproc, targets = SUITES[args.suite]
+    if args.suite == "stages":
+        batch_size, seq_len = args.batch_size, args.seq_len
+    precision = "bf16" if args.device == "cuda" else args.precision
+    workdir = tempfile.mkdtemp(prefix="minorsft_bench_vocab_")
+    dtype = "bfloat16" if precision == "bf16" else "float32"
+    size = dict(size, vocab_size=args.vocab_size)
+    paths = build_tiny_setup(os.path.join(workdir, "tiny"), seed=0, num_samples=64, dtype=dtype, **size)
+    num_samples = args.steps * batch_size * nproc
+    # answers longer than the cutoff: every sample is exactly `seq_len` tokens, most of them answer tokens
+    make_data(paths["data"], num_samples, pieces_per_answer=max(6, seq_len // 10))
+    extra = {"bf16": True} if precision == "bf16" else {}
+    if precision == "bf16" and args.device == "cpu":
+        extra["use_cpu"] = True  # accelerate's autocast on the CPU, as on a GPU
+    if args.deepspeed:
+        extra["deepspeed"] = os.path.abspath(DEEPSPEED_CONFIGS[args.deepspeed])
+    if args.suite == "zero3":
+        extra["deepspeed"] = os.path.abspath(DEEPSPEED_CONFIGS["z3"])
+    base = train_config(
+        paths,
+        args,
+        cutoff_len=seq_len,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
+        **extra,
+    )
+    variants = stage_variants(paths) if targets == "stages" else head_variants(targets)
+    launcher = nproc if "deepspeed" in extra else 0  # DeepSpeed runs under torchrun, even on one process
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     for repeat in range(args.repeats):
         order = list(variants) if repeat % 2 == 0 else list(reversed(variants))
         for hit, miss in (("minorsft_precomputed", "minorsft_pass"), ("sft_go_rho1_precomputed", "sft_go_rho1_pass")):
-            order.remove(hit)  # always right after the pass that fills this round's cache
-            order.insert(order.index(miss) + 1, hit)
+            if hit in order:
+                order.remove(hit)  # always right after the pass that fills this round's cache
+                order.insert(order.index(miss) + 1, hit)
         for name in order:
             config = {**base, **variants[name][1], "output_dir": os.path.join(workdir, "out", name)}
             config["ref_logps_cache_dir"] = os.path.join(workdir, f"cache{repeat}")
-            runs[name].append(run_variant(f"{name}.{repeat}", config, workdir, args.device))
+            runs[name].append(run_variant(f"{name}.{repeat}", config, workdir, args.device, launcher))
 
     for hit in ("minorsft_precomputed", "sft_go_rho1_precomputed"):
-        assert all("ref_precompute_train_runtime" not in r["results"] for r in runs[hit]), f"{hit}: no cache hit"
+        if hit in runs:
+            assert all("ref_precompute_train_runtime" not in r["results"] for r in runs[hit]), f"{hit}: no cache hit"
     median = {
         name: statistics.median(t for r in rs for t in r["step_times"][args.warmup :]) for name, rs in runs.items()
     }
     memory = "peak_cuda_mb" if args.device == "cuda" else "peak_rss_mb"
     peak = {name: max(r[memory] for r in rs) for name, rs in runs.items()}
     memory_label = "peak CUDA allocated (MB)" if args.device == "cuda" else "peak RSS (MB)"
+    if nproc > 1:
+        memory_label += ", per process"
     if args.device == "cuda":
         import torch
 
-        where = f"GPU: {torch.cuda.get_device_name()}, bf16"
+        where = f"GPU: {torch.cuda.get_device_name()}"
     else:
         where = f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}"
+    setup = precision + (f" + DeepSpeed {args.deepspeed.upper()}" if args.deepspeed else "")
+    if args.suite == "zero3":
+        setup += f" + DeepSpeed ZeRO-3, {nproc} processes"
+    command = (
+        f"`.venv/bin/python benchmarks/bench_reference.py --suite {args.suite} --vocab-size {args.vocab_size} "
+        + (f"--seq-len {seq_len} --batch-size {batch_size} " if args.suite == "stages" else "")
+        + f"--precision {precision} "
+        + (f"--deepspeed {args.deepspeed} " if args.deepspeed else "")
+        + f"--steps {args.steps} --warmup {args.warmup} --repeats {args.repeats} --device {args.device}`"
+    )
+    head = "tied" if size.get("tie_word_embeddings") else "untied"
+    model = {key: value for key, value in size.items() if key not in ("vocab_size", "tie_word_embeddings")}
     lines = [
-        "## At a real vocabulary size" + (" (GPU)" if args.device == "cuda" else ""),
+        f"## {SUITE_TITLES[args.suite]}: {setup}" + (" (GPU)" if args.device == "cuda" else ""),
         "",
-        f"Command: `.venv/bin/python benchmarks/bench_reference.py --vocab-size {args.vocab_size} --seq-len "
-        f"{args.seq_len} --batch-size {args.batch_size} --steps {args.steps} --warmup {args.warmup} "
-        f"--repeats {args.repeats} --device {args.device}`",
+        f"Command: {command}",
         "",
-        f"{where}; date "
-        f"{time.strftime('%Y-%m-%d')}. Model: Qwen2 architecture {REAL_VOCAB_SIZE}, vocabulary {args.vocab_size}, "
-        f"untied output head; full fine-tuning, batch {args.batch_size} x {args.seq_len} tokens, {args.steps} steps "
-        f"per run, {args.repeats} run(s) per variant; median of steps {args.warmup + 1}-{args.steps}.",
+        f"{where}; date {time.strftime('%Y-%m-%d')}. Model: Qwen2 architecture {model}, vocabulary "
+        f"{args.vocab_size}, {head} output head, saved in {dtype}; full fine-tuning, {nproc} process(es) x batch "
+        f"{batch_size} x {seq_len} tokens, {args.steps} steps per run, {args.repeats} run(s) per variant; median of "
+        f"steps {args.warmup + 1}-{args.steps}.",
         "",
         f"| variant | median step (s) | step vs SFT | target | {memory_label} | memory vs SFT | target | verdict |",
         "|---|---|---|---|---|---|---|---|",
@@ -365,9 +496,18 @@ def real_vocabulary(args) -> None:
             f"| {verdict} |"
         )
     text = "\n".join(lines) + "\n"
-    write_section(args.output, text, before_mark=False)
+    key = f"{args.suite}-{precision}-{args.deepspeed or 'none'}-{args.device}"
+    write_section(args.output, text, key)
     print(text)
-    print(f"[bench] written to {args.output}; work files in {workdir}")
+    print(f"[bench] written to {args.output} (section {key}); work files in {workdir}")
+
+
+SUITE_TITLES = {
+    "stages": "Every stage at a real vocabulary size",
+    "head-short": "Qwen2-1.5B's head, a short micro-batch (1 x 256 tokens)",
+    "head-long": "Qwen2-1.5B's head, a long micro-batch (2 x 1,024 tokens)",
+    "zero3": "ZeRO-3, 2 processes x 1,024 tokens, vocabulary 151,936",
+}
 
 
 if __name__ == "__main__":

@@ -430,6 +430,8 @@ def verify_plugin_args(model_args, data_args, training_args, finetuning_args, da
             "Set `streaming: false`, or remove `precompute_ref_logps` to run the reference online."
         )
 
+    check_loss_options(model_args, training_args, finetuning_args)
+
     engines = ("use_mca", "use_hyper_parallel", "use_megatron_bridge")  # main adds Megatron-Bridge
     other_engines = [name for name in engines if getattr(finetuning_args, name, False)]
     if other_engines:
@@ -437,3 +439,58 @@ def verify_plugin_args(model_args, data_args, training_args, finetuning_args, da
             f"`{'`/`'.join(other_engines)}` cannot be used with `stage: {stage}`: those engines have their own "
             "trainers, which have no reference model. Remove it."
         )
+
+
+#: LLaMA-Factory's options that replace stock sft's token cross-entropy (0.9.4 has only the first)
+LOSS_OPTIONS = ("use_dft_loss", "use_eaft_loss", "use_asft_loss")
+
+
+def check_loss_options(model_args, training_args, finetuning_args) -> None:
+    """Refuse what this package's runs would silently drop or could not compute.
+
+    - LLaMA-Factory's loss options replace stock sft's cross-entropy. `stage: sft` + `track_deviation` keeps the
+      stock loss, so `use_dft_loss` and `use_eaft_loss` work there (the deviation is logged beside them); every other
+      run of this package has a loss of its own (Eq. 3, 5 or 7, SFT-GO's objective), which would ignore them. ASFT
+      runs its own reference inside LLaMA-Factory's loss and returns no model outputs, so `track_deviation` has no
+      log-probs to use.
+    - Label smoothing changes the stock cross-entropy only, so it is refused where the loss is not that one.
+    - Unsloth replaces the model's forward with its own, which reads the head's weight directly in some paths.
+    """
+    run = _run_label(finetuning_args)
+    own_loss = finetuning_args.stage != "sft" or finetuning_args.sft_loss_reduction == "sample"
+    for name in LOSS_OPTIONS:
+        if not getattr(finetuning_args, name, False):
+            continue
+        if own_loss:
+            raise ValueError(
+                f"`{name}` cannot be used with {run}: it replaces stock sft's token cross-entropy, and this run's loss "
+                "is its own (MinorSFT Eq. 7, SFT using DPO Eq. 3, Eq. 5's sample mean or SFT-GO's objective), which "
+                f"would ignore it. Remove `{name}`, or use it with plain `stage: sft` (add `track_deviation: true` "
+                "to log the deviation beside it)."
+            )
+        if name == "use_asft_loss":
+            raise ValueError(
+                f"`use_asft_loss` cannot be used with {run}: LLaMA-Factory's ASFT loss runs its own reference model "
+                "and returns no model outputs, so there are no policy log-probs for the deviation metric. Remove "
+                "`track_deviation` (ASFT then trains as stock sft does), or `use_asft_loss`."
+            )
+
+    if own_loss and getattr(training_args, "label_smoothing_factor", 0.0):
+        raise ValueError(
+            f"`label_smoothing_factor` cannot be used with {run}: it smooths stock sft's token cross-entropy, which "
+            "this run's loss does not use. Remove `label_smoothing_factor`."
+        )
+
+    if getattr(model_args, "use_unsloth", False):
+        refuse_unsloth(finetuning_args)
+
+
+def refuse_unsloth(finetuning_args) -> None:
+    """`use_unsloth` with a run of this package (``finetuning_args``: parsed, or the raw ones)."""
+    raise ValueError(
+        f"`use_unsloth` cannot be used with {_run_label(finetuning_args)}: Unsloth replaces the model's forward with "
+        "its own, which reads the output head's weight directly in some of its paths, while this package's stages "
+        "compute the answer log-probs (and the reference's) through that head; the combination is untested (Unsloth "
+        "needs CUDA). "
+        "Remove `use_unsloth`; `enable_liger_kernel: true` gives fused kernels that these stages support."
+    )

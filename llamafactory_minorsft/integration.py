@@ -12,7 +12,9 @@ Each patch is applied right after its module is imported (post-import hooks from
   new controls (placed after its RLHF accordion, and the stock controls in ``STAGE_HIDDEN_ELEMS`` hidden for the
   new stages), ``webui.runner.Runner._parse_train_args`` their arguments, ``webui.control.get_trainer_info``
   the live deviation plot. The web UI relies on LLaMA-Board's element names (``STOCK_TRAIN_ELEMS``, read as
-  ``train.<name>`` ids), checked when the tab is built.
+  ``train.<name>`` ids), checked when the tab is built;
+- ``llamafactory.model.loader.apply_liger_kernel``, only while this package's workflow loads its model
+  (``logits_kept``): Liger's kernels without its fused loss, which returns no logits.
 
 Before touching anything, each patch finds the installed LLaMA-Factory in ``LAYOUTS`` and checks that every
 attribute it replaces is there, so an unknown LLaMA-Factory fails loudly instead of being half-patched.
@@ -26,6 +28,7 @@ import functools
 import json
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -142,21 +145,31 @@ def patch_parser(parser) -> None:
     parser._minorsft_patched = True
 
 
-def peek_is_plugin_run(args: dict[str, Any] | list[str]) -> bool:
-    """``is_plugin_run`` of raw train args (a config dict, or CLI strings), without parsing them."""
-    names = ("stage", "track_deviation", "sft_loss_reduction")
+BOOLEAN_FLAGS = ("track_deviation", "use_unsloth")
+
+
+def peek_args(args: dict[str, Any] | list[str]) -> SimpleNamespace:
+    """The raw train args that route a run, without parsing them: stage, sft_loss_reduction and the flags."""
+    names = ("stage", "sft_loss_reduction", *BOOLEAN_FLAGS)
     if isinstance(args, dict):
         raw = {name: args.get(name) for name in names}
     else:
         peek = argparse.ArgumentParser(add_help=False)
         peek.add_argument("--stage")
-        peek.add_argument("--track_deviation", nargs="?", const="true", default="false")
         peek.add_argument("--sft_loss_reduction")
+        for name in BOOLEAN_FLAGS:
+            peek.add_argument(f"--{name}", nargs="?", const="true", default="false")
         raw = vars(peek.parse_known_args(args)[0])
 
-    track = raw["track_deviation"]  # a bool in a config, a string on the command line (HfArgumentParser's rule)
-    raw["track_deviation"] = track if isinstance(track, bool) else str(track).lower() in ("yes", "true", "t", "y", "1")
-    return is_plugin_run(SimpleNamespace(**raw))
+    for name in BOOLEAN_FLAGS:  # a bool in a config, a string on the command line (HfArgumentParser's rule)
+        flag = raw[name]
+        raw[name] = flag if isinstance(flag, bool) else str(flag).lower() in ("yes", "true", "t", "y", "1")
+    return SimpleNamespace(**raw)
+
+
+def peek_is_plugin_run(args: dict[str, Any] | list[str]) -> bool:
+    """``is_plugin_run`` of raw train args (a config dict, or CLI strings), without parsing them."""
+    return is_plugin_run(peek_args(args))
 
 
 def _plugin_training_function(tuner, config: dict[str, Any]) -> None:
@@ -168,6 +181,12 @@ def _plugin_training_function(tuner, config: dict[str, Any]) -> None:
     from .train.tuner import run_stage
 
     callbacks: list[Any] = config.get("callbacks")
+    raw = peek_args(config.get("args"))
+    if raw.use_unsloth:  # before LLaMA-Factory's parser, which first requires Unsloth to be installed
+        from .hparams import refuse_unsloth
+
+        refuse_unsloth(raw)
+
     model_args, data_args, training_args, finetuning_args, generating_args = tuner.get_train_args(config.get("args"))
     verify_plugin_run(model_args, data_args, training_args, finetuning_args)
 
@@ -209,6 +228,29 @@ def _dataset_attrs(data_args) -> list:
     return get_dataset_list(data_args.dataset, data_args.dataset_dir) + get_dataset_list(
         data_args.eval_dataset, data_args.dataset_dir
     )
+
+
+@contextmanager
+def logits_kept():
+    """Within, LLaMA-Factory's ``load_model`` treats the run as a stage that needs the logits (``require_logits``).
+
+    With `enable_liger_kernel`, ``load_model`` applies Liger's fused linear cross-entropy, which returns no logits, to
+    `stage: sft` (and `pt`); every other stage gets Liger's kernels without it. This package's sft runs read their
+    log-probs from the logits or the head, as its other stages do.
+    """
+    from llamafactory.model import loader
+
+    _require(loader, "apply_liger_kernel")
+    stock = loader.apply_liger_kernel
+
+    def apply_liger_kernel(config, model_args, is_trainable, require_logits):
+        return stock(config, model_args, is_trainable, require_logits=True)
+
+    loader.apply_liger_kernel = apply_liger_kernel
+    try:
+        yield
+    finally:
+        loader.apply_liger_kernel = stock
 
 
 def patch_tuner(tuner) -> None:

@@ -7,7 +7,7 @@ A sample whose answer was cut away by ``cutoff_len`` (m_i = 0) is not "valid": i
 gradient, and is left out of every batch mean. Nothing here divides by zero.
 """
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -84,121 +84,151 @@ def answer_token_logps(
     return token_logps[:, :-1], mask[:, :-1]
 
 
-#: logits projected at once (float32): about 256 MB, 441 rows at Qwen2's 151,936-token vocabulary
+#: logits projected at once: 256 MB in float32, 441 answer positions at Qwen2's 151,936-token vocabulary
 CHUNK_ELEMENTS = 2**26
+#: logits that ``fused_answer_loss`` keeps from its forward for its backward (the last chunks), in the head's compute
+#: dtype; the other chunks are projected again in backward. A bounded cost, whatever the answers' length.
+KEPT_ELEMENTS = 2 * CHUNK_ELEMENTS
 
 
-def _answer_chunks(mask: torch.Tensor, vocab_size: int):
-    """(row, answer positions, last chunk of the row?) of each chunk: at most ``CHUNK_ELEMENTS`` logits of a sample.
+def head_compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype stock training projects through the head in: autocast's where it is on, else the weight's own."""
+    device = weight.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
 
-    The chunks are the same wherever they are used, so the reference and the fused policy make the same float
-    operations (identical log-probs for identical weights).
+
+class _Chunks(NamedTuple):
+    """The answer positions of a batch, flat in row-major order, and the bounds of each chunk of them."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    bounds: list[tuple[int, int]]
+
+
+def _answer_chunks(mask: torch.Tensor, vocab_size: int) -> _Chunks:
+    """Chunks of at most ``CHUNK_ELEMENTS`` logits (16 positions at least) over the answer positions ``mask``.
+
+    The same mask gives the same chunks, so the reference and the fused policy make the same float operations
+    (identical log-probs for identical weights).
     """
-    rows = max(16, CHUNK_ELEMENTS // vocab_size)
-    for i in range(mask.size(0)):
-        positions = mask[i].nonzero().squeeze(-1)
-        for start in range(0, positions.numel(), rows):
-            yield i, positions[start : start + rows], start + rows >= positions.numel()
+    rows, cols = mask.nonzero(as_tuple=True)
+    size = max(16, CHUNK_ELEMENTS // vocab_size)
+    return _Chunks(rows, cols, [(start, min(start + size, rows.numel())) for start in range(0, rows.numel(), size)])
 
 
-def _picked_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-prob of each row's target, log-sum-exp of each row) of float32 ``logits``."""
-    logsumexp = torch.logsumexp(logits, -1, keepdim=True)
-    return (logits.gather(-1, targets.unsqueeze(-1)) - logsumexp).squeeze(-1), logsumexp
+def _project(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+    """(logits in the head's compute dtype, their float32 log-sum-exp, the log-prob of each target) of some rows.
+
+    ``weight`` is already in the compute dtype; the log-softmax is taken in float32, as the models' own loss does.
+    """
+    logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight)
+    logits32 = logits.float()
+    logsumexp = torch.logsumexp(logits32, -1)
+    return logits, logsumexp, logits32.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logsumexp
 
 
 def projected_token_logps(
-    hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``answer_token_logps`` from the final hidden states, never building the (batch, length, vocabulary) logits.
+    """``answer_token_logps`` from the final hidden states and the head's ``weight``, without the full logits.
 
-    Only the answer positions are projected through ``head`` (a module call, so DeepSpeed ZeRO-3 gathers its
-    weight), one chunk of a sample at a time. Meant for no-grad reference passes; with gradients on, every chunk's
-    logits are kept for backward. Returns ``(token_logps, mask)``, both (batch, length − 1).
+    Only the answer positions are projected, one chunk at a time, in ``head_compute_dtype``. No gradient: meant for
+    reference passes, run by the head itself inside the model's forward (``train/head.py``). Returns
+    ``(token_logps, mask)``, both (batch, length − 1), float32 log-probs, 0 off the answers.
     """
     targets = labels[:, 1:]
     mask = targets != ignore_index
     token_logps = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
-    for i, positions, _ in _answer_chunks(mask, head.out_features):
-        token_logps[i, positions] = _picked_logps(head(hidden[i, positions]).float(), targets[i, positions])[0]
+    dtype = head_compute_dtype(weight)  # before autocast is turned off below
+    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+        weight = weight.to(dtype)
+        rows, cols, bounds = _answer_chunks(mask, weight.size(0))
+        for start, stop in bounds:
+            r, c = rows[start:stop], cols[start:stop]
+            token_logps[r, c] = _project(hidden[r, c], weight, targets[r, c])[2]
 
     return token_logps, mask
 
 
-def _head_grads(logits, logsumexp, targets, slope, hidden, weight, grad_weight) -> torch.Tensor:
-    """The gradient of a chunk's hidden states (returned) and head weight (added to ``grad_weight``).
-
-    dL/dlogits = slope · (onehot − softmax) is built in place in the float32 ``logits``; ``slope`` is
-    dL/d log π of each position of the chunk, shape (positions, 1).
-    """
-    grad_logits = logits.sub_(logsumexp).exp_().mul_(-slope)
-    grad_logits.scatter_add_(-1, targets.unsqueeze(-1), slope)
-    grad_logits = grad_logits.to(weight.dtype)
-    if grad_weight is not None:
-        grad_weight.addmm_(grad_logits.t().float(), hidden.float())
-    return grad_logits @ weight
-
-
 class _FusedAnswerLoss(torch.autograd.Function):
-    """A loss of the answer-token log-probs, with the head's gradients computed in the forward pass.
+    """A loss of the answer-token log-probs, straight from the hidden states and the head's weight.
 
-    The answer logits are built one chunk at a time; their log-probs and the loss's slopes dL/d log π(y_t|x, y_<t)
-    are taken, and the logits turned in place into dL/dlogits. Backward only scales the stored gradients.
-
-    ``rowwise``: each sample's term depends on its own tokens only, so a sample's slopes are known once its last
-    chunk is in, and its logits are kept until then: three head matmuls per step, as stock SFT's cross-entropy.
-    Otherwise (a loss that couples the samples, as a worst group over the batch) the slopes wait for the whole
-    batch and the logits are projected a second time: four matmuls, memory for one chunk.
+    Forward projects the answer positions chunk by chunk, in the head's compute dtype, and keeps only each
+    position's float32 log-sum-exp and the loss's slope dL/d log π(y_t|x, y_<t) (autograd of ``loss_fn``), plus the
+    logits of the last chunks up to ``KEPT_ELEMENTS``. Backward projects the other chunks again and forms
+    dL/dlogits = g·slope·(onehot − softmax) in float32, with the upstream gradient g (a loss scale) already in, before
+    it is cast to the compute dtype: the two gradient matmuls then run as stock autograd runs them. No head-sized
+    gradient is held from forward to backward.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, mask, loss_fn, rowwise):
+    def forward(ctx, hidden, weight, targets, mask, loss_fn):
+        dtype = head_compute_dtype(weight)
         token_logps = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.zeros_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            head = weight.to(dtype)  # a copy only where autocast projects a float32 head in half precision
+            chunks = _answer_chunks(mask, weight.size(0))
+            logsumexp = torch.empty(chunks.rows.shape, dtype=torch.float32, device=hidden.device)
+            kept, budget = {}, KEPT_ELEMENTS
+            for index in reversed(range(len(chunks.bounds))):  # backward takes the chunks last to first
+                start, stop = chunks.bounds[index]
+                r, c = chunks.rows[start:stop], chunks.cols[start:stop]
+                logits, logsumexp[start:stop], token_logps[r, c] = _project(hidden[r, c], head, targets[r, c])
+                if logits.numel() <= budget:
+                    kept[index], budget = logits, budget - logits.numel()
+                del logits  # a chunk not kept is freed here
 
-        def project(i, positions):
-            logits = torch.nn.functional.linear(hidden[i, positions], weight).float()
-            token_logps[i, positions], logsumexp = _picked_logps(logits, targets[i, positions])
-            return logits, logsumexp
-
-        def backprop(i, positions, logits, logsumexp, slopes):
-            slope = slopes[i, positions].unsqueeze(-1)
-            rows = hidden[i, positions]
-            grad_hidden[i, positions] = _head_grads(
-                logits, logsumexp, targets[i, positions], slope, rows, weight, grad_weight
-            )
-
-        if rowwise:
-            chunks = []  # the current sample's (positions, logits, log-sum-exp)
-            for i, positions, last in _answer_chunks(mask, weight.size(0)):
-                chunks.append((positions, *project(i, positions)))
-                if last:  # sample i is complete; the other samples' terms do not depend on it
-                    row = torch.zeros_like(token_logps)
-                    row[i] = token_logps[i]
-                    slopes = _slopes(loss_fn, row)
-                    for chunk in chunks:
-                        backprop(i, *chunk, slopes)
-                    chunks = []
-        else:
-            chunks = [(i, positions) for i, positions, _ in _answer_chunks(mask, weight.size(0))]
-            logsumexps = [project(i, positions)[1] for i, positions in chunks]
-            slopes = _slopes(loss_fn, token_logps)
-            for (i, positions), logsumexp in zip(chunks, logsumexps):
-                logits = torch.nn.functional.linear(hidden[i, positions], weight).float()
-                backprop(i, positions, logits, logsumexp, slopes)
-
-        loss = loss_fn(token_logps)
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
+        slopes = _slopes(loss_fn, token_logps)[chunks.rows, chunks.cols]
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.chunks, ctx.logsumexp, ctx.slopes, ctx.kept, ctx.dtype = chunks, logsumexp, slopes, kept, dtype
         ctx.mark_non_differentiable(token_logps)
-        return loss, token_logps
+        return loss_fn(token_logps), token_logps
 
     @staticmethod
     def backward(ctx, grad_loss, _):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        grad_weight = None if grad_weight is None else (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight, None, None, None, None
+        hidden, weight, targets = ctx.saved_tensors
+        chunks, dtype = ctx.chunks, ctx.dtype
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        with torch.autocast(hidden.device.type, enabled=False):
+            head = weight.to(dtype)
+            for index in reversed(range(len(chunks.bounds))):
+                start, stop = chunks.bounds[index]
+                r, c = chunks.rows[start:stop], chunks.cols[start:stop]
+                rows = hidden[r, c].to(dtype)
+                logits = ctx.kept.pop(index, None)
+                if logits is None:
+                    logits = torch.nn.functional.linear(rows, head)
+
+                slope = (ctx.slopes[start:stop] * grad_loss.float()).unsqueeze(-1)
+                grad_logits = logits.float().sub_(ctx.logsumexp[start:stop].unsqueeze(-1)).exp_().mul_(-slope)
+                grad_logits = grad_logits.scatter_add_(-1, targets[r, c].unsqueeze(-1), slope).to(dtype)
+                del logits
+                if grad_hidden is not None:
+                    grad_hidden[r, c] = (grad_logits @ head).to(hidden.dtype)
+                if ctx.needs_input_grad[1]:
+                    grad_weight = _accumulate(grad_weight, grad_logits, rows)
+
+        ctx.kept = None
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def _accumulate(total: Optional[torch.Tensor], grad_logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``total`` + grad_logitsᵀ·rows: the head weight's gradient, one chunk more.
+
+    Each chunk's matmul runs in the compute dtype, as stock autograd's single one; from a second chunk on, the
+    chunks add up in float32, as that single matmul accumulates (in the weight's own dtype, bf16 would round once
+    per chunk).
+    """
+    if total is None:
+        return grad_logits.t() @ rows
+    if total.dtype != torch.float32:
+        total = total.float()
+    if rows.dtype == torch.float32:
+        return total.addmm_(grad_logits.t(), rows)
+    return total.add_(grad_logits.t() @ rows)
 
 
 def _slopes(loss_fn, token_logps: torch.Tensor) -> torch.Tensor:
@@ -213,19 +243,18 @@ def fused_answer_loss(
     weight: torch.Tensor,
     labels: torch.Tensor,
     loss_fn,
-    rowwise: bool = True,
     ignore_index: int = IGNORE_INDEX,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A loss of the answer-token log-probs straight from the final hidden states and the head's ``weight`` (no bias).
 
-    ``loss_fn`` maps the token log-probs (batch, length − 1), 0 off the answers, to a scalar. ``rowwise``: each
-    sample's term depends on its own row only (Eq. 3, 5, 7 and the token-mean cross-entropy do); False for a loss
-    that couples the samples. Same values and gradients as ``loss_fn`` of ``projected_token_logps``, without
-    keeping any logits for backward. Returns ``(loss, token_logps, mask)``; the token log-probs carry no gradient.
+    ``loss_fn`` maps the token log-probs (batch, length − 1), 0 off the answers, to a scalar; any such function
+    (per sample, per token, or coupling the samples). Same values and gradients as ``loss_fn`` of
+    ``projected_token_logps``, with the head in ``head_compute_dtype`` and at most ``KEPT_ELEMENTS`` logits kept from
+    forward to backward. Returns ``(loss, token_logps, mask)``; the token log-probs carry no gradient.
     """
     targets = labels[:, 1:]
     mask = targets != ignore_index
-    loss, token_logps = _FusedAnswerLoss.apply(hidden[:, :-1], weight, targets.clamp(min=0), mask, loss_fn, rowwise)
+    loss, token_logps = _FusedAnswerLoss.apply(hidden[:, :-1], weight, targets.clamp(min=0), mask, loss_fn)
     return loss, token_logps, mask
 
 

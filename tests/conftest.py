@@ -42,6 +42,17 @@ def tiny(tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(root=root, **paths)
 
 
+@pytest.fixture(scope="session")
+def bf16_tiny(tmp_path_factory) -> dict[bool, dict[str, str]]:
+    """bf16-saved tiny policy and reference, with a tied and with an untied head (tied → paths)."""
+    setups = {}
+    for tied in (True, False):
+        root = tmp_path_factory.mktemp("tiny_bf16_tied" if tied else "tiny_bf16_untied")
+        setups[tied] = build_tiny_setup(str(root), seed=0, num_samples=16, dtype="bfloat16", tie_word_embeddings=tied)
+        write_dataset(setups[tied]["data"], "four", make_instruction_data(4, seed=7))
+    return setups
+
+
 def base_config(tiny: SimpleNamespace, output_dir, **overrides) -> dict:
     """One exact plain-SGD step (lr 1, no clipping, no decay, constant schedule) on the `four` data set."""
     config = dict(

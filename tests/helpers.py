@@ -7,7 +7,9 @@ and weight comparisons. Test modules import these, never each other.
 import json
 from pathlib import Path
 
+import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
@@ -74,3 +76,36 @@ def assert_sgd_step(output_dir, theta0: dict[str, torch.Tensor], descent: dict[s
     for name, theta in theta0.items():
         update = trained[name].double() - theta
         torch.testing.assert_close(update, descent[name], rtol=1e-4, atol=1e-6 * biggest, msg=name)
+
+
+def saved_update(output_dir, initial_model) -> torch.Tensor:
+    """The saved parameters of a run minus the initial model's (a LoRA adapter's own from 0), flat, float64."""
+    output_dir = Path(output_dir)
+    initial = {key: value.double() for key, value in load_file(str(Path(initial_model) / "model.safetensors")).items()}
+    name = "adapter_model.safetensors" if (output_dir / "adapter_model.safetensors").exists() else "model.safetensors"
+    trained = {key: value.double() for key, value in load_file(str(output_dir / name)).items()}
+    return torch.cat([(value - initial.get(key, torch.zeros_like(value))).flatten() for key, value in trained.items()])
+
+
+def assert_same_training(low, high, initial_model, loss_rel: float = 3e-2) -> tuple[float, float]:
+    """Two runs of the same training, ``low`` in half precision and ``high`` in float32, within half's precision.
+
+    Every step's loss (``loss_rel``), deviation and coefficient (rel 0.1, abs 0.02), and the update they made:
+    cosine > 0.99 and norms within 5 %. Returns (cosine, norm ratio).
+    """
+    from conftest import step_logs
+
+    low_logs, high_logs = step_logs(low), step_logs(high)
+    assert len(low_logs) == len(high_logs) > 0
+    for step_low, step_high in zip(low_logs, high_logs):
+        assert step_low["loss"] == pytest.approx(step_high["loss"], rel=loss_rel), step_low["step"]
+        for key in ("deviation", "coef"):
+            if key in step_high:
+                assert step_low[key] == pytest.approx(step_high[key], rel=0.1, abs=2e-2), (step_low["step"], key)
+
+    moved = {name: saved_update(out, initial_model) for name, out in (("low", low), ("high", high))}
+    assert moved["high"].norm() > 1e-3, "the update is trivially small; the comparison would prove nothing"
+    cosine = torch.nn.functional.cosine_similarity(moved["low"], moved["high"], dim=0).item()
+    ratio = (moved["low"].norm() / moved["high"].norm()).item()
+    assert cosine > 0.99 and ratio == pytest.approx(1.0, abs=0.05), (cosine, ratio)
+    return cosine, ratio

@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO-3 / ZeRO-2 with 2 processes (stock CLI, torchrun) against one process with the same global batch.
 
-Tolerance: the runs differ only in float32 reduction order (ZeRO's reduce-scatter of the gradients,
+Every run takes the head-free path (the output head projects the answer positions inside the model's forward), which
+the test checks in the run's log. Tolerance: the runs differ only in float32 reduction order (ZeRO's reduce-scatter of the gradients,
 sharded updates). Measured here over three SGD steps: at most 4e-6 relative (ZeRO-3 full), 2e-6 (ZeRO-2),
 0 (ZeRO-3 LoRA with precomputed reference). rel=1e-4 leaves a 25x margin and still catches any error in
 the normalisation (a factor of the world size or of the accumulation steps).
@@ -61,13 +62,15 @@ def test_deepspeed_two_processes_match_one(tiny, tmp_path, case):
     # one process, batch 4, and (for the precompute case) the online reference
     single = {**common, "precompute_ref_logps": None}
     run_cli(base_config(tiny, tmp_path / "single", **single), tmp_path / "single_run")
-    run_cli(
+    proc = run_cli(
         base_config(
             tiny, tmp_path / "ds", per_device_train_batch_size=2, deepspeed=str(DEEPSPEED / ds_config), **common
         ),
         tmp_path / "ds_run",
         env=deepspeed_env(FORCE_TORCHRUN="1", NPROC_PER_NODE="2"),
     )
+    # the head-free path under ZeRO too (its hooks gather the head's weight and reduce its gradient)
+    assert "Answer log-probs: head-free" in proc.stdout, proc.stdout[-2000:]
     one, two = step_logs(tmp_path / "single"), step_logs(tmp_path / "ds")
     assert len(one) == len(two) == 3
     for step_one, step_two in zip(one, two):

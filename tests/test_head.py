@@ -1,16 +1,21 @@
 """Answer log-probs from the hidden states against a naive log-softmax of the full logits, written here.
 
-The head projects answer positions only, chunk by chunk. Also: which models take that path.
+The head projects answer positions only, chunk by chunk, in the dtype stock training projects in (autocast's, else
+the weight's). Also: which models take that path, what the fused loss holds from forward to backward, and fp16 loss
+scaling.
 """
+
+import weakref
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Gemma2Config, Gemma2ForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from helpers import batch_token_logps
 from llamafactory_minorsft import losses
-from llamafactory_minorsft.losses import IGNORE_INDEX, projected_token_logps
-from llamafactory_minorsft.train.head import hidden_states_as_logits, plain_head
+from llamafactory_minorsft.losses import IGNORE_INDEX, fused_answer_loss, projected_token_logps
+from llamafactory_minorsft.train.head import head_computes, plain_head
 
 
 def batch(seed: int, dtype: torch.dtype, batch: int = 3, length: int = 40, hidden: int = 8, vocab: int = 37):
@@ -25,27 +30,24 @@ def batch(seed: int, dtype: torch.dtype, batch: int = 3, length: int = 40, hidde
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("chunk_elements", [1, 2**25])  # 16 positions a chunk (the floor: 3 chunks a row), one
-def test_projected_logps_equal_the_full_logits_values_and_gradients(dtype, tolerance, chunk_elements, monkeypatch):
+@pytest.mark.parametrize("chunk_elements", [1, 2**25])  # 16 positions a chunk (the floor: 5 chunks), one
+def test_projected_logps_equal_the_full_logits(dtype, tolerance, chunk_elements, monkeypatch):
     monkeypatch.setattr(losses, "CHUNK_ELEMENTS", chunk_elements)
     states, head, labels = batch(0, dtype)
-    weights = torch.linspace(-1.0, 2.0, labels.size(0) * (labels.size(1) - 1)).view(labels.size(0), -1)
     expected, mask = batch_token_logps(states, head, labels)
-    expected_grads = torch.autograd.grad((expected * weights).sum(), [states, head.weight])
-
-    token_logps, got_mask = projected_token_logps(states, head, labels)
-    assert torch.equal(got_mask, mask) and token_logps.dtype == torch.float32
-    torch.testing.assert_close(token_logps.double(), expected, rtol=tolerance, atol=tolerance)
-    grads = torch.autograd.grad((token_logps * weights).sum(), [states, head.weight])
-    for got, want in zip(grads, expected_grads):
-        torch.testing.assert_close(got.double(), want.double(), rtol=tolerance, atol=tolerance)
+    token_logps, got_mask = projected_token_logps(states, head.weight, labels)
+    assert torch.equal(got_mask, mask) and token_logps.dtype == torch.float32 and not token_logps.requires_grad
+    torch.testing.assert_close(token_logps.double(), expected.detach(), rtol=tolerance, atol=tolerance)
 
 
 def test_no_answer_token_gives_zeros_and_no_nan():
     states, head, labels = batch(1, torch.float32)
     labels[:] = IGNORE_INDEX
-    token_logps, mask = projected_token_logps(states, head, labels)
+    token_logps, mask = projected_token_logps(states, head.weight, labels)
     assert not mask.any() and torch.equal(token_logps, torch.zeros_like(token_logps))
+    loss, tokens, _ = fused_answer_loss(states, head.weight, labels, lambda t: -t.sum() / 7.0)
+    grads = torch.autograd.grad(loss, [states, head.weight], allow_unused=True)
+    assert loss.item() == 0 and all(g is None or not g.any() for g in grads)
 
 
 def tiny_qwen2(**extra) -> Qwen2ForCausalLM:
@@ -62,7 +64,7 @@ def tiny_qwen2(**extra) -> Qwen2ForCausalLM:
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_qwen2_takes_the_hidden_state_path_exactly(tied):
+def test_qwen2_head_computes_inside_the_forward(tied):
     torch.manual_seed(0)
     model = tiny_qwen2(tie_word_embeddings=tied)
     ids = torch.randint(0, 53, (2, 9))
@@ -70,14 +72,18 @@ def test_qwen2_takes_the_hidden_state_path_exactly(tied):
     labels[:, :3] = IGNORE_INDEX
     head = plain_head(model)
     assert head is model.lm_head
-    with hidden_states_as_logits(model) as used:
+    seen = []
+    with head_computes(model, lambda hidden, weight: seen.append(weight) or hidden) as used:
         hidden = model(input_ids=ids).logits
-    assert used is head and model.lm_head is head and hidden.shape == (2, 9, 16)
+    assert used is head and seen == [head.weight] and hidden.shape == (2, 9, 16)
+    assert "forward" not in vars(head)  # the stock forward is back
     expected, _ = batch_token_logps(hidden, head, labels)
     torch.testing.assert_close(
         expected, batch_token_logps(model(input_ids=ids).logits, torch.nn.Identity(), labels)[0]
     )
-    torch.testing.assert_close(projected_token_logps(hidden, head, labels)[0].double(), expected, rtol=1e-5, atol=1e-5)
+    with head_computes(model, lambda hidden, weight: projected_token_logps(hidden, weight, labels)[0]):
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_other_heads_fall_back_to_the_full_logits():
@@ -106,7 +112,7 @@ def test_other_heads_fall_back_to_the_full_logits():
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("chunk_elements", [1, 2**25])
 def test_fused_loss_equals_autograd_of_the_paper_losses(dtype, tolerance, chunk_elements, monkeypatch):
-    from llamafactory_minorsft.losses import fused_answer_loss, minorsft_loss, sft_dpo_loss
+    from llamafactory_minorsft.losses import minorsft_loss, sft_dpo_loss
 
     monkeypatch.setattr(losses, "CHUNK_ELEMENTS", chunk_elements)
     states, head, labels = batch(2, dtype)
@@ -131,22 +137,23 @@ def test_fused_loss_equals_autograd_of_the_paper_losses(dtype, tolerance, chunk_
             torch.testing.assert_close(got.double(), 3.0 * want.double(), rtol=tolerance, atol=tolerance)
 
         # the reference path makes the same float operations: equal weights give r = 0 exactly
-        with torch.no_grad():
-            assert torch.equal(projected_token_logps(states, head, labels)[0], got_tokens)
+        assert torch.equal(projected_token_logps(states, head.weight, labels)[0], got_tokens)
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-@pytest.mark.parametrize("chunk_elements", [1, 2**25])
-@pytest.mark.parametrize("rowwise", [True, False])
-def test_fused_loss_of_token_logps_equals_autograd(dtype, tolerance, chunk_elements, rowwise, monkeypatch):
+@pytest.mark.parametrize("chunk_elements, kept_elements", [(1, 0), (1, 40), (2**25, 2**26)])
+@pytest.mark.parametrize("coupled", [False, True])
+def test_fused_loss_of_token_logps_equals_autograd(
+    dtype, tolerance, chunk_elements, kept_elements, coupled, monkeypatch
+):
     """Token-level losses: a token mean (the stock cross-entropy), and a worst group per sample or over the batch.
 
     Written here from the token log-probs, not with this package's SFT-GO functions: a per-token slope that
-    differs within a sample, and (``rowwise=False``) a loss that couples the samples.
+    differs within a sample, and (``coupled``) a loss that couples the samples. Chunks are kept from forward to
+    backward (all, some, none) or projected again.
     """
-    from llamafactory_minorsft.losses import fused_answer_loss
-
     monkeypatch.setattr(losses, "CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(losses, "KEPT_ELEMENTS", kept_elements)
     states, head, labels = batch(3, dtype)
     mask = labels[:, 1:] != IGNORE_INDEX
     group = mask & (torch.arange(mask.size(1)) % 3 == 0)  # a fixed "important" group: every third position
@@ -156,18 +163,155 @@ def test_fused_loss_of_token_logps_equals_autograd(dtype, tolerance, chunk_eleme
 
     def loss_fn(tokens):
         token_mean = -tokens.sum() / 57.0  # a Trainer's token count: any constant
-        if rowwise:  # each sample's worst group, summed
-            worst = torch.maximum(group_nll(tokens, group, -1), group_nll(tokens, mask & ~group, -1)).sum()
-        else:  # the worst group over the batch
+        if coupled:  # the worst group over the batch
             worst = torch.maximum(group_nll(tokens, group, None), group_nll(tokens, mask & ~group, None))
+        else:  # each sample's worst group, summed
+            worst = torch.maximum(group_nll(tokens, group, -1), group_nll(tokens, mask & ~group, -1)).sum()
         return 0.6 * token_mean + 0.4 * worst
 
     token_logps, _ = batch_token_logps(states, head, labels)
     expected = loss_fn(token_logps)
     expected_grads = torch.autograd.grad(expected, [states, head.weight])
-    loss, got_tokens, _ = fused_answer_loss(states, head.weight, labels, loss_fn, rowwise=rowwise)
+    loss, got_tokens, _ = fused_answer_loss(states, head.weight, labels, loss_fn)
     torch.testing.assert_close(got_tokens.double(), token_logps.detach(), rtol=tolerance, atol=tolerance)
     torch.testing.assert_close(loss.double(), expected.double(), rtol=tolerance, atol=tolerance)
     grads = torch.autograd.grad(loss * 2.0, [states, head.weight])
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got.double(), 2.0 * want.double(), rtol=tolerance, atol=tolerance)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+def stock_and_fused_grads(hidden, weight, labels, loss_fn, scale, half, autocast):
+    """The gradients of ``scale · loss`` (hidden, weight): float64 truth, stock autograd in ``half``, fused in ``half``.
+
+    Stock: the model's own way, a linear layer in ``half`` (by autocast, or with a ``half`` weight), the log-softmax
+    in float32.
+    """
+    truth_inputs = [hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()]
+    truth = torch.autograd.grad(
+        loss_fn(batch_token_logps(*truth_inputs[:1], lambda h: h @ truth_inputs[1].t(), labels)[0]) * scale,
+        truth_inputs,
+    )
+    results = {"truth": truth}
+    for name in ("stock", "fused"):
+        h = hidden.detach().to(torch.float32 if autocast else half).requires_grad_()
+        w = weight.detach().to(torch.float32 if autocast else half).requires_grad_()
+        with torch.autocast("cpu", dtype=half, enabled=autocast):
+            if name == "stock":
+                logits = torch.nn.functional.linear(h, w).float()
+                picked = torch.log_softmax(logits, -1)[:, :-1].gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1))
+                loss = loss_fn(picked.squeeze(-1).masked_fill(labels[:, 1:] == IGNORE_INDEX, 0.0))
+            else:
+                loss = fused_answer_loss(h, w, labels, loss_fn)[0]
+        results[name] = torch.autograd.grad(loss * scale, [h, w])
+    return results
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0**10, 2.0**16])
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast_fp32_weight", "fp16_weight"])
+def test_fp16_loss_scaling_is_exact(scale, autocast, monkeypatch):
+    """fp16 with a loss scale (GradScaler, DeepSpeed's dynamic scale): finite, and as accurate as stock autograd.
+
+    The upstream gradient is in dL/dlogits before its cast to fp16, as in stock autograd; without it small
+    gradients flush to zero (and at 2^16 large ones overflow).
+    """
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 4096)  # 16 positions a chunk: several chunks
+    gen = torch.Generator().manual_seed(11)
+    vocab, width = 256, 64
+    hidden = torch.randn(2, 96, width, generator=gen)
+    weight = torch.randn(vocab, width, generator=gen) * 0.2
+    labels = torch.randint(0, vocab, (2, 96), generator=gen)
+    labels[:, :20] = IGNORE_INDEX
+
+    def loss_fn(tokens):  # the stock token mean
+        return -tokens.sum() / (labels[:, 1:] != IGNORE_INDEX).sum()
+
+    grads = stock_and_fused_grads(hidden, weight, labels, loss_fn, scale, torch.float16, autocast)
+    for got, stock, truth in zip(grads["fused"], grads["stock"], grads["truth"]):
+        assert torch.isfinite(got).all() and torch.isfinite(stock).all()
+        fused_error, stock_error = relative_error(got, truth), relative_error(stock, truth)
+        assert fused_error <= 1.5 * stock_error + 1e-6, (fused_error, stock_error)
+
+
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast_fp32_weight", "bf16_weight"])
+def test_bf16_projects_in_bf16_as_stock(autocast, monkeypatch):
+    """A float32 trainable head (LoRA/freeze upcast) or a bf16 frozen one, fp32 hidden states: no dtype clash.
+
+    The head runs in bf16 like stock autocast: the loss equals stock's to float32 rounding, the gradients are as
+    close to float64 as stock's.
+    """
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 4096)
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, 80, 64, generator=gen)
+    weight = torch.randn(256, 64, generator=gen) * 0.2
+    labels = torch.randint(0, 256, (2, 80), generator=gen)
+    labels[0, :10] = IGNORE_INDEX
+
+    def loss_fn(tokens):
+        return -(tokens.sum(-1) / (labels[:, 1:] != IGNORE_INDEX).sum(-1)).mean()
+
+    grads = stock_and_fused_grads(hidden, weight, labels, loss_fn, 1.0, torch.bfloat16, autocast)
+    for got, stock, truth in zip(grads["fused"], grads["stock"], grads["truth"]):
+        assert relative_error(got, truth) <= 1.5 * relative_error(stock, truth) + 1e-6
+    # the reference's projection under autocast, from a float32 head (LoRA's base, upcast) or a bf16 one (a frozen
+    # copy), float32 hidden states: bf16 matmuls as stock's, and the fused policy's very log-probs (r = 0 exactly)
+    for head in (weight, weight.to(torch.bfloat16)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = projected_token_logps(hidden, head, labels)[0]
+            stock = torch.log_softmax(torch.nn.functional.linear(hidden, head).float(), -1)
+            fused = fused_answer_loss(hidden, head, labels, loss_fn)[1]
+        picked = stock[:, :-1].gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        expected = picked.masked_fill(labels[:, 1:] == IGNORE_INDEX, 0.0)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got, fused)
+
+
+class LiveLogits(TorchDispatchMode):
+    """Tracks, for each op, the elements of live tensors whose last dimension is the vocabulary (logits chunks)."""
+
+    def __init__(self, vocab: int, weight_shape: tuple[int, int]):
+        super().__init__()
+        self.vocab, self.weight_shape = vocab, weight_shape
+        self.live, self.peak = {}, 0
+        self.head_sized = {}  # live op outputs of the head weight's shape (a gradient or a copy of the weight)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            key = id(tensor)
+            if tuple(tensor.shape) == self.weight_shape:
+                self.head_sized[key] = True
+                weakref.finalize(tensor, self.head_sized.pop, key, None)
+            elif tensor.dim() == 2 and tensor.size(-1) == self.vocab and tensor.size(0) > 1:
+                self.live[key] = tensor.numel()
+                weakref.finalize(tensor, self.live.pop, key, None)
+        self.peak = max(self.peak, sum(self.live.values()))
+        return out
+
+
+@pytest.mark.parametrize("answer_chunks", [8, 64])
+def test_fused_loss_holds_a_bounded_number_of_chunks_and_no_head_gradient(answer_chunks, monkeypatch):
+    """A long answer (here up to 64 chunks) never holds more than ``KEPT_ELEMENTS`` plus a few chunks of logits.
+
+    Between forward and backward nothing of the head weight's size is held (no gradient computed in advance).
+    """
+    vocab, width, chunk = 101, 8, 16
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", chunk * vocab)
+    monkeypatch.setattr(losses, "KEPT_ELEMENTS", 2 * chunk * vocab)
+    hidden = torch.randn(1, answer_chunks * chunk + 1, width, requires_grad=True)
+    weight = torch.randn(vocab, width, requires_grad=True)
+    labels = torch.randint(0, vocab, (1, answer_chunks * chunk + 1))
+    mode = LiveLogits(vocab, (vocab, width))
+    with mode:
+        loss = fused_answer_loss(hidden, weight, labels, lambda t: -t.sum())[0]
+        held_after_forward = dict(mode.head_sized)
+        loss.backward()
+    assert not held_after_forward, "a head-sized tensor is held from forward to backward"
+    assert weight.grad is not None and hidden.grad is not None
+    # kept: 2 chunks; transient: a chunk in the compute dtype, its float32 view and its gradient
+    assert mode.peak <= 5 * chunk * vocab, mode.peak / (chunk * vocab)

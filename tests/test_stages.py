@@ -5,6 +5,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -104,9 +105,14 @@ def test_sft_track_deviation_keeps_the_stock_loss(tiny, tmp_path):
     assert_same_weights(tmp_path / "stock", tmp_path / "tracked", rtol=1e-4, atol=1e-6)
 
 
-def test_sft_track_deviation_keeps_llamafactory_loss_functions(tiny, tmp_path):
-    """``use_dft_loss`` is not the token mean the fused head reproduces: tracking then keeps the stock loss."""
-    common = dict(stage="sft", use_dft_loss=True, max_steps=2, dataset="minorsft_demo")
+@pytest.mark.parametrize("option", ["use_dft_loss", "use_eaft_loss"])
+def test_sft_track_deviation_keeps_llamafactory_loss_functions(tiny, tmp_path, option):
+    """LLaMA-Factory's DFT and EAFT losses are not the token mean the fused head reproduces: tracking keeps them."""
+    from llamafactory.extras.env import VERSION
+
+    if VERSION == "0.9.4" and option != "use_dft_loss":
+        pytest.skip(f"LLaMA-Factory 0.9.4 has no {option}")
+    common = dict(stage="sft", max_steps=2, dataset="minorsft_demo", **{option: True})
     run_cli(base_config(tiny, tmp_path / "stock", **common), tmp_path / "stock_run")
     run_cli(base_config(tiny, tmp_path / "tracked", track_deviation=True, **common), tmp_path / "tracked_run")
     stock, tracked = step_logs(tmp_path / "stock"), step_logs(tmp_path / "tracked")
@@ -289,3 +295,41 @@ def test_bf16_policy_trains_with_finite_float32_metrics(tiny, tmp_path, stage):
     logs = step_logs(out)
     assert len(logs) == 3 and all(math.isfinite(v) for entry in logs for v in entry.values() if isinstance(v, float))
     assert logs[0]["deviation"] == 0.0 and logs[-1]["deviation"] != 0.0  # policy = reference at the first step
+
+
+LIGER_PROBE = """
+import json, sys
+import transformers.models.qwen2.modeling_qwen2 as qwen2
+from llamafactory.hparams import get_train_args
+from llamafactory.model import load_model, load_tokenizer
+from llamafactory_minorsft.train.workflow import load_policy
+
+stock_forward = qwen2.Qwen2ForCausalLM.forward
+model_args, _, _, finetuning_args, _ = get_train_args(json.loads(sys.argv[1]))
+load = load_policy if sys.argv[2] == "policy" else load_model
+model = load(load_tokenizer(model_args)["tokenizer"], model_args, finetuning_args, True)
+print(json.dumps({"stock_forward": type(model).forward is stock_forward, "norm": type(model.model.norm).__name__}))
+"""
+
+
+@pytest.mark.parametrize("stage", ["sft_track", "minorsft"])
+def test_liger_gives_the_stages_its_kernels_without_its_fused_loss(tiny, tmp_path, stage):
+    """`enable_liger_kernel`: Liger's kernels, but the model keeps its forward, which returns logits.
+
+    LLaMA-Factory's own ``load_model`` gives `stage: sft` Liger's fused linear cross-entropy (a forward that returns
+    no logits); this package's sft runs load as its other stages do. Liger's kernels need a GPU, so this checks
+    the loading only (``tests/gpu`` trains with them).
+    """
+    pytest.importorskip("liger_kernel")
+    options = dict(stage="sft", track_deviation=True) if stage == "sft_track" else dict(stage="minorsft")
+    config = json.dumps(base_config(tiny, tmp_path / "out", enable_liger_kernel=True, **options))
+    loaded = {}
+    for loader in ("policy", "stock"):
+        proc = subprocess.run(
+            [sys.executable, "-c", LIGER_PROBE, config, loader], env=cli_env(), capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        loaded[loader] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert loaded["policy"] == {"stock_forward": True, "norm": "LigerRMSNorm"}
+    # LLaMA-Factory's stock loading: the fused loss for `stage: sft`, none for the other stages
+    assert loaded["stock"] == {"stock_forward": stage != "sft_track", "norm": "LigerRMSNorm"}

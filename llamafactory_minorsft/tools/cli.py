@@ -21,6 +21,7 @@ def _main(argv=None) -> int:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--hidden-size", type=int, default=64)
     tiny.add_argument("--num-layers", type=int, default=2)
+    tiny.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the saved weights' dtype")
     demo = sub.add_parser("demo", help="train SFT, MinorSFT and SFT-using-DPO on the tiny model and compare")
     demo.add_argument("--output-dir", default="demo_output")
     demo.add_argument("--examples-dir", default="examples_yaml/tiny")
@@ -73,6 +74,7 @@ def _main(argv=None) -> int:
             hidden_size=args.hidden_size,
             intermediate_size=2 * args.hidden_size,
             num_hidden_layers=args.num_layers,
+            dtype=args.dtype,
         )
         for name, path in paths.items():
             print(f"{name}: {path}")

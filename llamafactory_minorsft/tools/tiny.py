@@ -116,8 +116,12 @@ def build_tokenizer(texts: list[str], output_dir: str, vocab_size: int = 512):
     return tokenizer
 
 
-def build_model(tokenizer, output_dir: str, seed: int = 0, **size) -> None:
-    """A randomly initialised Qwen2ForCausalLM (float32) sized for CPU tests, saved next to the tokenizer."""
+def build_model(tokenizer, output_dir: str, seed: int = 0, dtype: str = "float32", **size) -> None:
+    """A randomly initialised Qwen2ForCausalLM sized for CPU tests, saved next to the tokenizer.
+
+    ``dtype``: the saved weights' dtype. `bfloat16` is how every released Qwen2 checkpoint is stored: LLaMA-Factory
+    then loads it in bf16 and upcasts only the trainable parameters.
+    """
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -128,16 +132,18 @@ def build_model(tokenizer, output_dir: str, seed: int = 0, **size) -> None:
         bos_token_id=None,
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id,
-        torch_dtype="float32",
         **size,
     )
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
+    model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))  # initialised in float32, then cast
+    model.config.dtype = dtype
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
 
 
-def build_tiny_setup(output_dir: str, seed: int = 0, num_samples: int = 256, **size) -> dict[str, str]:
+def build_tiny_setup(
+    output_dir: str, seed: int = 0, num_samples: int = 256, dtype: str = "float32", **size
+) -> dict[str, str]:
     """Build everything tests and the demo need under ``output_dir``; returns the paths.
 
     - ``model``: tiny Qwen2 policy (seed ``seed``); ``ref_model``: same tokenizer, other weights (seed + 1);
@@ -151,8 +157,8 @@ def build_tiny_setup(output_dir: str, seed: int = 0, num_samples: int = 256, **s
 
     texts = [" ".join(s.values()) for s in data + eval_data] + ["system user assistant You are a helpful assistant."]
     tokenizer = build_tokenizer(texts, paths["model"])
-    build_model(tokenizer, paths["model"], seed=seed, **size)
-    build_model(tokenizer, paths["ref_model"], seed=seed + 1, **size)
+    build_model(tokenizer, paths["model"], seed=seed, dtype=dtype, **size)
+    build_model(tokenizer, paths["ref_model"], seed=seed + 1, dtype=dtype, **size)
     return paths
 
 

@@ -1,14 +1,17 @@
-"""Answer log-probs without the full logits.
+"""Answer log-probs without the full logits: the output head computes them inside the model's forward.
 
-The decoder runs with its output head switched off, and the head then
-projects only the answer positions, a chunk at a time (``losses.projected_token_logps`` and
-``losses.fused_answer_loss``).
+Within ``head_computes``, the model's output head returns what a function of the final hidden states and the head
+computes (``losses.projected_token_logps``, ``losses.fused_answer_loss``) in place of the logits. The head is still
+called by the model's own forward, so everything around that call holds as for stock training: accelerate's
+autocast, DeepSpeed ZeRO-3's hooks (they gather the head's weight for the forward and again for the backward, and
+reduce its gradient), and DDP, which sees the weight used in its forward (``find_unused_parameters``).
 
 This needs a causal LM whose forward is ``logits = self.lm_head(hidden_states[...])`` and nothing else: no logit
 scaling or soft-capping, a plain ``nn.Linear`` head (tied to the embeddings or not) that no adapter wraps. Other
 models keep the full-logits path, which gives the same values.
 """
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Optional
 
@@ -39,12 +42,15 @@ def plain_head(model: torch.nn.Module) -> Optional[torch.nn.Linear]:
 
 
 @contextmanager
-def hidden_states_as_logits(model: torch.nn.Module):
-    """Within, ``model(...).logits`` are the final hidden states: the head is an identity. Yields the head."""
-    lm = causal_lm(model)
-    head = lm.lm_head
-    lm.lm_head = torch.nn.Identity()
+def head_computes(model: torch.nn.Module, compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+    """Within, the head of ``model`` returns ``compute(hidden_states, head.weight)``, so ``model(...).logits`` is that.
+
+    The head's ``forward`` is shadowed on the instance (its module call and hooks stay); ``plain_head(model)``
+    must hold.
+    """
+    head = plain_head(model)
+    head.forward = lambda hidden_states: compute(hidden_states, head.weight)
     try:
         yield head
     finally:
-        lm.lm_head = head
+        del head.forward

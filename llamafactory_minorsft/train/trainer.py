@@ -13,15 +13,15 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Optional
 
 import torch
+from llamafactory.extras import logging
 from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
 from tqdm import tqdm
-from transformers.integrations import is_deepspeed_zero3_enabled
 from typing_extensions import override
 
 from ..losses import IGNORE_INDEX, answer_token_logps, fused_answer_loss, projected_token_logps
 from . import reference_cache
 from .columns import EXTRA_COLUMNS, REF_LOGPS, REF_TOKEN_LOGPS, add_reference_columns, answer_values
-from .head import hidden_states_as_logits, plain_head
+from .head import PLAIN_HEAD_MODEL_TYPES, head_computes, plain_head
 from .metrics import DEVIATION_METRICS, deviation_sums, metric_means
 
 
@@ -29,6 +29,10 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from ..hparams import PluginFinetuningArguments
+
+
+# under LLaMA-Factory's root logger: its format, its level, its web UI log
+logger = logging.get_logger(f"llamafactory.{__name__}")
 
 
 @contextmanager
@@ -82,7 +86,6 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
     per_sample = True  # losses are per-sample means over the global batch; False keeps the stock token mean
     uses_stock_loss = False  # the loss has the stock token-mean cross-entropy in it (``token_mean_loss``)
     logps_need_grad = True  # False: the answer log-probs only feed metrics
-    rowwise = True  # each sample's loss term depends on its own tokens only (see ``fused_answer_loss``)
 
     def __init__(
         self,
@@ -101,6 +104,7 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
             self.model_accepts_loss_kwargs = True
 
         self.precomputed_reference = False
+        self._path_logged = False
         self._num_answered_samples: Optional[torch.Tensor] = None
         self._stored_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         # group → metric names; every process logs the same groups, so their all-reduce in ``log`` is collective-safe
@@ -160,13 +164,12 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
             ref_model, ref_context = self.ref_model, nullcontext()
 
         with ref_context, eval_mode(ref_model):  # a reference never uses dropout (the policy's is on in training)
-            head = plain_head(ref_model) if self.head_free(model) else None
-            if head is None:
+            if not (self.head_free(model) and plain_head(ref_model) is not None):
                 return answer_token_logps(ref_model(**model_inputs, use_cache=False).logits, labels)
 
-            with hidden_states_as_logits(ref_model):
-                hidden = ref_model(**model_inputs, use_cache=False).logits
-            return projected_token_logps(hidden, head, labels)
+            with head_computes(ref_model, lambda hidden, weight: projected_token_logps(hidden, weight, labels)[0]):
+                token_logps = ref_model(**model_inputs, use_cache=False).logits  # the head's answer log-probs
+            return token_logps, labels[:, 1:] != IGNORE_INDEX
 
     @torch.no_grad()
     def compute_reference_logps(self, dataset, desc: str) -> dict[str, torch.Tensor]:
@@ -181,7 +184,8 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
         for batch in tqdm(self.get_eval_dataloader(dataset), desc=desc, disable=not self.is_local_process_zero()):
             batch = self._prepare_inputs(batch)
             model_inputs = {key: value for key, value in batch.items() if key not in ("labels", *EXTRA_COLUMNS)}
-            batch_token_logps, mask = self.reference_token_logps(self.model, model_inputs, batch["labels"])
+            with self.accelerator.autocast():  # as in training: the policy is not wrapped by accelerate yet
+                batch_token_logps, mask = self.reference_token_logps(self.model, model_inputs, batch["labels"])
             logps.append(self.accelerator.gather_for_metrics(batch_token_logps.sum(-1)).cpu())
             num_tokens.append(self.accelerator.gather_for_metrics(mask.sum(-1)).cpu())
             if self.needs_token_ref_logps:  # rows of different lengths per process: pad to one length, gather
@@ -280,18 +284,29 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
             self.store_metrics("deviation", sums, batch.training)
 
     def head_free(self, model) -> bool:
-        """The stage takes its log-probs from the hidden states (``head``), fused with its loss in training.
+        """The stage takes its log-probs from the hidden states and the head, fused with its loss in training.
 
-        That takes a plain head and parameters that DeepSpeed ZeRO-3 or FSDP do not shard, and a stock token mean
-        that ``token_mean_loss`` reproduces (``stock_loss_is_token_mean``). The reference then follows the same
-        path, so both make the same float operations (r = 0 exactly where the weights are equal).
+        See ``head_free_fallback``. The reference then follows the same path, so both make the same float operations
+        (r = 0 exactly where the weights are equal).
         """
-        if is_deepspeed_zero3_enabled() or self.is_fsdp_enabled:
-            return False
-        if self.uses_stock_loss and not self.stock_loss_is_token_mean():
-            return False
+        return self.head_free_fallback(model) is None
 
-        return plain_head(model) is not None
+    def head_free_fallback(self, model) -> Optional[str]:
+        """Why the stage takes its log-probs from the full logits instead (None: it does not).
+
+        The head-free path takes a plain head (``train/head.py``), no FSDP (not verified with it), and, where the
+        stage's loss holds the stock loss, a stock loss that ``token_mean_loss`` reproduces.
+        """
+        if self.is_fsdp_enabled:
+            return "FSDP is enabled (the head-free path is verified with DDP and DeepSpeed only)"
+        if self.uses_stock_loss and not self.stock_loss_is_token_mean():
+            return (
+                "the stock loss is not the plain token-mean cross-entropy (a LLaMA-Factory loss option, label "
+                "smoothing, several GPUs in one process or sequence parallelism)"
+            )
+        if plain_head(model) is None:
+            return "the model's output head is not a plain linear layer of a " + "/".join(PLAIN_HEAD_MODEL_TYPES)
+        return None
 
     def stock_loss_is_token_mean(self) -> bool:
         """The stock loss is the model's own token-mean cross-entropy, normalised by the Trainer alone.
@@ -333,6 +348,14 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         model_inputs = {key: value for key, value in inputs.items() if key not in ("labels", *EXTRA_COLUMNS)}
         labels = inputs["labels"]
+        if model.training and not self._path_logged:
+            self._path_logged = True
+            fallback = self.head_free_fallback(model)
+            logger.info_rank0(
+                "Answer log-probs: head-free (the output head projects the answer positions only, fused with the loss)."
+                if fallback is None
+                else f"Answer log-probs: from the full logits, because {fallback}."
+            )
         if model.training and self.head_free(model):
             return self._fused_loss(model, model_inputs, inputs, return_outputs, num_items_in_batch)
         elif self.uses_stock_loss:
@@ -354,7 +377,10 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
         return (loss, outputs) if return_outputs else loss
 
     def _fused_loss(self, model, model_inputs: dict, inputs: dict, return_outputs: bool, num_items_in_batch):
-        """``compute_loss`` through ``fused_answer_loss``: ``batch_loss`` as a function of the token log-probs."""
+        """``compute_loss`` through ``fused_answer_loss``: ``batch_loss`` as a function of the token log-probs.
+
+        The head computes the loss inside the model's forward (``head_computes``), which returns it as its logits.
+        """
         labels = inputs["labels"]
         batch = Batch(inputs, labels, None, labels[:, 1:] != IGNORE_INDEX, training=True)
         if self.uses_stock_loss:
@@ -362,15 +388,17 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
         if self.uses_reference:
             self._reference(model, model_inputs, batch)
 
-        with hidden_states_as_logits(model) as head:
-            outputs = model(**model_inputs, use_cache=False)
-
         def loss_of(token_logps: torch.Tensor) -> torch.Tensor:
             return self.batch_loss(replace(batch, token_logps=token_logps))
 
-        loss, batch.token_logps, _ = fused_answer_loss(outputs.logits, head.weight, labels, loss_of, self.rowwise)
+        def fused(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            loss, batch.token_logps, _ = fused_answer_loss(hidden, weight, labels, loss_of)
+            return loss
+
+        with head_computes(model, fused):
+            outputs = model(**model_inputs, use_cache=False)
         self.store_batch_metrics(batch)
-        return (loss, outputs) if return_outputs else loss
+        return (outputs.logits, outputs) if return_outputs else outputs.logits
 
     def store_metrics(self, group: str, sums: torch.Tensor, training: bool) -> None:
         """Add a micro-batch's sums of one metric group (``metrics``) to those since the last log."""

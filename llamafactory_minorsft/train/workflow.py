@@ -20,6 +20,7 @@ from llamafactory.train.sft.metric import ComputeAccuracy, eval_logit_processor
 from llamafactory.train.trainer_utils import create_modelcard_and_push, create_ref_model
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from ..integration import logits_kept
 from . import reference_cache
 from .callbacks import DeviationLogCallback
 from .columns import ExtraColumnsCollator
@@ -43,6 +44,12 @@ def load_base_model(model_args: "ModelArguments"):
     return load_model(load_tokenizer(base_args)["tokenizer"], base_args, FinetuningArguments(), is_trainable=False)
 
 
+def load_policy(tokenizer, model_args: "ModelArguments", finetuning_args: "PluginFinetuningArguments", is_trainable):
+    """LLaMA-Factory's ``load_model``, with Liger's kernels but never its fused loss (see ``integration.logits_kept``)."""
+    with logits_kept():
+        return load_model(tokenizer, model_args, finetuning_args, is_trainable)
+
+
 def run_workflow(
     model_args: "ModelArguments",
     data_args: "DataArguments",
@@ -59,7 +66,7 @@ def run_workflow(
     # the stock sft data pipeline: prompt tokens are IGNORE_INDEX, answer tokens are labels
     dataset_module = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
     stage_kwargs = prepare(tokenizer, dataset_module, finetuning_args) if prepare is not None else {}
-    model = load_model(tokenizer, model_args, finetuning_args, training_args.do_train)
+    model = load_policy(tokenizer, model_args, finetuning_args, training_args.do_train)
     cache = None
     if finetuning_args.precompute_ref_logps:  # a cache hit on every split: no reference model is loaded at all
         cache = reference_cache.look_up(model_args, data_args, finetuning_args, dataset_module)

@@ -1,25 +1,32 @@
 """GPU checks of the head-free log-probs; skipped without CUDA.
 
-Run them on a GPU machine with ``.venv/bin/python -m pytest tests/gpu``: bf16 with sdpa, the chunked and fused
-log-probs against a naive log-softmax on CUDA, 1-GPU DeepSpeed ZeRO-3, and the peak memory of a random-initialised
-model with Qwen2-0.5B's configuration at 2 x 2,048 tokens against stock sft (with and without Liger's kernels).
+Run them on a GPU machine with ``.venv/bin/python -m pytest tests/gpu``:
+- the projected and fused log-probs on CUDA against a naive log-softmax, under bf16 autocast and with fp16 loss scales;
+- a bf16-saved checkpoint trained with `bf16: true`, and `fp16: true` (accelerate's GradScaler), each against the same
+  run in float32 (as ``tests/test_precision.py`` on the CPU);
+- 1-GPU DeepSpeed ZeRO-3 in bf16 on the head-free path against no DeepSpeed; 2-GPU DDP where there are 2 GPUs;
+- Liger's kernels with minorsft and with sft + track_deviation, against the same runs without;
+- the peak memory of a random-initialised model with Qwen2-0.5B's configuration at 2 x 2,048 tokens against stock sft
+  (with and without Liger's kernels).
 """
 
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from conftest import base_config, cli_env, deepspeed_env, run_cli, step_logs
-from helpers import batch_token_logps
+from helpers import assert_same_training, batch_token_logps
 from llamafactory_minorsft.losses import IGNORE_INDEX, fused_answer_loss, minorsft_loss, projected_token_logps
 
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 ROOT = Path(__file__).resolve().parents[2]
+HEAD_FREE = "Answer log-probs: head-free"
 QWEN2_05B = dict(  # Qwen2-0.5B's config.json, random weights
     hidden_size=896,
     intermediate_size=4864,
@@ -31,28 +38,92 @@ QWEN2_05B = dict(  # Qwen2-0.5B's config.json, random weights
 )
 
 
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
-def test_chunked_and_fused_logps_match_a_naive_log_softmax_on_cuda(dtype, tolerance):
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+def stock_token_logps(hidden, weight, labels) -> torch.Tensor:
+    """The models' own way: the head in autocast's dtype, the log-softmax in float32; 0 off the answers."""
+    logprobs = torch.log_softmax(torch.nn.functional.linear(hidden, weight).float(), -1)[:, :-1]
+    picked = logprobs.gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked.masked_fill(labels[:, 1:] == IGNORE_INDEX, 0.0)
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale", [1.0, 2.0**16])
+@pytest.mark.parametrize("kept", [2**27, 0], ids=["kept", "recomputed"])
+def test_fused_logps_on_cuda_are_as_accurate_as_stock_autocast(half, scale, kept, monkeypatch):
+    """A float32 head under CUDA autocast, at Qwen2's vocabulary: values, and gradients at a loss scale."""
+    from llamafactory_minorsft import losses
+
+    monkeypatch.setattr(losses, "KEPT_ELEMENTS", kept)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    hidden = torch.randn(2, 300, 64, device="cuda", generator=gen).to(dtype).requires_grad_()
-    head = torch.nn.Linear(64, 151936, bias=False, device="cuda", dtype=dtype)
+    hidden = torch.randn(2, 300, 64, device="cuda", generator=gen)
+    weight = torch.randn(151936, 64, device="cuda", generator=gen) * 0.05
     labels = torch.randint(0, 151936, (2, 300), device="cuda", generator=gen)
     labels[:, :50] = IGNORE_INDEX
-    expected = batch_token_logps(hidden, head, labels)[0]
-    token_logps, _ = projected_token_logps(hidden, head, labels)
-    torch.testing.assert_close(token_logps.double(), expected, rtol=tolerance, atol=tolerance)
-
+    truth_inputs = [hidden.double().requires_grad_(), weight.double().requires_grad_()]
+    expected = batch_token_logps(truth_inputs[0], lambda h: h @ truth_inputs[1].t(), labels)[0]
     ref = expected.sum(-1).detach().float() - 5.0
     m = (labels[:, 1:] != IGNORE_INDEX).sum(-1)
 
-    def loss_of(logps):
-        return minorsft_loss(logps, ref, m, 0.04)[0].sum() / 2
+    def loss_of(tokens):
+        return minorsft_loss(tokens.sum(-1), ref, m, 0.04)[0].sum() / 2
 
-    want = torch.autograd.grad(loss_of(expected.sum(-1).float()), [hidden, head.weight])
-    loss, _, _ = fused_answer_loss(hidden, head.weight, labels, lambda tokens: loss_of(tokens.sum(-1)))
-    got = torch.autograd.grad(loss, [hidden, head.weight])
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g.double(), w.double(), rtol=tolerance, atol=tolerance)
+    truth = torch.autograd.grad(loss_of(expected) * scale, truth_inputs)
+    results = {}
+    for name in ("stock", "fused"):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=half):
+            if name == "stock":
+                tokens = stock_token_logps(h, w, labels)
+                loss = loss_of(tokens)
+            else:
+                loss, tokens, _ = fused_answer_loss(h, w, labels, loss_of)
+                assert torch.equal(projected_token_logps(h, w, labels)[0], tokens)  # the reference's own path
+        results[name] = (tokens, torch.autograd.grad(loss * scale, [h, w]))
+    torch.testing.assert_close(results["fused"][0].double(), results["stock"][0].double(), rtol=1e-4, atol=1e-4)
+    for got, stock, want in zip(results["fused"][1], results["stock"][1], truth):
+        assert torch.isfinite(got).all()
+        assert relative_error(got, want) <= 1.5 * relative_error(stock, want) + 1e-6
+
+
+LORA = dict(finetuning_type="lora", lora_target="all", lora_rank=4)
+GPU_PRECISION_CASES = {
+    "bf16-minorsft-lora-untied": (False, dict(bf16=True), dict(stage="minorsft", **LORA)),
+    "bf16-minorsft-full-precomputed-tied": (True, dict(bf16=True), dict(stage="minorsft", precompute_ref_logps=True)),
+    "bf16-sft_track-freeze-untied": (
+        False,
+        dict(bf16=True),
+        dict(stage="sft", track_deviation=True, finetuning_type="freeze"),
+    ),
+    "fp16-minorsft-full-untied": (False, dict(fp16=True), dict(stage="minorsft")),
+    "fp16-sft_go-lora-tied": (True, dict(fp16=True), dict(stage="sft_go", **LORA)),
+}
+
+
+@pytest.mark.parametrize("case", list(GPU_PRECISION_CASES))
+def test_half_precision_on_gpu_trains_as_float32(bf16_tiny, tmp_path, case):
+    """bf16 (autocast) and fp16 (autocast + GradScaler, initial scale 2^16) on the GPU, each against float32."""
+    tied, precision, options = GPU_PRECISION_CASES[case]
+    paths = bf16_tiny[tied]
+    tiny = SimpleNamespace(model=paths["model"], data=paths["data"])
+    runs = {}
+    for name, extra in (("half", precision), ("fp32", {})):
+        out = tmp_path / name
+        config = base_config(
+            tiny,
+            out,
+            max_steps=2,
+            learning_rate=0.5,
+            ref_logps_cache_dir=str(tmp_path / f"cache_{name}"),
+            **options,
+            **extra,
+        )
+        assert HEAD_FREE in run_cli(config, tmp_path / f"{name}_run").stdout
+        runs[name] = out
+    assert all(torch.isfinite(torch.tensor(e["grad_norm"])) for e in step_logs(runs["half"]))
+    assert_same_training(runs["half"], runs["fp32"], paths["model"])
 
 
 def test_bf16_sdpa_lora_minorsft_starts_at_zero_deviation(tiny, tmp_path):
@@ -74,15 +145,62 @@ def test_bf16_sdpa_lora_minorsft_starts_at_zero_deviation(tiny, tmp_path):
     assert logs[0]["deviation"] == 0 and all(torch.isfinite(torch.tensor(e["loss"])) for e in logs)
 
 
-def test_zero3_on_one_gpu_matches_no_deepspeed(tiny, tmp_path):
-    common = dict(ref_model=tiny.ref_model, max_steps=2, optim="adamw_torch", learning_rate=1e-3)
-    run_cli(base_config(tiny, tmp_path / "plain", **common), tmp_path / "plain_run")
+def test_zero3_bf16_on_one_gpu_takes_the_head_free_path_and_matches_no_deepspeed(bf16_tiny, tmp_path):
+    """The paper's set-up in small: a bf16 checkpoint, full tuning, DeepSpeed ZeRO-3, bf16."""
+    paths = bf16_tiny[False]
+    tiny = SimpleNamespace(model=paths["model"], data=paths["data"])
+    common = dict(ref_model=paths["ref_model"], max_steps=2, learning_rate=0.5, bf16=True)
+    assert HEAD_FREE in run_cli(base_config(tiny, tmp_path / "plain", **common), tmp_path / "plain_run").stdout
     ds = str(ROOT / "examples_yaml" / "deepspeed" / "ds_z3_config.json")
     env = deepspeed_env(FORCE_TORCHRUN="1", NPROC_PER_NODE="1")
-    run_cli(base_config(tiny, tmp_path / "z3", deepspeed=ds, **common), tmp_path / "z3_run", env=env)
+    proc = run_cli(base_config(tiny, tmp_path / "z3", deepspeed=ds, **common), tmp_path / "z3_run", env=env)
+    assert HEAD_FREE in proc.stdout
     for a, b in zip(step_logs(tmp_path / "plain"), step_logs(tmp_path / "z3")):
         for key in ("loss", "deviation", "coef"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+            assert a[key] == pytest.approx(b[key], rel=3e-2, abs=2e-2), key
+
+
+def test_two_gpu_ddp_find_unused_parameters_equals_one_gpu(bf16_tiny, tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    paths = bf16_tiny[False]
+    tiny = SimpleNamespace(model=paths["model"], data=paths["data"])
+    common = dict(
+        ref_model=paths["ref_model"],
+        bf16=True,
+        disable_gradient_checkpointing=True,
+        ddp_find_unused_parameters=True,
+        learning_rate=0.5,
+    )
+    run_cli(base_config(tiny, tmp_path / "one", **common), tmp_path / "one_run")
+    env = cli_env(FORCE_TORCHRUN="1", NPROC_PER_NODE="2")
+    run_cli(
+        base_config(tiny, tmp_path / "two", per_device_train_batch_size=2, **common), tmp_path / "two_run", env=env
+    )
+    one, two = step_logs(tmp_path / "one")[0], step_logs(tmp_path / "two")[0]
+    for key in ("loss", "deviation", "coef"):
+        assert two[key] == pytest.approx(one[key], rel=1e-2, abs=1e-3), key
+
+
+@pytest.mark.parametrize("stage", ["minorsft", "sft_track"])
+def test_liger_kernels_with_the_stages_train_as_without(bf16_tiny, tmp_path, stage):
+    pytest.importorskip("liger_kernel")
+    paths = bf16_tiny[False]
+    tiny = SimpleNamespace(model=paths["model"], data=paths["data"])
+    options = dict(stage="sft", track_deviation=True) if stage == "sft_track" else dict(stage="minorsft")
+    for liger in (True, False):
+        config = base_config(
+            tiny,
+            tmp_path / f"liger_{liger}",
+            bf16=True,
+            max_steps=2,
+            learning_rate=0.5,
+            enable_liger_kernel=liger,
+            **options,
+        )
+        output = run_cli(config, tmp_path / f"run_{liger}").stdout
+        assert HEAD_FREE in output and (not liger or "Liger kernel has been applied" in output)
+    assert_same_training(tmp_path / "liger_True", tmp_path / "liger_False", paths["model"])
 
 
 @pytest.mark.parametrize("liger", [False, True], ids=["plain", "liger"])
@@ -92,7 +210,7 @@ def test_qwen2_05b_config_peak_memory_against_stock_sft(tmp_path, liger):
     bench = ROOT / "benchmarks" / "bench_reference.py"
     from llamafactory_minorsft.tools.tiny import build_tiny_setup
 
-    paths = build_tiny_setup(str(tmp_path / "model"), seed=0, num_samples=64, **QWEN2_05B)
+    paths = build_tiny_setup(str(tmp_path / "model"), seed=0, num_samples=64, dtype="bfloat16", **QWEN2_05B)
     sys.path.insert(0, str(bench.parent))
     import bench_reference
 
@@ -127,4 +245,5 @@ def test_qwen2_05b_config_peak_memory_against_stock_sft(tmp_path, liger):
         )
         peaks[stage] = json.loads(result_path.read_text())["peak_cuda_mb"]
     print(f"peak CUDA MB (liger={liger}): {peaks}")
-    assert peaks["minorsft"] <= peaks["sft"] * (1.0 if liger else 0.85), peaks
+    # with Liger, stock sft's fused linear cross-entropy builds no logits either: no advantage is claimed there
+    assert peaks["minorsft"] <= peaks["sft"] * (1.05 if liger else 0.85), peaks

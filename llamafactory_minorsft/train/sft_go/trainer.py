@@ -28,7 +28,6 @@ class SFTGOTrainer(BaseSFTTrainer):
         super().__init__(finetuning_args=finetuning_args, **kwargs)
         self.go_args = finetuning_args  # sft_go_* options
         self.idf = idf  # TF-IDF grouping: idf of every token id over the training answers
-        self.rowwise = finetuning_args.sft_go_group_reduction == "sample"  # `batch`: a worst group over the batch
         self.metric_groups["groups"] = GROUP_METRICS
         self._lambda = 0.0
         self._train_lambda: Optional[float] = None
