@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -45,8 +44,32 @@ REAL_VOCAB_MARK = "<!-- real-vocabulary tables: bench_reference.py --vocab-size,
 SECTION_MARK = "<!-- section: "
 
 
+class PeakMemory:
+    """The process's peak memory since the last ``take``; ``overall``: the peak of the whole run.
+
+    The resident set size (Linux's VmHWM, reset through /proc/self/clear_refs) or, on a GPU, CUDA's allocated peak.
+    """
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.overall = cuda, 0.0
+
+    def take(self) -> float:
+        if self.cuda:
+            import torch
+
+            peak = torch.cuda.max_memory_allocated() / 2**20
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            with open("/proc/self/status", encoding="utf-8") as f:
+                peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024  # kB
+            with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
+                f.write("5")  # resets VmHWM to the current resident set size
+        self.overall = max(self.overall, peak)
+        return peak
+
+
 def worker(config_path: str, result_path: str) -> None:
-    """Run one training in this process and write its step times and peak RSS."""
+    """Run one training in this process and write its step times and peak memory (also per phase of each step)."""
     import torch
     from llamafactory.train.tuner import run_exp
     from transformers import TrainerCallback
@@ -54,9 +77,18 @@ def worker(config_path: str, result_path: str) -> None:
     class StepTimer(TrainerCallback):
         def __init__(self):
             self.times, self.start = [], None
+            self.memory = PeakMemory(torch.cuda.is_available())
+            self.phases = []  # per step: peak of forward + backward, peak of the optimizer step (MB)
 
         def on_step_begin(self, args, state, control, **kwargs):
+            self.memory.take()  # loading, the precompute pass, the previous step's end
             self.start = time.perf_counter()
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            self.phases.append([self.memory.take()])
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            self.phases[-1].append(self.memory.take())
 
         def on_step_end(self, args, state, control, **kwargs):
             if torch.cuda.is_available():
@@ -73,9 +105,12 @@ def worker(config_path: str, result_path: str) -> None:
         with open(os.path.join(config["output_dir"], "all_results.json"), encoding="utf-8") as f:
             results = json.load(f)
 
-    peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
+    timer.memory.take()
+    peak = {"phases": timer.phases}
     if torch.cuda.is_available():
-        peak["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        peak["peak_cuda_mb"] = timer.memory.overall
+    else:
+        peak["peak_rss_mb"] = timer.memory.overall
     if "LOCAL_RANK" in os.environ:  # under torchrun: one result per process
         result_path += f".{os.environ['RANK']}"
     with open(result_path, "w", encoding="utf-8") as f:
@@ -451,6 +486,11 @@ def vocabulary_table(args) -> None:
     }
     memory = "peak_cuda_mb" if args.device == "cuda" else "peak_rss_mb"
     peak = {name: max(r[memory] for r in rs) for name, rs in runs.items()}
+    # where each step's peak is: forward + backward, or the optimizer step (both after the warm-up steps)
+    phase = {
+        name: [max(step[i] for r in rs for step in r["phases"][args.warmup :] if len(step) > i) for i in (0, 1)]
+        for name, rs in runs.items()
+    }
     memory_label = "peak CUDA allocated (MB)" if args.device == "cuda" else "peak RSS (MB)"
     if nproc > 1:
         memory_label += ", per process"
@@ -482,8 +522,9 @@ def vocabulary_table(args) -> None:
         f"{batch_size} x {seq_len} tokens, {args.steps} steps per run, {args.repeats} run(s) per variant; median of "
         f"steps {args.warmup + 1}-{args.steps}.",
         "",
-        f"| variant | median step (s) | step vs SFT | target | {memory_label} | memory vs SFT | target | verdict |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| variant | median step (s) | step vs SFT | target | {memory_label} | memory vs SFT | target | verdict "
+        "| fwd + bwd peak | optimizer-step peak |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, (label, _, time_target, memory_target) in variants.items():
         t, m = median[name] / median["sft"], peak[name] / peak["sft"]
@@ -493,8 +534,13 @@ def vocabulary_table(args) -> None:
         lines.append(
             f"| {label} | {median[name]:.2f} | {t:.2f}x | {'' if time_target is None else f'≤ {time_target:.2f}x'} "
             f"| {peak[name]:.0f} | {m:.2f}x | {'' if memory_target is None else f'≤ {memory_target:.2f}x'} "
-            f"| {verdict} |"
+            f"| {verdict} | {phase[name][0]:.0f} | {phase[name][1]:.0f} |"
         )
+    lines += [
+        "",
+        "The last two columns split each step's peak (steps after the warm-up, the largest): forward and backward, and "
+        "the optimizer step (AdamW's update and its temporaries). The peak of the run is the larger, or loading.",
+    ]
     text = "\n".join(lines) + "\n"
     key = f"{args.suite}-{precision}-{args.deepspeed or 'none'}-{args.device}"
     write_section(args.output, text, key)

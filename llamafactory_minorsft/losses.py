@@ -87,7 +87,8 @@ def answer_token_logps(
 #: logits projected at once: 256 MB in float32, 441 answer positions at Qwen2's 151,936-token vocabulary
 CHUNK_ELEMENTS = 2**26
 #: logits that ``fused_answer_loss`` keeps from its forward for its backward (the last chunks), in the head's compute
-#: dtype; the other chunks are projected again in backward. A bounded cost, whatever the answers' length.
+#: dtype: this many, or as many as the head has weights if that is more (no more memory than the head's gradient,
+#: which backward makes anyway). The other chunks are projected again in backward. Bounded, whatever the answers' length.
 KEPT_ELEMENTS = 2 * CHUNK_ELEMENTS
 
 
@@ -155,7 +156,7 @@ class _FusedAnswerLoss(torch.autograd.Function):
 
     Forward projects the answer positions chunk by chunk, in the head's compute dtype, and keeps only each
     position's float32 log-sum-exp and the loss's slope dL/d log π(y_t|x, y_<t) (autograd of ``loss_fn``), plus the
-    logits of the last chunks up to ``KEPT_ELEMENTS``. Backward projects the other chunks again and forms
+    logits of the last chunks (see ``KEPT_ELEMENTS``). Backward projects the other chunks again and forms
     dL/dlogits = g·slope·(onehot − softmax) in float32, with the upstream gradient g (a loss scale) already in, before
     it is cast to the compute dtype: the two gradient matmuls then run as stock autograd runs them. No head-sized
     gradient is held from forward to backward.
@@ -169,7 +170,7 @@ class _FusedAnswerLoss(torch.autograd.Function):
             head = weight.to(dtype)  # a copy only where autocast projects a float32 head in half precision
             chunks = _answer_chunks(mask, weight.size(0))
             logsumexp = torch.empty(chunks.rows.shape, dtype=torch.float32, device=hidden.device)
-            kept, budget = {}, KEPT_ELEMENTS
+            kept, budget = {}, max(KEPT_ELEMENTS, weight.numel())
             for index in reversed(range(len(chunks.bounds))):  # backward takes the chunks last to first
                 start, stop = chunks.bounds[index]
                 r, c = chunks.rows[start:stop], chunks.cols[start:stop]
@@ -249,8 +250,8 @@ def fused_answer_loss(
 
     ``loss_fn`` maps the token log-probs (batch, length − 1), 0 off the answers, to a scalar; any such function
     (per sample, per token, or coupling the samples). Same values and gradients as ``loss_fn`` of
-    ``projected_token_logps``, with the head in ``head_compute_dtype`` and at most ``KEPT_ELEMENTS`` logits kept from
-    forward to backward. Returns ``(loss, token_logps, mask)``; the token log-probs carry no gradient.
+    ``projected_token_logps``, with the head in ``head_compute_dtype`` and a bounded number of logits kept from forward
+    to backward (``KEPT_ELEMENTS``). Returns ``(loss, token_logps, mask)``; the token log-probs carry no gradient.
     """
     targets = labels[:, 1:]
     mask = targets != ignore_index

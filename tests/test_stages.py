@@ -114,7 +114,8 @@ def test_sft_track_deviation_keeps_llamafactory_loss_functions(tiny, tmp_path, o
         pytest.skip(f"LLaMA-Factory 0.9.4 has no {option}")
     common = dict(stage="sft", max_steps=2, dataset="minorsft_demo", **{option: True})
     run_cli(base_config(tiny, tmp_path / "stock", **common), tmp_path / "stock_run")
-    run_cli(base_config(tiny, tmp_path / "tracked", track_deviation=True, **common), tmp_path / "tracked_run")
+    proc = run_cli(base_config(tiny, tmp_path / "tracked", track_deviation=True, **common), tmp_path / "tracked_run")
+    assert "Answer log-probs: from the full logits, because the stock loss is not the plain token-mean" in proc.stdout
     stock, tracked = step_logs(tmp_path / "stock"), step_logs(tmp_path / "tracked")
     assert [e["loss"] for e in tracked] == [e["loss"] for e in stock]  # bit-identical: the stock forward and loss
     assert tracked[0]["deviation"] == 0 and tracked[-1]["deviation"] != 0
