@@ -36,6 +36,7 @@ def test_two_processes_track_deviation_keeps_the_stock_loss(tiny, tmp_path):
     assert tracked["loss"] == pytest.approx(stock["loss"], rel=1e-5) and tracked["deviation"] == 0
 
 
+@pytest.mark.compat
 def test_find_unused_parameters_with_an_untied_head_equals_one_process(bf16_tiny, tmp_path):
     """DDP's ``find_unused_parameters`` (transformers' default for full tuning without gradient checkpointing).
 

@@ -210,6 +210,7 @@ def stock_and_fused_grads(hidden, weight, labels, loss_fn, scale, half, autocast
     return results
 
 
+@pytest.mark.compat  # torch's autocast and kernels differ between the stacks (torch 2.9.1 on 0.9.4)
 @pytest.mark.parametrize("scale", [1.0, 2.0**10, 2.0**16])
 @pytest.mark.parametrize("autocast", [True, False], ids=["autocast_fp32_weight", "fp16_weight"])
 def test_fp16_loss_scaling_is_exact(scale, autocast, monkeypatch):
@@ -236,6 +237,7 @@ def test_fp16_loss_scaling_is_exact(scale, autocast, monkeypatch):
         assert fused_error <= 1.5 * stock_error + 1e-6, (fused_error, stock_error)
 
 
+@pytest.mark.compat  # torch's autocast and kernels differ between the stacks (torch 2.9.1 on 0.9.4)
 @pytest.mark.parametrize("autocast", [True, False], ids=["autocast_fp32_weight", "bf16_weight"])
 def test_bf16_projects_in_bf16_as_stock(autocast, monkeypatch):
     """A float32 trainable head (LoRA/freeze upcast) or a bf16 frozen one, fp32 hidden states: no dtype clash.
@@ -294,6 +296,7 @@ class LiveLogits(TorchDispatchMode):
         return out
 
 
+@pytest.mark.compat  # torch's autocast and kernels differ between the stacks (torch 2.9.1 on 0.9.4)
 @pytest.mark.parametrize("answer_chunks", [8, 64])
 def test_fused_loss_holds_a_bounded_number_of_chunks_and_no_head_gradient(answer_chunks, monkeypatch):
     """A long answer (here up to 64 chunks) never holds more than ``KEPT_ELEMENTS`` plus a few chunks of logits.

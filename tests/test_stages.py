@@ -313,6 +313,7 @@ print(json.dumps({"stock_forward": type(model).forward is stock_forward, "norm":
 """
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("stage", ["sft_track", "minorsft"])
 def test_liger_gives_the_stages_its_kernels_without_its_fused_loss(tiny, tmp_path, stage):
     """`enable_liger_kernel`: Liger's kernels, but the model keeps its forward, which returns logits.
