@@ -78,17 +78,27 @@ def worker(config_path: str, result_path: str) -> None:
         def __init__(self):
             self.times, self.start = [], None
             self.memory = PeakMemory(torch.cuda.is_available())
-            self.phases = []  # per step: peak of forward + backward, peak of the optimizer step (MB)
+            self.phases = []  # per step: peaks (MB) of forward + the head's backward, the rest of backward, the optimizer
+            self.phase, self.hooked = [None], False
 
-        def on_step_begin(self, args, state, control, **kwargs):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
             self.memory.take()  # loading, the precompute pass, the previous step's end
+            if not self.hooked and model is not None:  # the head's backward is done: its input has its gradient
+                from llamafactory_minorsft.train.head import causal_lm
+
+                causal_lm(model).lm_head.register_full_backward_hook(self.head_done)
+                self.hooked = True
+            self.phase = [None]
             self.start = time.perf_counter()
 
+        def head_done(self, *args):
+            self.phase[0] = self.memory.take()
+
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
-            self.phases.append([self.memory.take()])
+            self.phase.append(self.memory.take())
 
         def on_optimizer_step(self, args, state, control, **kwargs):
-            self.phases[-1].append(self.memory.take())
+            self.phases.append([*self.phase, self.memory.take()])
 
         def on_step_end(self, args, state, control, **kwargs):
             if torch.cuda.is_available():
@@ -486,9 +496,10 @@ def vocabulary_table(args) -> None:
     }
     memory = "peak_cuda_mb" if args.device == "cuda" else "peak_rss_mb"
     peak = {name: max(r[memory] for r in rs) for name, rs in runs.items()}
-    # where each step's peak is: forward + backward, or the optimizer step (both after the warm-up steps)
+    # where each step's peak is (after the warm-up steps): forward + the head's backward, the rest of backward (the
+    # decoder and the embedding, whatever computes the loss), the optimizer step
     phase = {
-        name: [max(step[i] for r in rs for step in r["phases"][args.warmup :] if len(step) > i) for i in (0, 1)]
+        name: [max((step[i] or 0) for r in rs for step in r["phases"][args.warmup :]) for i in range(3)]
         for name, rs in runs.items()
     }
     memory_label = "peak CUDA allocated (MB)" if args.device == "cuda" else "peak RSS (MB)"
@@ -523,8 +534,8 @@ def vocabulary_table(args) -> None:
         f"steps {args.warmup + 1}-{args.steps}.",
         "",
         f"| variant | median step (s) | step vs SFT | target | {memory_label} | memory vs SFT | target | verdict "
-        "| fwd + bwd peak | optimizer-step peak |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| peak: forward + head backward | rest of backward | optimizer step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, (label, _, time_target, memory_target) in variants.items():
         t, m = median[name] / median["sft"], peak[name] / peak["sft"]
@@ -534,12 +545,14 @@ def vocabulary_table(args) -> None:
         lines.append(
             f"| {label} | {median[name]:.2f} | {t:.2f}x | {'' if time_target is None else f'≤ {time_target:.2f}x'} "
             f"| {peak[name]:.0f} | {m:.2f}x | {'' if memory_target is None else f'≤ {memory_target:.2f}x'} "
-            f"| {verdict} | {phase[name][0]:.0f} | {phase[name][1]:.0f} |"
+            f"| {verdict} | {phase[name][0]:.0f} | {phase[name][1]:.0f} | {phase[name][2]:.0f} |"
         )
     lines += [
         "",
-        "The last two columns split each step's peak (steps after the warm-up, the largest): forward and backward, and "
-        "the optimizer step (AdamW's update and its temporaries). The peak of the run is the larger, or loading.",
+        "The last three columns split each step's peak (the largest over the steps after the warm-up): the forward and "
+        "the output head's backward (where the stages differ from stock sft), the rest of the backward (the decoder "
+        "and the embedding, the same code for every variant), and the optimizer step (AdamW). The run's peak is the "
+        "largest of them, or the loading.",
     ]
     text = "\n".join(lines) + "\n"
     key = f"{args.suite}-{precision}-{args.deepspeed or 'none'}-{args.device}"

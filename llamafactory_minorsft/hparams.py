@@ -450,7 +450,8 @@ def check_loss_options(model_args, training_args, finetuning_args) -> None:
 
     - LLaMA-Factory's loss options replace stock sft's cross-entropy. `stage: sft` + `track_deviation` keeps the
       stock loss, so `use_dft_loss` and `use_eaft_loss` work there (the deviation is logged beside them); every other
-      run of this package has a loss of its own (Eq. 3, 5 or 7, SFT-GO's objective), which would ignore them. ASFT
+      run of this package has a loss of its own (Eq. 3, 5 or 7), which would ignore them, or SFT-GO's objective,
+      which would apply them to its CE term alone. ASFT
       runs its own reference inside LLaMA-Factory's loss and returns no model outputs, so `track_deviation` has no
       log-probs to use.
     - Label smoothing changes the stock cross-entropy only, so it is refused where the loss is not that one.
@@ -458,15 +459,21 @@ def check_loss_options(model_args, training_args, finetuning_args) -> None:
     """
     run = _run_label(finetuning_args)
     own_loss = finetuning_args.stage != "sft" or finetuning_args.sft_loss_reduction == "sample"
+    if finetuning_args.stage == SFT_GO_STAGE:
+        why = (
+            "SFT-GO's objective (1 − λ)·CE + λ·max(L_important, L_unimportant) would apply it to CE alone, not to "
+            "the group losses, a combination that neither paper defines"
+        )
+    else:
+        why = "this run's loss is its own (MinorSFT Eq. 7, SFT using DPO Eq. 3 or Eq. 5's sample mean) and would ignore it"
     for name in LOSS_OPTIONS:
         if not getattr(finetuning_args, name, False):
             continue
         if own_loss:
             raise ValueError(
-                f"`{name}` cannot be used with {run}: it replaces stock sft's token cross-entropy, and this run's loss "
-                "is its own (MinorSFT Eq. 7, SFT using DPO Eq. 3, Eq. 5's sample mean or SFT-GO's objective), which "
-                f"would ignore it. Remove `{name}`, or use it with plain `stage: sft` (add `track_deviation: true` "
-                "to log the deviation beside it)."
+                f"`{name}` cannot be used with {run}: it replaces stock sft's token cross-entropy, and {why}. Remove "
+                f"`{name}`, or use it with plain `stage: sft` (add `track_deviation: true` to log the deviation "
+                "beside it)."
             )
         if name == "use_asft_loss":
             raise ValueError(
@@ -477,8 +484,8 @@ def check_loss_options(model_args, training_args, finetuning_args) -> None:
 
     if own_loss and getattr(training_args, "label_smoothing_factor", 0.0):
         raise ValueError(
-            f"`label_smoothing_factor` cannot be used with {run}: it smooths stock sft's token cross-entropy, which "
-            "this run's loss does not use. Remove `label_smoothing_factor`."
+            f"`label_smoothing_factor` cannot be used with {run}: it smooths stock sft's token cross-entropy, and "
+            f"{why}. Remove `label_smoothing_factor`."
         )
 
     if getattr(model_args, "use_unsloth", False):

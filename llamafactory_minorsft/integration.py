@@ -164,6 +164,7 @@ def peek_args(args: dict[str, Any] | list[str]) -> SimpleNamespace:
     for name in BOOLEAN_FLAGS:  # a bool in a config, a string on the command line (HfArgumentParser's rule)
         flag = raw[name]
         raw[name] = flag if isinstance(flag, bool) else str(flag).lower() in ("yes", "true", "t", "y", "1")
+    raw["stage"] = raw["stage"] or "sft"  # FinetuningArguments' default
     return SimpleNamespace(**raw)
 
 

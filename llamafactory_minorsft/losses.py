@@ -211,8 +211,8 @@ class _FusedAnswerLoss(torch.autograd.Function):
                     grad_weight = _accumulate(grad_weight, grad_logits, rows)
 
         ctx.kept = None
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
+        if ctx.needs_input_grad[1]:  # zeros, not None, without answer tokens: DeepSpeed reduces every gradient
+            grad_weight = torch.zeros_like(weight) if grad_weight is None else grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None
 
 

@@ -8,6 +8,7 @@ the normalisation (a factor of the world size or of the accumulation steps).
 """
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -77,3 +78,22 @@ def test_deepspeed_two_processes_match_one(tiny, tmp_path, case):
         for key in {"sft_go": GO_KEYS, "sft": SFT_KEYS}.get(overrides["stage"], KEYS):
             assert step_two[key] == pytest.approx(step_one[key], rel=1e-4, abs=1e-5), (step_one["step"], key)
     assert abs(two[-1]["deviation"]) > 1e-4  # the policy moved, so matching deviations mean something
+
+
+def test_zero2_trains_a_step_without_answer_tokens(bf16_tiny, tmp_path):
+    """A micro-batch whose answers `cutoff_len` cut away entirely: ZeRO reduces the head's gradient all the same.
+
+    The head-free loss must give that gradient as zeros, not None (an untied head, as Qwen2-7B's).
+    """
+    paths = bf16_tiny[False]
+    tiny = SimpleNamespace(model=paths["model"], data=paths["data"])
+    config = base_config(
+        tiny,
+        tmp_path / "out",
+        cutoff_len=2,
+        per_device_train_batch_size=2,
+        deepspeed=str(DEEPSPEED / "ds_z2_config.json"),
+    )
+    proc = run_cli(config, tmp_path / "run", env=deepspeed_env(FORCE_TORCHRUN="1", NPROC_PER_NODE="2"))
+    assert "Answer log-probs: head-free" in proc.stdout
+    assert step_logs(tmp_path / "out")[0]["loss"] == 0

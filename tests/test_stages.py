@@ -335,3 +335,10 @@ def test_liger_gives_the_stages_its_kernels_without_its_fused_loss(tiny, tmp_pat
     assert loaded["policy"] == {"stock_forward": True, "norm": "LigerRMSNorm"}
     # LLaMA-Factory's stock loading: the fused loss for `stage: sft`, none for the other stages
     assert loaded["stock"] == {"stock_forward": stage != "sft_track", "norm": "LigerRMSNorm"}
+
+
+def test_track_deviation_without_a_stage_key_is_tracked_sft(tiny, tmp_path):
+    """LLaMA-Factory's default stage is sft: `track_deviation: true` alone must not train untracked stock sft."""
+    out = tmp_path / "out"
+    run_cli(base_config(tiny, out, stage=None, track_deviation=True), tmp_path)
+    assert "deviation" in step_logs(out)[0]

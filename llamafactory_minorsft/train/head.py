@@ -36,7 +36,8 @@ def plain_head(model: torch.nn.Module) -> Optional[torch.nn.Linear]:
     lm = causal_lm(model)
     head = getattr(lm, "lm_head", None)
     model_type = getattr(getattr(lm, "config", None), "model_type", None)
-    if model_type in PLAIN_HEAD_MODEL_TYPES and type(head) is torch.nn.Linear and head.bias is None:
+    plain = type(head) is torch.nn.Linear and head.bias is None
+    if model_type in PLAIN_HEAD_MODEL_TYPES and plain and "forward" not in vars(head):  # no hook wraps its forward
         return head
     return None
 
@@ -45,10 +46,12 @@ def plain_head(model: torch.nn.Module) -> Optional[torch.nn.Linear]:
 def head_computes(model: torch.nn.Module, compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
     """Within, the head of ``model`` returns ``compute(hidden_states, head.weight)``, so ``model(...).logits`` is that.
 
-    The head's ``forward`` is shadowed on the instance (its module call and hooks stay); ``plain_head(model)``
-    must hold.
+    The head's ``forward`` is shadowed on the instance (its module call and module hooks stay); ``plain_head(model)``
+    must hold, so no other instance-level ``forward`` (accelerate's device-map hooks) is there to shadow.
     """
     head = plain_head(model)
+    if head is None:
+        raise ValueError("head_computes needs a plain output head whose forward nothing wraps (see plain_head).")
     head.forward = lambda hidden_states: compute(hidden_states, head.weight)
     try:
         yield head

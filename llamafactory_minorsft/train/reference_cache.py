@@ -21,7 +21,7 @@ import torch.distributed as dist
 from ..stages import needs_token_ref_logps
 
 
-CACHE_FORMAT = 1  # bump when the stored values or their meaning change
+CACHE_FORMAT = 2  # bump when the stored values or their meaning change (2: the pass runs under training's autocast)
 CACHE_ENV = "LLAMAFACTORY_MINORSFT_CACHE"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".model", ".txt", ".tiktoken")
 
@@ -119,7 +119,7 @@ def save(path: str, values: dict[str, torch.Tensor], info: dict[str, Any]) -> No
     os.replace(tmp_path, path)
 
 
-def reference_identity(model_args, data_args, finetuning_args) -> dict[str, Any]:
+def reference_identity(model_args, data_args, training_args, finetuning_args) -> dict[str, Any]:
     """What the reference log-probs depend on besides the tokenized data."""
     if finetuning_args.ref_model is not None:
         model, adapters = finetuning_args.ref_model, finetuning_args.ref_model_adapters
@@ -134,6 +134,9 @@ def reference_identity(model_args, data_args, finetuning_args) -> dict[str, Any]
         "adapters": [path_fingerprint(a) for a in adapters or []],
         "quantization_bit": quantization,
         "compute_dtype": str(model_args.compute_dtype),
+        # autocast (`bf16`/`fp16`) or weights in half precision (`pure_bf16`, DeepSpeed) round differently
+        "precision": [bool(training_args.bf16), bool(training_args.fp16), bool(finetuning_args.pure_bf16)],
+        "deepspeed": bool(training_args.deepspeed),
         "template": data_args.template,
         "cutoff_len": data_args.cutoff_len,
         "per_token": needs_token_ref_logps(finetuning_args),
@@ -169,9 +172,11 @@ class CachedSplit:
     values: Optional[dict[str, torch.Tensor]]
 
 
-def look_up(model_args, data_args, finetuning_args, dataset_module: dict[str, Any]) -> dict[str, CachedSplit]:
+def look_up(
+    model_args, data_args, training_args, finetuning_args, dataset_module: dict[str, Any]
+) -> dict[str, CachedSplit]:
     """The cache entry of every split, looked up before any reference model loads."""
-    identity = reference_identity(model_args, data_args, finetuning_args)
+    identity = reference_identity(model_args, data_args, training_args, finetuning_args)
     cache_dir = finetuning_args.ref_logps_cache_dir or default_cache_dir()
     per_token = needs_token_ref_logps(finetuning_args)
     entries = {}

@@ -299,13 +299,18 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
         """
         if self.is_fsdp_enabled:
             return "FSDP is enabled (the head-free path is verified with DDP and DeepSpeed only)"
+        if self.args.n_gpu > 1:  # DataParallel's replicas would share the head's shadowed forward
+            return "DataParallel runs several GPUs in one process (launch one process per GPU instead)"
         if self.uses_stock_loss and not self.stock_loss_is_token_mean():
             return (
                 "the stock loss is not the plain token-mean cross-entropy (a LLaMA-Factory loss option, label "
-                "smoothing, several GPUs in one process or sequence parallelism)"
+                "smoothing or sequence parallelism)"
             )
         if plain_head(model) is None:
-            return "the model's output head is not a plain linear layer of a " + "/".join(PLAIN_HEAD_MODEL_TYPES)
+            return (
+                "the model's output head is not a plain linear layer of a " + "/".join(PLAIN_HEAD_MODEL_TYPES) + " "
+                "model, or its forward is wrapped (an adapter, device-map or offload hooks)"
+            )
         return None
 
     def stock_loss_is_token_mean(self) -> bool:

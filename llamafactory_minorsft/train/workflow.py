@@ -69,7 +69,7 @@ def run_workflow(
     model = load_policy(tokenizer, model_args, finetuning_args, training_args.do_train)
     cache = None
     if finetuning_args.precompute_ref_logps:  # a cache hit on every split: no reference model is loaded at all
-        cache = reference_cache.look_up(model_args, data_args, finetuning_args, dataset_module)
+        cache = reference_cache.look_up(model_args, data_args, training_args, finetuning_args, dataset_module)
 
     ref_model = None
     if finetuning_args.uses_reference and (cache is None or any(entry.values is None for entry in cache.values())):
