@@ -193,7 +193,7 @@ class _FusedAnswerLoss(torch.autograd.Function):
         grad_weight = None
         with torch.autocast(hidden.device.type, enabled=False):
             head = weight.to(dtype)
-            for index in reversed(range(len(chunks.bounds))):
+            for index in reversed(range(len(chunks.bounds))):  # the last chunk first: its logits may be kept
                 start, stop = chunks.bounds[index]
                 r, c = chunks.rows[start:stop], chunks.cols[start:stop]
                 rows = hidden[r, c].to(dtype)
@@ -207,8 +207,11 @@ class _FusedAnswerLoss(torch.autograd.Function):
                 del logits
                 if grad_hidden is not None:
                     grad_hidden[r, c] = (grad_logits @ head).to(hidden.dtype)
+                if index == 0:
+                    head = None  # a half-precision copy of a float32 head: freed before its gradient is cast back
                 if ctx.needs_input_grad[1]:
                     grad_weight = _accumulate(grad_weight, grad_logits, rows)
+            grad_logits = rows = None
 
         ctx.kept = None
         if ctx.needs_input_grad[1]:  # zeros, not None, without answer tokens: DeepSpeed reduces every gradient

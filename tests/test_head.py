@@ -285,27 +285,44 @@ def test_bf16_projects_in_bf16_as_stock(autocast, monkeypatch):
 
 
 class LiveLogits(TorchDispatchMode):
-    """Tracks, for each op, the elements of live tensors whose last dimension is the vocabulary (logits chunks)."""
+    """Live memory, op by op, of logits chunks (2-D, the vocabulary last) and of tensors of the head's shape.
+
+    Counted by storage, so views (``detach``, ``t``) of one tensor count once; a storage counts while any tensor that
+    an op returned on it is alive.
+    """
 
     def __init__(self, vocab: int, weight_shape: tuple[int, int]):
         super().__init__()
         self.vocab, self.weight_shape = vocab, weight_shape
-        self.live, self.peak = {}, 0
-        self.head_sized = {}  # live op outputs of the head weight's shape (a gradient or a copy of the weight)
+        self.storages = {"logits": {}, "head": {}}  # kind → data pointer → [bytes, ids of live tensors]
+        self.peak = self.head_peak = 0  # elements of logits; bytes of head-sized tensors
+
+    def held(self, kind: str) -> int:
+        return sum(nbytes for nbytes, ids in self.storages[kind].values())
+
+    def _track(self, kind: str, tensor: torch.Tensor, size: int) -> None:
+        entry = self.storages[kind].setdefault(tensor.untyped_storage().data_ptr(), [size, set()])
+        entry[1].add(id(tensor))
+        weakref.finalize(tensor, self._release, kind, tensor.untyped_storage().data_ptr(), id(tensor))
+
+    def _release(self, kind: str, pointer: int, key: int) -> None:
+        entry = self.storages[kind].get(pointer)
+        if entry is not None:
+            entry[1].discard(key)
+            if not entry[1]:
+                del self.storages[kind][pointer]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for tensor in out if isinstance(out, (tuple, list)) else (out,):
             if not isinstance(tensor, torch.Tensor):
                 continue
-            key = id(tensor)
             if tuple(tensor.shape) == self.weight_shape:
-                self.head_sized[key] = True
-                weakref.finalize(tensor, self.head_sized.pop, key, None)
+                self._track("head", tensor, tensor.numel() * tensor.element_size())
             elif tensor.dim() == 2 and tensor.size(-1) == self.vocab and tensor.size(0) > 1:
-                self.live[key] = tensor.numel()
-                weakref.finalize(tensor, self.live.pop, key, None)
-        self.peak = max(self.peak, sum(self.live.values()))
+                self._track("logits", tensor, tensor.numel())
+        self.peak = max(self.peak, self.held("logits"))
+        self.head_peak = max(self.head_peak, self.held("head"))
         return out
 
 
@@ -325,9 +342,33 @@ def test_fused_loss_holds_a_bounded_number_of_chunks_and_no_head_gradient(answer
     mode = LiveLogits(vocab, (vocab, width))
     with mode:
         loss = fused_answer_loss(hidden, weight, labels, lambda t: -t.sum())[0]
-        held_after_forward = dict(mode.head_sized)
+        held_after_forward = dict(mode.storages["head"])
         loss.backward()
     assert not held_after_forward, "a head-sized tensor is held from forward to backward"
     assert weight.grad is not None and hidden.grad is not None
     # kept: 2 chunks; transient: a chunk in the compute dtype, its float32 view and its gradient
     assert mode.peak <= 5 * chunk * vocab, mode.peak / (chunk * vocab)
+
+
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast_fp32_head", "bf16_head"])
+def test_backward_holds_no_more_of_the_head_than_stock(autocast):
+    """Tensors of the head's size (a bf16 copy of a float32 head, its gradient) alive at once: no more than stock's."""
+    vocab, width = 101, 8
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, vocab, (2, 30), generator=gen)
+    peaks = {}
+    for name in ("stock", "fused"):
+        dtype = torch.float32 if autocast else torch.bfloat16
+        hidden = torch.randn(2, 30, width, generator=gen).to(dtype).requires_grad_()
+        weight = torch.randn(vocab, width, generator=gen).to(dtype).requires_grad_()
+        mode = LiveLogits(vocab, (vocab, width))
+        with mode:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # the model's forward
+                if name == "stock":
+                    logits = torch.nn.functional.linear(hidden, weight).float()
+                    loss = -torch.log_softmax(logits, -1)[:, :-1].gather(-1, labels[:, 1:].unsqueeze(-1)).mean()
+                else:
+                    loss = fused_answer_loss(hidden, weight, labels, lambda t: -t.sum() / t.numel())[0]
+            loss.backward()
+        peaks[name] = mode.head_peak
+    assert 0 < peaks["fused"] <= peaks["stock"], peaks
