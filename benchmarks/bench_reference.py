@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -200,6 +201,7 @@ def run_variant(name: str, config: dict, workdir: str, device: str = "cpu", npro
     for key in ("peak_rss_mb", "peak_cuda_mb"):
         if key in merged:
             merged[key] = max(result[key] for result in results)
+    shutil.rmtree(config["output_dir"], ignore_errors=True)  # the trained model: gigabytes at a real vocabulary
     return merged
 
 
@@ -555,6 +557,8 @@ def vocabulary_table(args) -> None:
         "largest of them, or the loading.",
     ]
     text = "\n".join(lines) + "\n"
+    for name in ("tiny", *(f"cache{repeat}" for repeat in range(args.repeats))):  # keep the logs only
+        shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
     key = f"{args.suite}-{precision}-{args.deepspeed or 'none'}-{args.device}"
     write_section(args.output, text, key)
     print(text)
