@@ -35,7 +35,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.11",
     packages=find_packages(include=["llamafactory_minorsft", "llamafactory_minorsft.*"]),
-    install_requires=["llamafactory>=0.9.4", "wrapt>=1.14"],
+    install_requires=["llamafactory>=0.9.4"],
     cmdclass={"build_py": BuildPyWithPth},
     entry_points={"console_scripts": ["llamafactory-minorsft = llamafactory_minorsft.tools.cli:main"]},
 )

@@ -1,9 +1,14 @@
 """Executed at interpreter start-up by ``llamafactory_minorsft.pth``.
 
-It only installs post-import hooks (wrapt): nothing of LLaMA-Factory, torch or transformers is imported here,
-so Python processes that never import ``llamafactory`` pay nothing. The hooks patch LLaMA-Factory right after
-the relevant module is imported, in every process of the environment: ``llamafactory-cli``, its
-torchrun/DeepSpeed children and the web UI.
+It installs one import hook (``hooks.PostImportFinder``, standard library only) and imports nothing else: not
+LLaMA-Factory, torch or transformers, not even this package's ``integration``. The hook patches LLaMA-Factory right
+after the relevant module is imported, in every process of the environment: ``llamafactory-cli``, its
+torchrun/DeepSpeed children, the web UI and Ray workers.
+
+What every other Python process of the environment pays is this package's ``__init__``, ``stages``, ``hooks`` and
+this module, and one set lookup per import. ``benchmarks/bench_startup.py`` measures it against the same interpreter
+with ``LLAMAFACTORY_MINORSFT_DISABLE=1``, in wall-clock start-up time and in ``python -X importtime``
+(``benchmarks/STARTUP.md``).
 """
 
 import os
@@ -17,14 +22,7 @@ def _disabled() -> bool:
     return os.getenv(DISABLE_ENV, "0").lower() in ("true", "y", "1")
 
 
-def _install_hooks() -> None:
-    import wrapt
-
-    from .integration import HOOKED_MODULES
-
-    for module_name, patch in HOOKED_MODULES.items():
-        wrapt.register_post_import_hook(patch, module_name)
-
-
 if not _disabled():
-    _install_hooks()
+    from .hooks import install
+
+    install()

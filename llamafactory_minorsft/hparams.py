@@ -398,10 +398,13 @@ def verify_plugin_args(model_args, data_args, training_args, finetuning_args, da
         _check_reference_vocabulary(model_args.model_name_or_path, ref, model_args.trust_remote_code)
 
     run = _run_label(finetuning_args)
-    if data_args.packing or data_args.neat_packing:
+    if data_args.neat_packing:  # it sets `packing` too
+        check_neat_packing(run, finetuning_args)
+    elif data_args.packing:
         raise ValueError(
-            f"`packing`/`neat_packing` cannot be used with {run}: packed sequences mix several samples, so per-sample "
-            "log-probs are not defined. Set `packing: false`."
+            f"`packing: true` cannot be used with {run}: it packs samples into one sequence with attention across "
+            "them, so a sample's log π(y|x) would depend on the samples packed before it. Use `neat_packing: true` "
+            "instead, which packs samples without attention between them, or set `packing: false`."
         )
 
     if not data_args.ignore_pad_token_for_loss:
@@ -443,6 +446,23 @@ def verify_plugin_args(model_args, data_args, training_args, finetuning_args, da
 
 #: LLaMA-Factory's options that replace stock sft's token cross-entropy (0.9.4 has only the first)
 LOSS_OPTIONS = ("use_dft_loss", "use_eaft_loss", "use_asft_loss")
+
+
+def check_neat_packing(run: str, finetuning_args) -> None:
+    """`neat_packing` where its samples' per-sample quantities are those of the samples unpacked."""
+    from .integration import layout
+
+    if not layout().neat_packing:
+        raise ValueError(
+            f"`neat_packing` cannot be used with {run} on LLaMA-Factory {layout().label}: that version refuses it "
+            'itself with its transformers ("Neat packing is incompatible with transformers>=4.53.0"). Set '
+            "`neat_packing: false`, or use LLaMA-Factory 0.9.5 or later."
+        )
+    if finetuning_args.stage == SFT_GO_STAGE and finetuning_args.sft_go_grouping == "llmlingua2":
+        raise ValueError(
+            "`neat_packing` with `sft_go_grouping: llmlingua2` is not supported yet: the classifier would score the "
+            "answers of a packed row together. Use `sft_go_grouping: tfidf` or `rho1`, or `neat_packing: false`."
+        )
 
 
 def check_loss_options(model_args, training_args, finetuning_args) -> None:

@@ -1,10 +1,11 @@
 """Everything that patches LLaMA-Factory internals, in one place: a LLaMA-Factory upgrade is this file's work.
 
-Each patch is applied right after its module is imported (post-import hooks from ``_autoload``) or by
-:func:`register_all`:
+Each patch is applied right after its module is imported (the post-import hooks of ``hooks``, installed by
+``_autoload``) or by :func:`register_all`:
 
 - ``llamafactory.hparams.parser``: its parser dataclass lists get ``PluginFinetuningArguments``
-  instead of ``FinetuningArguments`` (new stage names and options, and their checks);
+  instead of ``FinetuningArguments`` (new stage names and options, and their checks), and SFT's data options
+  reach the new stages, which are SFT (``_parse_train_args`` and ``_verify_model_args``: see ``hold_sft_options``);
 - ``llamafactory.train.tuner``: ``_training_function`` dispatches this package's runs (``is_plugin_run``) to
   their workflows and every other run, unchanged, to the stock function;
 - LLaMA-Board: ``extras.constants.TRAINING_STAGES`` gets the stage labels (MinorSFT, SFT using DPO, SFT-GO),
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-from .stages import is_plugin_run
+from .stages import NEW_STAGES, is_plugin_run
 
 
 #: Set to 1 to patch a LLaMA-Factory version that is not in ``LAYOUTS`` (every patch target is still checked).
@@ -47,13 +48,14 @@ class Layout:
     label: str  # as the README and the errors name it
     parser_lists: tuple[str, ...]  # parser lists that hold ``FinetuningArguments`` (``_TRAIN_MCA_ARGS`` is extra)
     profiler_callbacks: bool  # ``tuner`` has TorchProfilerCallback and ModuleProfilerCallback
+    neat_packing: bool = True  # ``neat_packing`` trains (0.9.4 refuses it with transformers >= 4.53, its own pin)
 
 
 _LISTS = ("_TRAIN_ARGS", "_INFER_ARGS", "_EVAL_ARGS")
 
 #: ``llamafactory.extras.env.VERSION`` → layout. Tested: the 0.9.4 and 0.9.5 releases, main at commit ff6d4d12e.
 LAYOUTS = {
-    "0.9.4": Layout("0.9.4", _LISTS, profiler_callbacks=False),
+    "0.9.4": Layout("0.9.4", _LISTS, profiler_callbacks=False, neat_packing=False),
     "0.9.5": Layout("0.9.5", _LISTS, profiler_callbacks=True),
     "0.9.6.dev0": Layout("main (0.9.6.dev0, commit ff6d4d12e)", _LISTS + ("_TRAIN_MBRIDGE_ARGS",), True),
 }
@@ -127,7 +129,7 @@ def _should_patch(module, *names: str) -> bool:
 
 def patch_parser(parser) -> None:
     """Swap ``FinetuningArguments`` for ``PluginFinetuningArguments`` in the parser lists (in place)."""
-    if not _should_patch(parser, *layout().parser_lists):
+    if not _should_patch(parser, *layout().parser_lists, "_parse_train_args", "_verify_model_args"):
         return
 
     from llamafactory.hparams.finetuning_args import FinetuningArguments
@@ -142,7 +144,41 @@ def patch_parser(parser) -> None:
     for arg_list in lists:
         arg_list[arg_list.index(FinetuningArguments)] = PluginFinetuningArguments
 
+    hold_sft_options(parser)
     parser._minorsft_patched = True
+
+
+#: SFT's data options, which ``get_train_args`` refuses for every stage but `sft` ("cannot be set as True except SFT")
+SFT_DATA_OPTIONS = ("train_on_prompt", "mask_history", "neat_packing")
+_HELD = "_minorsft_held_options"
+
+
+def hold_sft_options(parser) -> None:
+    """Let SFT's data options reach the new stages, which train on SFT data (and check them themselves).
+
+    ``get_train_args`` calls ``_parse_train_args``, then refuses these options for every stage but `sft`, then
+    calls ``_verify_model_args``. For the new stages the options are held back after the parse and given back at
+    ``_verify_model_args``, so that every caller of ``get_train_args`` receives them as set.
+    """
+    parse, verify = parser._parse_train_args, parser._verify_model_args
+
+    @functools.wraps(parse)
+    def _parse_train_args(*args, **kwargs):
+        parsed = parse(*args, **kwargs)
+        data_args, finetuning_args = parsed[1], parsed[3]
+        if finetuning_args.stage in NEW_STAGES:
+            setattr(data_args, _HELD, {name: getattr(data_args, name) for name in SFT_DATA_OPTIONS})
+            for name in SFT_DATA_OPTIONS:
+                setattr(data_args, name, False)
+        return parsed
+
+    @functools.wraps(verify)
+    def _verify_model_args(model_args, data_args, *args, **kwargs):
+        for name, value in vars(data_args).pop(_HELD, {}).items():
+            setattr(data_args, name, value)
+        return verify(model_args, data_args, *args, **kwargs)
+
+    parser._parse_train_args, parser._verify_model_args = _parse_train_args, _verify_model_args
 
 
 BOOLEAN_FLAGS = ("track_deviation", "use_unsloth")
@@ -397,9 +433,10 @@ def register_all() -> None:
     """Patch the training modules now and the web UI's when it is imported (idempotent)."""
     import importlib
 
-    import wrapt
+    from .hooks import install
 
-    for module_name, patch in HOOKED_MODULES.items():
+    layout()  # an unsupported version fails here, before any hook is installed
+    install()  # patches what is imported already, and hooks the rest
+    for module_name in HOOKED_MODULES:
         if not module_name.startswith("llamafactory.webui"):  # importing the web UI would import gradio
             importlib.import_module(module_name)
-        wrapt.register_post_import_hook(patch, module_name)  # runs at once for a module already imported

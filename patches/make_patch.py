@@ -146,6 +146,11 @@ def _edits() -> dict[str, list[tuple[str, str]]]:
                 "from .finetuning_args import FinetuningArguments\n"
                 f"from llamafactory_minorsft.hparams import PluginFinetuningArguments  {MARK}: new stages + options\n",
             ),
+            (
+                '    if finetuning_args.stage != "sft":\n        if training_args.predict_with_generate:\n',
+                f'    if finetuning_args.stage != "sft" and not finetuning_args.is_plugin_run:  {MARK}: SFT data options\n'
+                "        if training_args.predict_with_generate:\n",
+            ),
         ],
         "train/tuner.py": [
             (

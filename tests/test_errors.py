@@ -18,7 +18,14 @@ CASES = {
     "missing_ref_model": (dict(ref_model="/nonexistent/reference-model"), "`ref_model` path"),
     "unknown_stage": (dict(stage="minor_sft"), "Unknown `stage: minor_sft`"),
     "track_deviation_on_dpo": (dict(stage="dpo", dataset="pairs", track_deviation=True), "`track_deviation`"),
-    "packing": (dict(packing=True), "`packing`"),
+    # plain packing attends across samples; neat_packing reaches this package's checks (not LLaMA-Factory's
+    # "cannot be set as True except SFT")
+    "packing": (dict(packing=True), "`packing: true` cannot be used with `stage: minorsft`: it packs samples"),
+    "packing_points_to_neat_packing": (dict(stage="sft_go", packing=True), "Use `neat_packing: true` instead"),
+    "neat_packing_llmlingua2": (
+        dict(stage="sft_go", neat_packing=True, sft_go_grouping="llmlingua2", sft_go_classifier="/tmp"),
+        "`neat_packing` with `sft_go_grouping: llmlingua2` is not supported yet",
+    ),
     "sft_go_eta": (dict(stage="sft_go", sft_go_eta=1.5), "`sft_go_eta` must be a fraction strictly between 0 and 1"),
     "sft_go_lambda": (dict(stage="sft_go", sft_go_lambda=-0.1), "`sft_go_lambda` must be a number in [0, 1]"),
     "ref_vocabulary_mismatch": (dict(ref_model="OTHER_TOKENIZER"), "vocabulary"),
@@ -80,6 +87,8 @@ def test_bad_input_fails_early_and_clearly(tiny, tmp_path, case, request):
 
     if VERSION == "0.9.4" and any(name in overrides for name in NEWER_OPTIONS):
         pytest.skip(f"LLaMA-Factory 0.9.4 has no {', '.join(name for name in NEWER_OPTIONS if name in overrides)}")
+    if VERSION == "0.9.4" and overrides.get("neat_packing"):  # refused there whatever the stage, as stock sft
+        message = "`neat_packing` cannot be used with"
     if overrides.get("ref_model") == "OTHER_TOKENIZER":
         overrides = dict(overrides, ref_model=request.getfixturevalue("other_tokenizer_model"))
     out = tmp_path / "out"

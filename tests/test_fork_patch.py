@@ -74,11 +74,8 @@ def test_patched_tree_runs_minorsft_with_the_plugin_hooks_off(tiny, tmp_path, pa
     assert tuner_file.startswith(str(patched_tree)) and hooked == "False" and stage == "minorsft"
 
     out = tmp_path / "out"
-    run_cli(
-        base_config(tiny, out, dataset="minorsft_demo", cutoff_len=128, max_steps=2, learning_rate=1e-2),
-        tmp_path,
-        env=env,
-    )
+    config = base_config(tiny, out, dataset="minorsft_demo", cutoff_len=128, max_steps=2, learning_rate=1e-2)
+    run_cli(dict(config, train_on_prompt=True), tmp_path, env=env)  # SFT's data options reach the patched stages
     logs = step_logs(out)
     assert len(logs) == 2 and all("deviation" in entry and "coef" in entry for entry in logs)
 

@@ -121,3 +121,33 @@ def test_allow_untested_patches_with_a_warning_and_still_checks_every_target(tin
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "ERROR: llamafactory.hparams.parser lacks _EVAL_ARGS" in proc.stdout
     assert "Nothing was patched" in proc.stdout
+
+
+@pytest.mark.compat
+def test_start_up_imports_only_the_hook_and_every_hooked_module_is_patched():
+    """Start-up imports the hook alone; importing LLaMA-Factory's hooked modules patches each of them.
+
+    The finder's module names are those of ``integration.HOOKED_MODULES``.
+    """
+    proc = run_python(
+        """
+        import sys
+        print("LOADED", sorted(m for m in sys.modules if m.split(".")[0] in
+              ("llamafactory_minorsft", "llamafactory", "torch", "transformers", "wrapt")))
+        from llamafactory_minorsft.hooks import HOOKED, PostImportFinder
+        assert isinstance(sys.meta_path[0], PostImportFinder)
+        import llamafactory.hparams.parser, llamafactory.train.tuner, llamafactory.extras.constants
+        from llamafactory_minorsft.integration import HOOKED_MODULES
+        assert set(HOOKED_MODULES) == HOOKED, set(HOOKED_MODULES) ^ HOOKED
+        from llamafactory.hparams import parser
+        from llamafactory.train import tuner
+        from llamafactory.extras import constants
+        assert parser._minorsft_patched and tuner._minorsft_patched and "MinorSFT" in constants.TRAINING_STAGES
+    """
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("LOADED")]
+    assert line == (
+        "LOADED ['llamafactory_minorsft', 'llamafactory_minorsft._autoload', 'llamafactory_minorsft.hooks', "
+        "'llamafactory_minorsft.stages']"
+    )

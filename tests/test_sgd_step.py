@@ -9,56 +9,10 @@ step-1 metrics are checked against Eq. 8 and the other definitions.
 """
 
 import pytest
-import torch
 
 from conftest import base_config, run_cli, step_logs
-from helpers import answer_token_logps, assert_sgd_step, step_inputs
+from helpers import BETA, assert_sgd_step, expected_step, step_inputs
 from llamafactory_minorsft.train.metrics import COEF_METRICS, DEVIATION_METRICS
-
-
-BETA = 0.5
-
-
-def expected_step(tiny, stage: str):
-    """Return (θ0 parameters by name, expected −gradient by name, expected step-1 metrics)."""
-    encoded, policy, ref = step_inputs(tiny)
-    params = dict(policy.named_parameters())
-    descent = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
-    n = len(encoded)
-    rows = []
-    for prompt, answer in encoded:
-        m = len(answer)
-        logp = answer_token_logps(policy, prompt, answer).sum()
-        with torch.no_grad():
-            ref_logp = answer_token_logps(ref, prompt, answer).sum()
-        r = (logp.detach() - ref_logp).item()
-        sig = torch.sigmoid(torch.tensor(-BETA * r, dtype=torch.float64)).item()
-        if stage == "minorsft":  # Eq. 7: −(2/m)·σ(−βr)·∇log πθ(y|x)
-            weight, coef, loss = 2.0 * sig / m, 2.0 * sig, -2.0 * sig * logp.item() / m
-        elif stage == "sft_sample":  # Eq. 5: L = (1/N) Σ −(1/m_i)·log πθ(y_i|x_i)
-            weight, coef, loss = 1.0 / m, None, -logp.item() / m
-        else:  # Eq. 4 = ∇ of Eq. 3: −β·σ(−βr)·∇log πθ(y|x)
-            weight, coef = BETA * sig, sig
-            loss = -torch.nn.functional.logsigmoid(torch.tensor(BETA * r, dtype=torch.float64)).item()
-        grads = torch.autograd.grad(logp, list(params.values()))
-        for (name, _), grad in zip(params.items(), grads):
-            descent[name] += weight * grad.double() / n  # −∇L = +(1/N) Σ weight_i ∇ log πθ
-        rows.append(
-            dict(loss=loss, deviation=r / m, rewards=BETA * r, coef=coef, policy=logp.item(), ref=ref_logp.item())
-        )
-
-    mean = lambda key: sum(row[key] for row in rows) / n  # noqa: E731
-    metrics = {
-        "loss": mean("loss"),
-        "deviation": mean("deviation"),
-        "rewards": mean("rewards"),
-        "logps/policy": mean("policy"),
-        "logps/ref": mean("ref"),
-    }
-    if stage != "sft_sample":  # sft has no dynamic coefficient
-        metrics["coef"] = mean("coef")
-    theta0 = {name: p.detach().double() for name, p in params.items()}
-    return theta0, descent, metrics
 
 
 STAGE_ARGS = {

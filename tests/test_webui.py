@@ -132,9 +132,12 @@ def test_minorsft_from_the_web_ui(webui, tiny):
             page.screenshot(path=str(ARTIFACTS / "webui_last.png"), full_page=True)
             browser.close()
 
+    from llamafactory.extras.env import VERSION
+
     out = workdir / "saves" / MODEL_NAME / "lora" / "ui_minorsft"
     args = yaml.safe_load((out / "training_args.yaml").read_text())
     assert args["stage"] == "minorsft" and args["pref_beta"] == 0.2
+    assert args.get("neat_packing", False) == (VERSION != "0.9.4")
     state = json.loads((out / "trainer_state.json").read_text())
     steps = [entry for entry in state["log_history"] if "loss" in entry]
     assert len(steps) == 40 and all("deviation" in entry and "coef" in entry for entry in steps)
@@ -142,7 +145,10 @@ def test_minorsft_from_the_web_ui(webui, tiny):
 
 
 def drive_the_ui(page, url: str, tiny, workdir: Path) -> None:
+    from llamafactory.extras.env import VERSION
     from llamafactory.webui.locales import LOCALES as LF_LOCALES
+
+    packs = VERSION != "0.9.4"
 
     page.goto(url, wait_until="domcontentloaded")
     page.get_by_label("Stage", exact=True).wait_for(timeout=120_000)
@@ -198,6 +204,8 @@ def drive_the_ui(page, url: str, tiny, workdir: Path) -> None:
             }
         )
     )
+    if packs:  # LLaMA-Board's own packing control (0.9.4 refuses neat packing with its transformers)
+        page.get_by_label(LF_LOCALES["neat_packing"]["en"]["label"]).filter(visible=True).check()
     beta = page.get_by_label("number input for Beta value")
     beta.fill("0.2")
     beta.press("Enter")
@@ -207,6 +215,7 @@ def drive_the_ui(page, url: str, tiny, workdir: Path) -> None:
     command = preview(page)
     assert "--stage minorsft" in command and "--pref_beta 0.2" in command and "--finetuning_type lora" in command
     assert "--track_deviation" not in command and "--ref_model" not in command
+    assert ("--neat_packing True" in command) == packs
 
     # Save arguments / Load arguments round-trip the stage and β
     page.get_by_role("button", name="Save arguments").click()

@@ -6,11 +6,12 @@ after the causal shift, in order) become a (batch, max tokens) tensor padded wit
 ``answer_values`` scatters back onto the answer positions and checks against the labels.
 """
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 from ..losses import IGNORE_INDEX
+from .packing import SAMPLE_IDS, sample_ids_tensor, unlink_samples
 
 
 if TYPE_CHECKING:
@@ -23,6 +24,8 @@ TOKEN_IMPORTANCE = "token_importance"  # SFT-GO LLMLingua-2 keep-probability of 
 SCALAR_COLUMNS = (REF_LOGPS,)
 TOKEN_COLUMNS = (REF_TOKEN_LOGPS, TOKEN_IMPORTANCE)
 EXTRA_COLUMNS = SCALAR_COLUMNS + TOKEN_COLUMNS
+#: batch keys that are not model inputs
+NON_MODEL_KEYS = ("labels", *EXTRA_COLUMNS, SAMPLE_IDS)
 
 
 def answer_tokens(labels: list[int]) -> list[int]:
@@ -31,15 +34,26 @@ def answer_tokens(labels: list[int]) -> list[int]:
 
 
 class ExtraColumnsCollator:
-    """LLaMA-Factory's SFT collator, plus the extra columns the data set carries."""
+    """LLaMA-Factory's SFT collator, plus the extra columns the data set carries.
 
-    def __init__(self, collator) -> None:
+    With ``packed`` (`neat_packing`), also each token's sample number (``SAMPLE_IDS``), and no label on a sample's
+    first token (``unlink_samples``).
+    """
+
+    def __init__(self, collator, packed: bool = False) -> None:
         self.collator = collator
+        self.packed = packed
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         present = [name for name in EXTRA_COLUMNS if name in features[0]]
         extra = {name: [feature[name] for feature in features] for name in present}
+        if self.packed:  # a list per packed row: one value (or list) per sample, in order
+            extra = {name: [value for row in values for value in row] for name, values in extra.items()}
+        features = [unlink_samples(feature) for feature in features] if self.packed else features
+        masks = [{"attention_mask": list(feature["attention_mask"])} for feature in features] if self.packed else []
         batch = self.collator([{k: v for k, v in feature.items() if k not in present} for feature in features])
+        if self.packed:
+            batch[SAMPLE_IDS] = sample_ids_tensor(masks, batch["input_ids"])
         for name, values in extra.items():
             if name in SCALAR_COLUMNS:
                 batch[name] = torch.tensor(values, dtype=torch.float32)
@@ -70,14 +84,21 @@ def answer_values(padded: torch.Tensor, mask: torch.Tensor, name: str) -> torch.
     return values
 
 
-def add_reference_columns(dataset: "Dataset", values: dict[str, torch.Tensor], per_token: bool) -> "Dataset":
-    """Add the precomputed reference log-probs as columns.
+def add_reference_columns(
+    dataset: "Dataset", values: dict[str, torch.Tensor], per_token: bool, per_row: Optional[list[int]] = None
+) -> "Dataset":
+    """Add the precomputed reference log-probs (one value per sample, in order) as columns.
 
     The ``ref_logps`` column, and with ``per_token`` the ``ref_token_logps`` column (flat values split back
-    into one list per sample).
+    into one list per sample). With ``per_row`` (the samples of each packed row) a row gets the list of its samples'.
     """
-    dataset = dataset.add_column(REF_LOGPS, values["logps"].tolist())
+    columns = {REF_LOGPS: values["logps"].tolist()}
     if per_token:
         per_sample = values["token_logps"].split(values["num_tokens"].tolist())
-        dataset = dataset.add_column(REF_TOKEN_LOGPS, [row.tolist() for row in per_sample])
+        columns[REF_TOKEN_LOGPS] = [row.tolist() for row in per_sample]
+    for name, column in columns.items():
+        if per_row is not None:
+            starts = [sum(per_row[:row]) for row in range(len(per_row))]
+            column = [column[start : start + count] for start, count in zip(starts, per_row)]
+        dataset = dataset.add_column(name, column)
     return dataset

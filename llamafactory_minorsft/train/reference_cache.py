@@ -3,9 +3,10 @@
 For a fixed data set and a frozen reference, log πref(y|x) of each sample never changes, so one no-grad
 pass before training replaces the reference forward of every step. The cache key covers everything the
 values depend on: the reference weights (file names, sizes and modification times, plus config
-contents), adapters and quantisation, the compute dtype, the template and cutoff, and the tokenized data
-itself (a hash of every sample's input_ids and labels). A changed input gives another key; a stale cache
-is never reused. Files are written atomically and checked on load, so a partial or corrupt file is
+contents), adapters and quantisation, the precision set-up, the template, and the tokenized samples
+themselves (a digest of every sample's input_ids and labels, as a set: the samples of rows packed by `neat_packing`
+count one by one, so packed and unpacked runs of the same data share an entry). A changed input gives another key;
+a stale cache is never reused. Files are written atomically and checked on load, so a partial or corrupt file is
 detected and rebuilt.
 """
 
@@ -19,9 +20,12 @@ import torch
 import torch.distributed as dist
 
 from ..stages import needs_token_ref_logps
+from .packing import dataset_samples
 
 
-CACHE_FORMAT = 2  # bump when the stored values or their meaning change (2: the pass runs under training's autocast)
+#: bump when the stored values or their meaning change (2: the pass runs under training's autocast; 3: one entry per
+#: sample, keyed by the set of samples and stored in the order of their digests, so packed and unpacked runs share it)
+CACHE_FORMAT = 3
 CACHE_ENV = "LLAMAFACTORY_MINORSFT_CACHE"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".model", ".txt", ".tiktoken")
 
@@ -58,20 +62,31 @@ def path_fingerprint(name_or_path: Optional[str]) -> Any:
     return {"path": os.path.abspath(path), "files": files}
 
 
-def dataset_fingerprint(dataset) -> str:
-    """sha256 over every sample's input_ids and labels, in order."""
-    digest = hashlib.sha256()
-    for input_ids, labels in zip(dataset["input_ids"], dataset["labels"]):
-        digest.update(torch.tensor(input_ids, dtype=torch.int64).numpy().tobytes())
-        digest.update(b"|")
-        digest.update(torch.tensor(labels, dtype=torch.int64).numpy().tobytes())
-        digest.update(b"\n")
-    return digest.hexdigest()
+def sample_digests(dataset) -> list[bytes]:
+    """A digest of every sample's input_ids and labels (after the first), in order; packed rows give their samples."""
+    digests = []
+    for input_ids, labels in dataset_samples(dataset):
+        digest = hashlib.blake2b(torch.tensor(input_ids, dtype=torch.int64).numpy().tobytes(), digest_size=16)
+        digest.update(b"|" + torch.tensor(labels[1:], dtype=torch.int64).numpy().tobytes())
+        digests.append(digest.digest())
+    return digests
 
 
-def cache_key(reference: dict[str, Any], dataset) -> str:
-    payload = {"format": CACHE_FORMAT, "reference": reference, "data": dataset_fingerprint(dataset)}
+def cache_key(reference: dict[str, Any], digests: list[bytes]) -> str:
+    """The file name of a split: the reference and the set of samples, whatever their order or packing."""
+    data = hashlib.sha256(b"".join(sorted(digests))).hexdigest()
+    payload = {"format": CACHE_FORMAT, "reference": reference, "data": data}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def permuted(values: dict[str, torch.Tensor], order: list[int]) -> dict[str, torch.Tensor]:
+    """``values`` of the samples in ``order`` (sample i of the result is sample ``order[i]``)."""
+    index = torch.tensor(order, dtype=torch.long)
+    result = {"logps": values["logps"][index], "num_tokens": values["num_tokens"][index]}
+    if "token_logps" in values:
+        per_sample = values["token_logps"].split(values["num_tokens"].tolist())
+        result["token_logps"] = torch.cat([per_sample[i] for i in order]) if order else values["token_logps"]
+    return result
 
 
 def load(path: str, num_samples: int, per_token: bool = False) -> Optional[dict[str, torch.Tensor]]:
@@ -137,8 +152,7 @@ def reference_identity(model_args, data_args, training_args, finetuning_args) ->
         # autocast (`bf16`/`fp16`) or weights in half precision (`pure_bf16`, DeepSpeed) round differently
         "precision": [bool(training_args.bf16), bool(training_args.fp16), bool(finetuning_args.pure_bf16)],
         "deepspeed": bool(training_args.deepspeed),
-        "template": data_args.template,
-        "cutoff_len": data_args.cutoff_len,
+        "template": data_args.template,  # the cutoff is in the tokenized samples (packing lowers `cutoff_len` by 1)
         "per_token": needs_token_ref_logps(finetuning_args),
     }
 
@@ -166,10 +180,17 @@ def _all_processes_agree(flag: bool) -> bool:
 
 @dataclass
 class CachedSplit:
-    """One split's cache file, and its values when every process found them there."""
+    """One split's cache file, and its values (in sample order) when every process found them there.
+
+    ``order`` lists the split's samples in the file's order (by digest): ``save`` stores values in it.
+    """
 
     path: str
     values: Optional[dict[str, torch.Tensor]]
+    order: list[int]
+
+    def save(self, values: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+        save(self.path, permuted(values, self.order), info)
 
 
 def look_up(
@@ -182,8 +203,13 @@ def look_up(
     entries = {}
     splits = dataset_splits(dataset_module.get("train_dataset"), dataset_module.get("eval_dataset"))
     for split, dataset in splits.items():
-        path = os.path.join(cache_dir, f"{cache_key(identity, dataset)}.pt")
-        cached = load(path, len(dataset), per_token=per_token)
-        entries[split] = CachedSplit(path, cached if _all_processes_agree(cached is not None) else None)
+        digests = sample_digests(dataset)
+        order = sorted(range(len(digests)), key=digests.__getitem__)
+        path = os.path.join(cache_dir, f"{cache_key(identity, digests)}.pt")
+        cached = load(path, len(digests), per_token=per_token)
+        if cached is not None:  # file order → sample order
+            inverse = sorted(range(len(order)), key=order.__getitem__)
+            cached = permuted(cached, inverse)
+        entries[split] = CachedSplit(path, cached if _all_processes_agree(cached is not None) else None, order)
 
     return entries

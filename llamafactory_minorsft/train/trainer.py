@@ -20,9 +20,10 @@ from typing_extensions import override
 
 from ..losses import IGNORE_INDEX, answer_token_logps, fused_answer_loss, projected_token_logps
 from . import reference_cache
-from .columns import EXTRA_COLUMNS, REF_LOGPS, REF_TOKEN_LOGPS, add_reference_columns, answer_values
+from .columns import NON_MODEL_KEYS, REF_LOGPS, REF_TOKEN_LOGPS, add_reference_columns, answer_values
 from .head import PLAIN_HEAD_MODEL_TYPES, head_computes, plain_head
 from .metrics import DEVIATION_METRICS, deviation_sums, metric_means
+from .packing import SAMPLE_IDS, Samples, count_packed_answered, samples_per_row, unpacked
 
 
 if TYPE_CHECKING:
@@ -47,13 +48,25 @@ def eval_mode(module: torch.nn.Module):
 
 
 def count_answered_samples(batch_samples: list[dict[str, torch.Tensor]]) -> int:
-    """Number of samples with at least one answer token (after the causal shift) in a list of batches."""
-    return sum(int((batch["labels"][:, 1:] != IGNORE_INDEX).any(-1).sum()) for batch in batch_samples)
+    """Number of samples with at least one answer token (after the causal shift) in a list of batches.
+
+    A packed row (`neat_packing`) counts its samples.
+    """
+    return sum(
+        count_packed_answered(batch["labels"], batch[SAMPLE_IDS])
+        if SAMPLE_IDS in batch
+        else int((batch["labels"][:, 1:] != IGNORE_INDEX).any(-1).sum())
+        for batch in batch_samples
+    )
 
 
 @dataclass
 class Batch:
-    """What a stage's loss sees of one micro-batch; per-sample tensors have shape (batch,)."""
+    """What a stage's loss sees of one micro-batch: one row per sample; per-sample tensors have shape (batch,).
+
+    A packed batch (`neat_packing`) is seen as its samples (``samples``): ``labels``, ``token_logps``, ``mask`` and the
+    reference's values have a row per sample, as the same samples unpacked would give them; ``inputs`` stays packed.
+    """
 
     inputs: dict[str, torch.Tensor]  # the collated batch, with its extra columns
     labels: torch.Tensor
@@ -64,6 +77,22 @@ class Batch:
     num_items: Optional[torch.Tensor] = None  # what the stock token mean divides by (fused path)
     ref_token_logps: Optional[torch.Tensor] = None  # log πref of each answer token (online, or precomputed for Rho-1)
     ref_logps: Optional[torch.Tensor] = None  # log πref(y|x), where a reference model is involved
+    samples: Optional[Samples] = None  # where the samples of packed rows lie
+
+    @classmethod
+    def of(cls, inputs: dict, token_logps: Optional[torch.Tensor], mask: torch.Tensor, training: bool, **fields):
+        """From (rows, length − 1) token log-probs (None: filled in later) and answer mask of the collated batch."""
+        if SAMPLE_IDS not in inputs:
+            return cls(inputs, inputs["labels"], token_logps, mask, training, **fields)
+
+        samples = Samples.of(inputs[SAMPLE_IDS])
+        labels, mask = samples.labels(inputs["labels"]), samples.take(mask, fill=False)
+        token_logps = samples.take(token_logps) if token_logps is not None else None
+        return cls(inputs, labels, token_logps, mask, training, samples=samples, **fields)
+
+    def per_sample(self, values: torch.Tensor) -> torch.Tensor:
+        """A (rows, length − 1) tensor of the collated batch, one row per sample."""
+        return values if self.samples is None else self.samples.take(values)
 
     @property
     def logps(self) -> torch.Tensor:
@@ -91,6 +120,7 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
         self,
         finetuning_args: "PluginFinetuningArguments",
         ref_model: Optional["PreTrainedModel"] = None,
+        packed: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(finetuning_args=finetuning_args, **kwargs)
@@ -104,6 +134,7 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
             self.model_accepts_loss_kwargs = True
 
         self.precomputed_reference = False
+        self.packed = packed
         self._path_logged = False
         self._num_answered_samples: Optional[torch.Tensor] = None
         self._stored_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
@@ -183,7 +214,7 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
         logps, num_tokens, token_logps = [], [], []
         for batch in tqdm(self.get_eval_dataloader(dataset), desc=desc, disable=not self.is_local_process_zero()):
             batch = self._prepare_inputs(batch)
-            model_inputs = {key: value for key, value in batch.items() if key not in ("labels", *EXTRA_COLUMNS)}
+            model_inputs = {key: value for key, value in batch.items() if key not in NON_MODEL_KEYS}
             with self.accelerator.autocast():  # as in training: the policy is not wrapped by accelerate yet
                 batch_token_logps, mask = self.reference_token_logps(self.model, model_inputs, batch["labels"])
             logps.append(self.accelerator.gather_for_metrics(batch_token_logps.sum(-1)).cpu())
@@ -203,7 +234,8 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
         """Attach precomputed reference log-probs and free the reference model.
 
         ``precompute_ref_logps``: attach log πref of every split as columns, from ``cache`` or one reference
-        pass per missing split (then cached), switch the loss to them and free the reference model.
+        pass per missing split (then cached), switch the loss to them and free the reference model. The pass and the
+        cache go sample by sample: rows packed by `neat_packing` are split for the pass, and get a list per row.
 
         Returns the runtime of each pass.
         """
@@ -212,12 +244,14 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
             values = cache[split].values
             if values is None:
                 start = time.perf_counter()
-                values = self.compute_reference_logps(dataset, desc=f"Reference log-probs ({split})")
+                samples = unpacked(dataset) if self.packed else dataset
+                values = self.compute_reference_logps(samples, desc=f"Reference log-probs ({split})")
                 metrics[f"ref_precompute_{split}_runtime"] = round(time.perf_counter() - start, 4)
                 if self.is_world_process_zero():
-                    reference_cache.save(cache[split].path, values, {"split": split})
+                    cache[split].save(values, {"split": split})
 
-            columns[split] = add_reference_columns(dataset, values, self.needs_token_ref_logps)
+            per_row = samples_per_row(dataset) if self.packed else None
+            columns[split] = add_reference_columns(dataset, values, self.needs_token_ref_logps, per_row)
 
         self.accelerator.wait_for_everyone()
         if "train" in columns:
@@ -244,13 +278,16 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
     def _reference(self, model, model_inputs: dict, batch: Batch) -> None:
         """Fill ``batch.ref_logps`` (and the per-token values): precomputed columns, or a reference forward."""
         if not self.precomputed_reference:
-            batch.ref_token_logps, _ = self.reference_token_logps(model, model_inputs, batch.labels)
+            token_logps, _ = self.reference_token_logps(model, model_inputs, batch.inputs["labels"])
+            batch.ref_token_logps = batch.per_sample(token_logps)
             batch.ref_logps = batch.ref_token_logps.sum(-1)
             return
 
         needed = (REF_LOGPS, REF_TOKEN_LOGPS) if self.needs_token_ref_logps else (REF_LOGPS,)
         if any(name not in batch.inputs for name in needed):
             raise RuntimeError("precompute_ref_logps: a batch came without its precomputed reference log-probs.")
+        if batch.inputs[REF_LOGPS].numel() != batch.mask.size(0):
+            raise RuntimeError(f"Column {REF_LOGPS!r} does not match the samples of its batch; rebuild it.")
         if self.needs_token_ref_logps:
             batch.ref_token_logps = answer_values(batch.inputs[REF_TOKEN_LOGPS], batch.mask, REF_TOKEN_LOGPS)
         batch.ref_logps = batch.inputs[REF_LOGPS].float()
@@ -351,7 +388,7 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
 
     @override
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        model_inputs = {key: value for key, value in inputs.items() if key not in ("labels", *EXTRA_COLUMNS)}
+        model_inputs = {key: value for key, value in inputs.items() if key not in NON_MODEL_KEYS}
         labels = inputs["labels"]
         if model.training and not self._path_logged:
             self._path_logged = True
@@ -364,15 +401,17 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
         if model.training and self.head_free(model):
             return self._fused_loss(model, model_inputs, inputs, return_outputs, num_items_in_batch)
         elif self.uses_stock_loss:
-            stock_inputs = {key: value for key, value in inputs.items() if key not in EXTRA_COLUMNS}
+            stock_inputs = {
+                key: value for key, value in inputs.items() if key == "labels" or key not in NON_MODEL_KEYS
+            }
             stock_loss, outputs = super().compute_loss(
                 model, stock_inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
             )
             logits = outputs.logits if self.logps_need_grad else outputs.logits.detach()
-            batch = Batch(inputs, labels, *answer_token_logps(logits, labels), model.training, stock_loss)
+            batch = Batch.of(inputs, *answer_token_logps(logits, labels), model.training, stock_loss=stock_loss)
         else:  # evaluation keeps the logits in ``outputs`` for `compute_accuracy`
             outputs = model(**model_inputs, use_cache=False)
-            batch = Batch(inputs, labels, *answer_token_logps(outputs.logits, labels), model.training)
+            batch = Batch.of(inputs, *answer_token_logps(outputs.logits, labels), model.training)
 
         if self.uses_reference:
             self._reference(model, model_inputs, batch)
@@ -387,17 +426,18 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
         The head computes the loss inside the model's forward (``head_computes``), which returns it as its logits.
         """
         labels = inputs["labels"]
-        batch = Batch(inputs, labels, None, labels[:, 1:] != IGNORE_INDEX, training=True)
+        batch = Batch.of(inputs, None, labels[:, 1:] != IGNORE_INDEX, training=True)
         if self.uses_stock_loss:
             batch.num_items = self.stock_num_items(batch, num_items_in_batch)
         if self.uses_reference:
             self._reference(model, model_inputs, batch)
 
         def loss_of(token_logps: torch.Tensor) -> torch.Tensor:
-            return self.batch_loss(replace(batch, token_logps=token_logps))
+            return self.batch_loss(replace(batch, token_logps=batch.per_sample(token_logps)))
 
         def fused(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-            loss, batch.token_logps, _ = fused_answer_loss(hidden, weight, labels, loss_of)
+            loss, token_logps, _ = fused_answer_loss(hidden, weight, labels, loss_of)
+            batch.token_logps = batch.per_sample(token_logps)
             return loss
 
         with head_computes(model, fused):

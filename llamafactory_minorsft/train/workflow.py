@@ -89,6 +89,7 @@ def run_workflow(
         block_diag_attn=model_args.block_diag_attn,
         attn_implementation=getattr(model.config, "_attn_implementation", None),
         compute_dtype=model_args.compute_dtype,
+        **({"neat_packing": True} if data_args.neat_packing else {}),  # as stock sft (0.9.4's collator lacks it)
         **tokenizer_module,
     )
 
@@ -100,9 +101,10 @@ def run_workflow(
     trainer = trainer_class(
         model=model,
         ref_model=ref_model,
+        packed=data_args.neat_packing,
         args=training_args,
         finetuning_args=finetuning_args,
-        data_collator=ExtraColumnsCollator(data_collator),
+        data_collator=ExtraColumnsCollator(data_collator, packed=data_args.neat_packing),
         callbacks=[*(callbacks or []), DeviationLogCallback()],
         **stage_kwargs,
         **dataset_module,

@@ -6,6 +6,7 @@ Run them on a GPU machine with ``.venv/bin/python -m pytest tests/gpu``:
   run in float32 (as ``tests/test_precision.py`` on the CPU);
 - 1-GPU DeepSpeed ZeRO-3 in bf16 on the head-free path against no DeepSpeed; 2-GPU DDP where there are 2 GPUs;
 - Liger's kernels with minorsft and with sft + track_deviation, against the same runs without;
+- FlashAttention-2 with `neat_packing` (position ids, one row) against sdpa unpacked;
 - the peak memory of a random-initialised model with Qwen2-0.5B's configuration at 2 x 2,048 tokens against stock sft
   (with and without Liger's kernels).
 """
@@ -180,6 +181,29 @@ def test_two_gpu_ddp_find_unused_parameters_equals_one_gpu(bf16_tiny, tmp_path):
     one, two = step_logs(tmp_path / "one")[0], step_logs(tmp_path / "two")[0]
     for key in ("loss", "deviation", "coef"):
         assert two[key] == pytest.approx(one[key], rel=1e-2, abs=1e-3), key
+
+
+def test_flash_attention_2_neat_packing_equals_sdpa_unpacked(bf16_tiny, tmp_path):
+    """FlashAttention-2 with `neat_packing` equals sdpa unpacked.
+
+    FA2 packs one row per batch with position ids and no mask (LLaMA-Factory's collator trims the padding); the
+    per-sample quantities follow this package's sample ids, so they equal sdpa's unpacked run.
+
+    LLaMA-Factory #8919 (wrong ``cu_seqlens`` from a boolean mask) does not apply: for FA2 the collator drops the
+    mask, and transformers derives the sequence boundaries from the position ids.
+    """
+    pytest.importorskip("flash_attn")
+    paths = bf16_tiny[False]
+    tiny = SimpleNamespace(model=paths["model"], data=paths["data"])
+    common = dict(ref_model=paths["ref_model"], bf16=True, max_steps=2, learning_rate=0.5)
+    run_cli(base_config(tiny, tmp_path / "sdpa", flash_attn="sdpa", **common), tmp_path / "sdpa_run")
+    packed = base_config(
+        tiny, tmp_path / "fa2", flash_attn="fa2", neat_packing=True, per_device_train_batch_size=1, **common
+    )
+    assert HEAD_FREE in run_cli(packed, tmp_path / "fa2_run").stdout
+    for a, b in zip(step_logs(tmp_path / "sdpa"), step_logs(tmp_path / "fa2")):
+        for key in ("loss", "deviation", "coef", "logps/policy"):
+            assert b[key] == pytest.approx(a[key], rel=3e-2, abs=2e-2), key
 
 
 @pytest.mark.parametrize("stage", ["minorsft", "sft_track"])

@@ -7,6 +7,7 @@ from tqdm import tqdm
 
 from ...sft_go import map_scores_by_offsets, smooth_idf, spans_from_prefix_ends
 from ..columns import TOKEN_IMPORTANCE, answer_tokens
+from ..packing import split_samples
 
 
 if TYPE_CHECKING:
@@ -15,8 +16,11 @@ if TYPE_CHECKING:
 
 
 def training_idf(dataset: "Dataset", vocab_size: int) -> torch.Tensor:
-    """Smoothed IDF of every token id, one document per training answer."""
-    return smooth_idf([answer_tokens(labels) for labels in dataset["labels"]], vocab_size)
+    """Smoothed IDF of every token id, one document per training answer (per sample of a packed row)."""
+    rows = zip(dataset["labels"], dataset["attention_mask"])
+    return smooth_idf(
+        [answer_tokens(sample) for labels, ids in rows for sample in split_samples(labels, ids)], vocab_size
+    )
 
 
 def text_and_spans(tokenizer: "PreTrainedTokenizer", token_ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
