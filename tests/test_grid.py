@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -158,3 +159,55 @@ def test_paper_grid_lists_the_paper_setup(tmp_path):
     )
     assert "sft-learning_rate=1e-05: stage=sft learning_rate=1e-05" in proc.stdout
     assert "(instruction prompt)" in proc.stdout and "(ceval prompt)" in proc.stdout
+
+
+def test_grid_progress_counts_eta_status_file_and_a_failed_run(tiny, tmp_path):
+    """Three runs, the last made to fail (`pref_beta: 0` is refused before its model loads), then a rerun."""
+    grid = write_grid(tiny, tmp_path)
+    spec = yaml.safe_load(grid.read_text())
+    spec.pop("eval")
+    spec["blocks"] = [
+        dict(name="sft", set=dict(stage="sft", track_deviation=True), grid=dict(learning_rate=[1e-3])),
+        dict(name="minorsft", set=dict(stage="minorsft"), grid=dict(learning_rate=[2e-3], pref_beta=[0.04, 0.0])),
+    ]
+    grid.write_text(yaml.safe_dump(spec))
+    names = [
+        "sft-learning_rate=0.001",
+        "minorsft-learning_rate=0.002-pref_beta=0.04",
+        "minorsft-learning_rate=0.002-pref_beta=0",
+    ]
+    dry = tool("grid", grid, "--dry-run", cwd=tmp_path)
+    assert "run 3/3 minorsft-learning_rate=0.002-pref_beta=0: stage=minorsft" in dry.stdout
+
+    first = tool("grid", grid, cwd=tmp_path, check=False)
+    out, runs = tmp_path / "grid_out", tmp_path / "grid_out" / "runs"
+    assert first.returncode == 1
+    assert f"[grid] run 1/3 {names[0]}: training (0 done, 0 skipped, 0 failed)\n" in first.stdout
+    assert re.search(
+        rf"\[grid\] run 2/3 {names[1]}: training \(1 done, 0 skipped, 0 failed; grid ETA 0:00:\d\d\)", first.stdout
+    )
+    failed_log = runs / names[2] / "grid_train.log"
+    assert f"{names[2]}: training failed, see {failed_log}" in first.stdout
+    assert f"1 run(s) failed: {names[2]} (log: {failed_log})" in first.stdout
+    assert "`pref_beta`" in failed_log.read_text()
+    assert "run 1/3: 100%" in first.stderr and "3/3" in first.stderr and "loss=" in first.stderr  # the live bar
+    assert "deviation=" in first.stderr
+    status = json.loads((out / "grid_status.json").read_text())
+    assert (status["total"], status["done"], status["failed"], status["pending"], status["running"]) == (
+        3,
+        2,
+        1,
+        0,
+        None,
+    )
+    assert [run["status"] for run in status["runs"]] == ["done", "done", "failed"] and status["eta_seconds"] == 0
+    assert status["runs"][2]["log"] == str(failed_log) and all(run["duration_s"] > 0 for run in status["runs"][:2])
+
+    again = tool("grid", grid, cwd=tmp_path, check=False)
+    assert re.search(
+        rf"run 1/3 {names[0]}: done before, skipped \(0 done, 1 skipped, 0 failed; grid ETA", again.stdout
+    )
+    assert re.search(
+        rf"run 3/3 {names[2]}: training \(0 done, 2 skipped, 0 failed; grid ETA 0:00:\d\d\)", again.stdout
+    )
+    assert "[grid] finished: 0 done, 2 skipped, 1 failed" in again.stdout

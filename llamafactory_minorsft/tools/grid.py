@@ -19,6 +19,12 @@ A grid file::
 Every combination of a block's grid runs through the stock ``llamafactory-cli train``, one after another, in
 ``runs/<name>``. A run that finished (training and evaluation) is skipped when the grid is started again; an
 unfinished one is redone from scratch.
+
+Progress: one line per run as it starts (``run 4/21 <name>``, with the runs done, skipped and failed so far and the
+grid's ETA from the finished runs' durations); while a run trains, a progress bar read from the run's own logs
+(``trainer_log.jsonl``, ``trainer_deviation.jsonl``: step, loss, deviation, elapsed time and ETA), its whole output
+going to ``runs/<name>/grid_train.log``; and ``grid_status.json`` at the grid's root, rewritten as runs start and
+end, for ``cat`` from another shell or node.
 """
 
 import csv
@@ -27,12 +33,17 @@ import json
 import math
 import os
 import statistics
+import subprocess
+import sys
+import time
 from dataclasses import fields
+from datetime import UTC, datetime, timedelta
 from typing import Any, Optional
 
 import yaml
+from tqdm import tqdm
 
-from .runs import Run, final_value, log_history, train
+from .runs import Run, final_value, log_history
 
 
 TOP_KEYS = {"base", "output_dir", "set", "eval", "blocks"}
@@ -123,26 +134,72 @@ def load_grid(path: str, output_dir: Optional[str] = None) -> tuple[list[Run], d
     return runs, settings
 
 
-def run_one(run: Run, settings: dict[str, Any]) -> dict[str, Any]:
+def finished_status(run: Run) -> Optional[dict[str, Any]]:
+    """The recorded result of a run that finished before (``runs/<name>/grid_status.json``), else None."""
+    status_path = os.path.join(run.config["output_dir"], STATUS_FILE)
+    if not os.path.exists(status_path):
+        return None
+    with open(status_path, encoding="utf-8") as f:
+        status = json.load(f)
+    return status if status.get("status") == "done" else None
+
+
+def train_watched(config_path: str, run_dir: str, log_path: str, desc: str) -> int:
+    """``llamafactory-cli train CONFIG`` into ``log_path``, with a progress bar read from the run's own logs."""
+    for name in ("trainer_log.jsonl", "trainer_deviation.jsonl"):  # an earlier, unfinished attempt's
+        if os.path.exists(os.path.join(run_dir, name)):
+            os.remove(os.path.join(run_dir, name))
+    cli = os.path.join(os.path.dirname(sys.executable), "llamafactory-cli")
+    with open(log_path, "w", encoding="utf-8") as log, tqdm(desc=desc, unit="step", dynamic_ncols=True) as bar:
+        process = subprocess.Popen([cli, "train", config_path], stdout=log, stderr=subprocess.STDOUT)
+        while True:
+            returncode = process.poll()
+            progress = last_entry(os.path.join(run_dir, "trainer_log.jsonl"), "total_steps")
+            if progress.get("total_steps"):
+                bar.total = progress["total_steps"]
+                bar.update(progress["current_steps"] - bar.n)
+                shown = {
+                    "loss": last_entry(os.path.join(run_dir, "trainer_log.jsonl"), "loss").get("loss"),
+                    "deviation": last_entry(os.path.join(run_dir, "trainer_deviation.jsonl"), "deviation").get(
+                        "deviation"
+                    ),
+                }
+                bar.set_postfix({key: f"{value:.4g}" for key, value in shown.items() if value is not None}, False)
+                bar.refresh()
+            if returncode is not None:
+                return returncode
+            time.sleep(1)
+
+
+def last_entry(path: str, key: str) -> dict[str, Any]:
+    """The last complete entry with ``key`` of a JSON-lines log ({} when there is none yet)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return {}
+    for line in reversed(lines):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:  # a line being written
+            continue
+        if key in entry:
+            return entry
+    return {}
+
+
+def run_one(run: Run, settings: dict[str, Any], desc: str) -> dict[str, Any]:
     """Train (stock CLI), evaluate, and record the result in ``runs/<name>/grid_status.json``."""
     run_dir = run.config["output_dir"]
-    status_path = os.path.join(run_dir, STATUS_FILE)
-    if os.path.exists(status_path):
-        with open(status_path, encoding="utf-8") as f:
-            status = json.load(f)
-        if status.get("status") == "done":
-            print(f"[grid] {run.name}: done before, skipped", flush=True)
-            return status
-
     os.makedirs(run_dir, exist_ok=True)
     config_path = os.path.join(run_dir, "grid_config.yaml")
     with open(config_path, "w", encoding="utf-8") as f:
         yaml.safe_dump(run.config, f)
-    print(f"[grid] {run.name}: training", flush=True)
     log_path = os.path.join(run_dir, "grid_train.log")
-    if train(config_path, log_path) != 0:
+    start = time.time()
+    if train_watched(config_path, run_dir, log_path, desc) != 0:
         print(f"[grid] {run.name}: training failed, see {log_path}", flush=True)
-        return {"status": "failed"}
+        return {"status": "failed", "log": log_path, "duration_s": round(time.time() - start, 1)}
 
     history = log_history(run_dir)
     status = {"status": "done", "eval": {}}
@@ -150,9 +207,60 @@ def run_one(run: Run, settings: dict[str, Any]) -> dict[str, Any]:
     if settings["eval"].get("files"):
         status["eval"] = evaluate_run(run, settings["eval"])
 
-    with open(status_path, "w", encoding="utf-8") as f:  # written last: its presence means "finished"
+    status.update(log=log_path, duration_s=round(time.time() - start, 1))
+    with open(os.path.join(run_dir, STATUS_FILE), "w", encoding="utf-8") as f:  # written last: "finished"
         json.dump(status, f, indent=2)
     return status
+
+
+class GridProgress:
+    """The grid's counts, its ETA from the durations of finished runs, and ``grid_status.json`` at its root."""
+
+    def __init__(self, runs: list[Run], output_dir: str, grid_file: str) -> None:
+        self.runs, self.path, self.grid_file = runs, os.path.join(output_dir, STATUS_FILE), os.path.abspath(grid_file)
+        self.states = [{"index": i, "name": run.name, "status": "pending"} for i, run in enumerate(runs, start=1)]
+
+    def count(self, status: str) -> int:
+        return sum(state["status"] == status for state in self.states)
+
+    def eta_seconds(self) -> Optional[float]:
+        durations = [state["duration_s"] for state in self.states if state["status"] in ("done", "skipped")]
+        durations = [d for d in durations if d is not None]
+        left = self.count("pending") + self.count("running")
+        return statistics.mean(durations) * left if durations and left else (0.0 if not left else None)
+
+    def summary(self) -> str:
+        eta = self.eta_seconds()
+        return f"{self.count('done')} done, {self.count('skipped')} skipped, {self.count('failed')} failed" + (
+            "" if not eta else f"; grid ETA {timedelta(seconds=round(eta))}"
+        )
+
+    def update(self, index: int, status: str, result: Optional[dict[str, Any]] = None) -> None:
+        state = self.states[index - 1]
+        state["status"] = status
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        state["started" if status == "running" else "ended"] = now
+        for key in ("duration_s", "log"):
+            if result and key in result:
+                state[key] = result[key]
+        state.setdefault("log", os.path.join(self.runs[index - 1].config["output_dir"], "grid_train.log"))
+        self.write(now)
+
+    def write(self, now: str) -> None:
+        running = [state for state in self.states if state["status"] == "running"]
+        data = {
+            "grid": self.grid_file,
+            "updated": now,
+            "total": len(self.states),
+            **{status: self.count(status) for status in ("done", "skipped", "failed", "pending")},
+            "running": running[0]["name"] if running else None,
+            "eta_seconds": self.eta_seconds(),
+            "runs": self.states,
+        }
+        tmp_path = f"{self.path}.tmp"
+        with open(tmp_path, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp_path, self.path)  # a reader never sees half a file
 
 
 def evaluate_run(run: Run, eval_settings: dict[str, Any]) -> dict[str, float]:
@@ -258,9 +366,9 @@ def run_grid(path: str, output_dir: Optional[str] = None, dry_run: bool = False)
             load_questions(entry["path"])
 
     if dry_run:
-        for run in runs:
+        for index, run in enumerate(runs, start=1):
             print(
-                f"{run.name}: "
+                f"run {index}/{len(runs)} {run.name}: "
                 + " ".join(f"{k}={v}" for k, v in run.config.items() if k in run.values or k == "stage")
             )
         for entry in settings["eval"].get("files", []):
@@ -272,12 +380,26 @@ def run_grid(path: str, output_dir: Optional[str] = None, dry_run: bool = False)
         return 0
 
     os.makedirs(settings["output_dir"], exist_ok=True)
-    for run in runs:
-        run.result = run_one(run, settings)
+    progress = GridProgress(runs, settings["output_dir"], path)
+    progress.write(datetime.now(UTC).isoformat(timespec="seconds"))
+    for index, run in enumerate(runs, start=1):
+        done_before = finished_status(run)
+        head = f"run {index}/{len(runs)} {run.name}"
+        if done_before is not None:
+            run.result = done_before
+            progress.update(index, "skipped", {"duration_s": done_before.get("duration_s")})
+            print(f"[grid] {head}: done before, skipped ({progress.summary()})", flush=True)
+            continue
+        progress.update(index, "running")
+        print(f"[grid] {head}: training ({progress.summary()})", flush=True)
+        run.result = run_one(run, settings, desc=f"run {index}/{len(runs)}")
+        progress.update(index, run.result["status"], run.result)
+    print(f"[grid] finished: {progress.summary()}; status in {progress.path}", flush=True)
     best = summarize(runs, settings["output_dir"])
     print(open(os.path.join(settings["output_dir"], "results.md"), encoding="utf-8").read())
     print("best per method: " + ", ".join(f"{m}: {r.name if r else '-'}" for m, r in best.items()))
-    failed = [run.name for run in runs if run.result.get("status") != "done"]
+    failed = [run for run in runs if run.result.get("status") != "done"]
     if failed:
-        print(f"[grid] {len(failed)} run(s) failed: {', '.join(failed)}; start the grid again to redo them")
+        logs = ", ".join(f"{run.name} (log: {run.result.get('log')})" for run in failed)
+        print(f"[grid] {len(failed)} run(s) failed: {logs}; start the grid again to redo them")
     return 1 if failed else 0
