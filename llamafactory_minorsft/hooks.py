@@ -1,8 +1,8 @@
 """Post-import hooks with the standard library alone: patch LLaMA-Factory's modules right after they are imported.
 
 ``PostImportFinder`` sits first on ``sys.meta_path`` and finds nothing itself. For a module named in ``HOOKED`` it
-asks the finders after it for the module's spec, and makes that spec's loader run the module's patch
-(``integration.HOOKED_MODULES``) as soon as the module has executed, before ``import`` hands it out. Every other
+asks the finders after it for the module's spec, and wraps that spec's loader (``PatchingLoader``) to run the
+module's patch (``integration.HOOKED_MODULES``) as soon as the module has executed, before ``import`` hands it out. Every other
 import costs one set lookup. Import-light: this module imports ``sys`` only, and ``integration`` (with its own
 imports) is imported the first time a hooked module is.
 """
@@ -52,16 +52,26 @@ class PostImportFinder:
         finally:
             self.finding.discard(name)
 
-        loader = getattr(spec, "loader", None)
-        if loader is not None and hasattr(loader, "exec_module"):
-            execute = loader.exec_module
-
-            def exec_module(module) -> None:
-                execute(module)
-                patch(module)
-
-            loader.exec_module = exec_module  # this spec's loader only: a file loader is made per module
+        if getattr(spec, "loader", None) is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = PatchingLoader(spec.loader)  # this module's only (a zip importer serves a whole archive)
         return spec
+
+
+class PatchingLoader:
+    """The module's own loader, which then patches it; every other attribute is the loader's."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self.loader.exec_module(module)
+        patch(module)
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)
 
 
 def install() -> None:

@@ -399,7 +399,7 @@ def verify_plugin_args(model_args, data_args, training_args, finetuning_args, da
 
     run = _run_label(finetuning_args)
     if data_args.neat_packing:  # it sets `packing` too
-        check_neat_packing(run, finetuning_args)
+        check_neat_packing(run, model_args, finetuning_args)
     elif data_args.packing:
         raise ValueError(
             f"`packing: true` cannot be used with {run}: it packs samples into one sequence with attention across "
@@ -448,15 +448,23 @@ def verify_plugin_args(model_args, data_args, training_args, finetuning_args, da
 LOSS_OPTIONS = ("use_dft_loss", "use_eaft_loss", "use_asft_loss")
 
 
-def check_neat_packing(run: str, finetuning_args) -> None:
+def check_neat_packing(run: str, model_args, finetuning_args) -> None:
     """`neat_packing` where its samples' per-sample quantities are those of the samples unpacked."""
     from .integration import layout
 
     if not layout().neat_packing:
         raise ValueError(
             f"`neat_packing` cannot be used with {run} on LLaMA-Factory {layout().label}: that version refuses it "
-            'itself with its transformers ("Neat packing is incompatible with transformers>=4.53.0"). Set '
-            "`neat_packing: false`, or use LLaMA-Factory 0.9.5 or later."
+            'itself with transformers >= 4.53 ("Neat packing is incompatible with transformers>=4.53.0"), which '
+            "its dependencies need, and this package is not tested with it there. Set `neat_packing: false`, or use "
+            "LLaMA-Factory 0.9.5 or later."
+        )
+    if finetuning_args.precompute_ref_logps and str(model_args.flash_attn) == "fa2":
+        raise ValueError(
+            f"`neat_packing` with `precompute_ref_logps` and `flash_attn: fa2` is not supported yet with {run}: "
+            "LLaMA-Factory's FlashAttention-2 packing collator takes one row per batch, and the reference pass batches "
+            "samples. Precompute without `neat_packing` first (the cache is shared by packed and unpacked runs of the "
+            "same data), or use `flash_attn: sdpa`."
         )
     if finetuning_args.stage == SFT_GO_STAGE and finetuning_args.sft_go_grouping == "llmlingua2":
         raise ValueError(

@@ -91,3 +91,32 @@ def test_the_reference_never_uses_dropout(tiny, tmp_path):
     for step_online, step_first in zip(online, first, strict=True):
         assert step_first["logps/ref"] == pytest.approx(step_online["logps/ref"], rel=1e-6)
     assert online[0]["logps/policy"] != online[0]["logps/ref"]  # the policy did use dropout: the test has teeth
+
+
+def test_each_split_gets_its_own_pass_with_persistent_workers_and_several_eval_sets(tiny, tmp_path):
+    """Each split's reference pass runs over its own samples, with persistent loader workers and several eval sets.
+
+    With `dataloader_persistent_workers` the Trainer keeps one eval loader, whatever its data set. Each eval set's
+    deviation is logged under its own prefix.
+    """
+    common = dict(
+        ref_model=tiny.ref_model,
+        max_steps=1,
+        do_eval=True,
+        eval_dataset="four,minorsft_demo_eval",
+        eval_on_each_dataset=True,
+        eval_strategy="steps",
+        eval_steps=1,
+        per_device_eval_batch_size=4,
+        dataloader_num_workers=1,
+        dataloader_persistent_workers=True,
+    )
+    logs = {}
+    for name, extra in (("online", {}), ("precomputed", dict(precompute_ref_logps=True))):
+        out = tmp_path / name
+        config = base_config(tiny, out, dataset="minorsft_demo", ref_logps_cache_dir=str(tmp_path / "cache"), **common)
+        run_cli(dict(config, **extra), tmp_path / f"{name}_run")
+        logs[name] = json.loads((out / "all_results.json").read_text())
+    for split in ("four", "minorsft_demo_eval"):
+        for key in (f"eval_{split}_deviation", f"eval_{split}_logps/ref"):
+            assert logs["precomputed"][key] == pytest.approx(logs["online"][key], rel=1e-5, abs=1e-5), key

@@ -6,6 +6,7 @@ after the causal shift, in order) become a (batch, max tokens) tensor padded wit
 ``answer_values`` scatters back onto the answer positions and checks against the labels.
 """
 
+import itertools
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -96,9 +97,9 @@ def add_reference_columns(
     if per_token:
         per_sample = values["token_logps"].split(values["num_tokens"].tolist())
         columns[REF_TOKEN_LOGPS] = [row.tolist() for row in per_sample]
+    starts = list(itertools.accumulate(per_row, initial=0)) if per_row is not None else []
     for name, column in columns.items():
         if per_row is not None:
-            starts = [sum(per_row[:row]) for row in range(len(per_row))]
             column = [column[start : start + count] for start, count in zip(starts, per_row)]
         dataset = dataset.add_column(name, column)
     return dataset

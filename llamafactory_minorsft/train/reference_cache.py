@@ -62,12 +62,33 @@ def path_fingerprint(name_or_path: Optional[str]) -> Any:
     return {"path": os.path.abspath(path), "files": files}
 
 
+def row_media(dataset) -> Optional[list[str]]:
+    """Each row's images, videos and audios (as JSON), or None when the data set has none."""
+    names = [name for name in ("images", "videos", "audios") if name in dataset.column_names]
+    rows = list(zip(*(dataset[name] for name in names))) if names else []
+    if not any(item for row in rows for item in row):  # None or [] where a row has none
+        return None
+    return [json.dumps(row, sort_keys=True, default=str) for row in rows]
+
+
 def sample_digests(dataset) -> list[bytes]:
-    """A digest of every sample's input_ids and labels (after the first), in order; packed rows give their samples."""
+    """A digest of every sample's input_ids, labels (after the first) and media, in order.
+
+    A packed row gives one digest per sample it holds.
+    """
+    samples, media = dataset_samples(dataset), row_media(dataset)
+    if media is not None and len(samples) != len(media):
+        raise ValueError(
+            "`precompute_ref_logps` with `neat_packing` is not supported for data with images, videos or audios: the "
+            "reference pass goes sample by sample, and packed rows do not say which media belong to which sample. "
+            "Set `neat_packing: false`, or `precompute_ref_logps: false`."
+        )
     digests = []
-    for input_ids, labels in dataset_samples(dataset):
+    for index, (input_ids, labels) in enumerate(samples):
         digest = hashlib.blake2b(torch.tensor(input_ids, dtype=torch.int64).numpy().tobytes(), digest_size=16)
         digest.update(b"|" + torch.tensor(labels[1:], dtype=torch.int64).numpy().tobytes())
+        if media is not None:  # the same tokens with other images are another sample
+            digest.update(b"|" + media[index].encode())
         digests.append(digest.digest())
     return digests
 

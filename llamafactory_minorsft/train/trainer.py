@@ -212,7 +212,13 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
         process returns the values of the whole data set.
         """
         logps, num_tokens, token_logps = [], [], []
-        for batch in tqdm(self.get_eval_dataloader(dataset), desc=desc, disable=not self.is_local_process_zero()):
+        # with `dataloader_persistent_workers` the Trainer keeps one loader under "eval", whatever its data set: the
+        # pass must neither get an earlier split's loader nor leave its own for the evaluation
+        cached = getattr(self, "_eval_dataloaders", {})
+        cached.pop("eval", None)
+        loader = self.get_eval_dataloader(dataset)
+        cached.pop("eval", None)
+        for batch in tqdm(loader, desc=desc, disable=not self.is_local_process_zero()):
             batch = self._prepare_inputs(batch)
             model_inputs = {key: value for key, value in batch.items() if key not in NON_MODEL_KEYS}
             with self.accelerator.autocast():  # as in training: the policy is not wrapped by accelerate yet
@@ -453,7 +459,9 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
     @override
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         r"""Add the means of the stored metrics since the last log (all processes reduced) to ``logs``."""
-        train_eval = "train" if "loss" in logs else "eval" if "eval_loss" in logs else None
+        # an evaluation logs `eval_loss`, or `eval_<name>_loss` for each of several eval sets
+        eval_key = next((key for key in logs if key.startswith("eval") and key.endswith("_loss")), None)
+        train_eval = "train" if "loss" in logs else "eval" if eval_key else None
         if train_eval is not None and self.metric_groups:
             stored, self._stored_sums[train_eval] = self._stored_sums[train_eval], {}
             sums = [stored.get(group, torch.zeros(2 * len(names))) for group, names in self.metric_groups.items()]
@@ -461,7 +469,7 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
             if self.accelerator.num_processes > 1:  # one reduce for every metric
                 sums = self.accelerator.reduce(sums, reduction="sum")
 
-            prefix = "eval_" if train_eval == "eval" else ""
+            prefix = eval_key[: -len("loss")] if train_eval == "eval" else ""
             parts = sums.cpu().split([2 * len(names) for names in self.metric_groups.values()])
             for names, part in zip(self.metric_groups.values(), parts):
                 logs.update(metric_means(names, part, prefix))
