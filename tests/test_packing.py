@@ -115,6 +115,14 @@ SAME_AS_UNPACKED = {  # stage → arguments; the packed run equals the same run 
     ),
     "minorsft_lora": dict(stage="minorsft", finetuning_type="lora", lora_target="all", learning_rate=0.5),
     "minorsft_freeze": dict(stage="minorsft", finetuning_type="freeze", ref_model="REF"),
+    # an eval set over several batches: `eval_loss` is the mean over samples, not the Trainer's mean over rows
+    "minorsft_eval_batches": dict(
+        stage="minorsft",
+        do_eval=True,
+        eval_dataset="minorsft_demo_eval",
+        eval_strategy="steps",
+        per_device_eval_batch_size=1,
+    ),
 }
 
 
@@ -127,7 +135,7 @@ def test_packed_run_equals_unpacked(tiny, tmp_path, case):
         pytest.skip("LLaMA-Factory 0.9.4 refuses neat_packing with its transformers")
     args = {key: tiny.ref_model if value == "REF" else value for key, value in SAME_AS_UNPACKED[case].items()}
     if args.get("do_eval"):
-        args.update(eval_steps=1, per_device_eval_batch_size=4)
+        args = {"eval_steps": 1, "per_device_eval_batch_size": 4, **args}
     if args.get("precompute_ref_logps"):
         args["ref_logps_cache_dir"] = str(tmp_path / "cache")
     runs = {}

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from ..hparams import PluginFinetuningArguments
 
 
+#: the stored sums (Σ batch loss × answered samples, answered samples) of a packed evaluation's loss
+EVAL_LOSS = "eval_loss"
 # under LLaMA-Factory's root logger: its format, its level, its web UI log
 logger = logging.get_logger(f"llamafactory.{__name__}")
 
@@ -424,7 +426,19 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
 
         loss = self.batch_loss(batch)
         self.store_batch_metrics(batch)
+        if not model.training and self.eval_loss_per_sample:
+            answered = (batch.num_tokens > 0).sum().float()
+            self.store_metrics(EVAL_LOSS, torch.stack([loss.detach().float() * answered, answered]), False)
         return (loss, outputs) if return_outputs else loss
+
+    @property
+    def eval_loss_per_sample(self) -> bool:
+        """Packed rows: the logged ``eval_loss`` is the mean over samples, not the Trainer's mean over rows.
+
+        The Trainer weighs each batch's loss by its rows; a packed row holds several samples. For the per-sample
+        losses the batch loss is a mean over its answered samples, so their sums give the mean over every sample.
+        """
+        return self.packed and self.per_sample and not self.uses_stock_loss
 
     def _fused_loss(self, model, model_inputs: dict, inputs: dict, return_outputs: bool, num_items_in_batch):
         """``compute_loss`` through ``fused_answer_loss``: ``batch_loss`` as a function of the token log-probs.
@@ -462,6 +476,12 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
         # an evaluation logs `eval_loss`, or `eval_<name>_loss` for each of several eval sets
         eval_key = next((key for key in logs if key.startswith("eval") and key.endswith("_loss")), None)
         train_eval = "train" if "loss" in logs else "eval" if eval_key else None
+        if train_eval == "eval" and self.eval_loss_per_sample:  # every process: the reduce is collective
+            sums = self._stored_sums["eval"].pop(EVAL_LOSS, torch.zeros(2)).double().to(self.accelerator.device)
+            if self.accelerator.num_processes > 1:
+                sums = self.accelerator.reduce(sums, reduction="sum")
+            if sums[1] > 0:
+                logs[eval_key] = (sums[0] / sums[1]).item()
         if train_eval is not None and self.metric_groups:
             stored, self._stored_sums[train_eval] = self._stored_sums[train_eval], {}
             sums = [stored.get(group, torch.zeros(2 * len(names))) for group, names in self.metric_groups.items()]
