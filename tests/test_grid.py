@@ -100,20 +100,49 @@ def test_eval_mc_rejects_a_file_missing_columns(tiny, tmp_path):
     assert proc.returncode == 2 and "lacks the column(s) C, D" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_mini_grid_trains_evaluates_plots_and_resumes(tiny, tmp_path):
+def test_mini_grid_trains_evaluates_plots_shows_progress_and_resumes(tiny, tmp_path):
+    """Three runs and a fourth made to fail (`pref_beta: 0` is refused before its model loads), then a rerun."""
     write_mc(tmp_path)
     grid = write_grid(tiny, tmp_path)
+    spec = yaml.safe_load(grid.read_text())
+    spec["blocks"].append(dict(name="bad", set=dict(stage="minorsft", pref_beta=0.0), grid=dict(learning_rate=[1e-3])))
+    grid.write_text(yaml.safe_dump(spec))
+    names = ["sft-learning_rate=0.001", "minorsft-learning_rate=0.002-pref_beta=0.04", "sft_go-sft_go_lambda=0.5"]
+    bad = "bad-learning_rate=0.001"
     dry = tool("grid", grid, "--dry-run", cwd=tmp_path)
-    assert "3 runs" in dry.stdout and "minorsft-learning_rate=0.002-pref_beta=0.04" in dry.stdout
-    assert "sft_go-sft_go_lambda=0.5: stage=sft_go sft_go_lambda=0.5" in dry.stdout
+    assert "4 runs" in dry.stdout and f"run 2/4 {names[1]}: stage=minorsft" in dry.stdout
+    assert "run 3/4 sft_go-sft_go_lambda=0.5: stage=sft_go sft_go_lambda=0.5" in dry.stdout
     assert not (tmp_path / "grid_out").exists()
 
-    tool("grid", grid, cwd=tmp_path)
+    first = tool("grid", grid, cwd=tmp_path, check=False)
     out = tmp_path / "grid_out"
+    assert first.returncode == 1
+    # progress: a line per run with the counts so far and the grid's ETA, a live bar, the failed run and its log
+    assert f"[grid] run 1/4 {names[0]}: training (0 done, 0 skipped, 0 failed)\n" in first.stdout
+    assert re.search(
+        rf"\[grid\] run 2/4 {names[1]}: training \(1 done, 0 skipped, 0 failed; grid ETA 0:\d\d:\d\d\)", first.stdout
+    )
+    failed_log = out / "runs" / bad / "grid_train.log"
+    assert f"{bad}: training failed, see {failed_log}" in first.stdout and "`pref_beta`" in failed_log.read_text()
+    assert f"1 run(s) failed: {bad} (log: {failed_log})" in first.stdout
+    assert "run 1/4: 100%" in first.stderr and "3/3" in first.stderr
+    assert "loss=" in first.stderr and "deviation=" in first.stderr
+    status = json.loads((out / "grid_status.json").read_text())
+    assert (status["total"], status["done"], status["failed"], status["pending"], status["running"]) == (
+        4,
+        3,
+        1,
+        0,
+        None,
+    )
+    assert [run["status"] for run in status["runs"]] == ["done", "done", "done", "failed"]
+    assert status["runs"][3]["log"] == str(failed_log) and all(run["duration_s"] > 0 for run in status["runs"][:3])
+
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["method"] for r in rows] == ["sft", "minorsft", "sft_go"] and all(r["status"] == "done" for r in rows)
-    for row in rows:
+    assert [r["method"] for r in rows] == ["sft", "minorsft", "sft_go", "bad"]
+    assert [r["status"] for r in rows] == ["done", "done", "done", "failed"]
+    for row in rows[:3]:
         assert float(row["final_deviation"]) != 0 and 0 <= float(row["acc_domain_mc"]) <= 1
         assert row["final_loss"] and row["acc_general_mc"]
     assert rows[1]["pref_beta"] == "0.04" and rows[0]["pref_beta"] == "" and rows[2]["sft_go_lambda"] == "0.5"
@@ -121,11 +150,15 @@ def test_mini_grid_trains_evaluates_plots_and_resumes(tiny, tmp_path):
         assert (out / figure).stat().st_size > 0
     assert "| minorsft-learning_rate=0.002-pref_beta=0.04 | minorsft |" in (out / "results.md").read_text()
 
-    # started again: finished runs are skipped; an unfinished (crashed) one is redone
-    (out / "runs" / "sft-learning_rate=0.001" / "grid_status.json").unlink()
-    again = tool("grid", grid, cwd=tmp_path)
-    assert "minorsft-learning_rate=0.002-pref_beta=0.04: done before, skipped" in again.stdout
-    assert "sft-learning_rate=0.001: training" in again.stdout
+    # started again: finished runs are skipped (their durations give the ETA); an unfinished (crashed) one is redone
+    (out / "runs" / names[0] / "grid_status.json").unlink()
+    again = tool("grid", grid, cwd=tmp_path, check=False)
+    assert f"run 1/4 {names[0]}: training (0 done, 0 skipped, 0 failed)" in again.stdout
+    assert re.search(
+        rf"run 2/4 {names[1]}: done before, skipped \(1 done, 1 skipped, 0 failed; grid ETA", again.stdout
+    )
+    assert re.search(rf"run 4/4 {bad}: training \(1 done, 2 skipped, 0 failed; grid ETA 0:\d\d:\d\d\)", again.stdout)
+    assert "[grid] finished: 1 done, 2 skipped, 1 failed" in again.stdout
 
 
 @pytest.mark.parametrize(
@@ -159,55 +192,3 @@ def test_paper_grid_lists_the_paper_setup(tmp_path):
     )
     assert "sft-learning_rate=1e-05: stage=sft learning_rate=1e-05" in proc.stdout
     assert "(instruction prompt)" in proc.stdout and "(ceval prompt)" in proc.stdout
-
-
-def test_grid_progress_counts_eta_status_file_and_a_failed_run(tiny, tmp_path):
-    """Three runs, the last made to fail (`pref_beta: 0` is refused before its model loads), then a rerun."""
-    grid = write_grid(tiny, tmp_path)
-    spec = yaml.safe_load(grid.read_text())
-    spec.pop("eval")
-    spec["blocks"] = [
-        dict(name="sft", set=dict(stage="sft", track_deviation=True), grid=dict(learning_rate=[1e-3])),
-        dict(name="minorsft", set=dict(stage="minorsft"), grid=dict(learning_rate=[2e-3], pref_beta=[0.04, 0.0])),
-    ]
-    grid.write_text(yaml.safe_dump(spec))
-    names = [
-        "sft-learning_rate=0.001",
-        "minorsft-learning_rate=0.002-pref_beta=0.04",
-        "minorsft-learning_rate=0.002-pref_beta=0",
-    ]
-    dry = tool("grid", grid, "--dry-run", cwd=tmp_path)
-    assert "run 3/3 minorsft-learning_rate=0.002-pref_beta=0: stage=minorsft" in dry.stdout
-
-    first = tool("grid", grid, cwd=tmp_path, check=False)
-    out, runs = tmp_path / "grid_out", tmp_path / "grid_out" / "runs"
-    assert first.returncode == 1
-    assert f"[grid] run 1/3 {names[0]}: training (0 done, 0 skipped, 0 failed)\n" in first.stdout
-    assert re.search(
-        rf"\[grid\] run 2/3 {names[1]}: training \(1 done, 0 skipped, 0 failed; grid ETA 0:00:\d\d\)", first.stdout
-    )
-    failed_log = runs / names[2] / "grid_train.log"
-    assert f"{names[2]}: training failed, see {failed_log}" in first.stdout
-    assert f"1 run(s) failed: {names[2]} (log: {failed_log})" in first.stdout
-    assert "`pref_beta`" in failed_log.read_text()
-    assert "run 1/3: 100%" in first.stderr and "3/3" in first.stderr and "loss=" in first.stderr  # the live bar
-    assert "deviation=" in first.stderr
-    status = json.loads((out / "grid_status.json").read_text())
-    assert (status["total"], status["done"], status["failed"], status["pending"], status["running"]) == (
-        3,
-        2,
-        1,
-        0,
-        None,
-    )
-    assert [run["status"] for run in status["runs"]] == ["done", "done", "failed"] and status["eta_seconds"] == 0
-    assert status["runs"][2]["log"] == str(failed_log) and all(run["duration_s"] > 0 for run in status["runs"][:2])
-
-    again = tool("grid", grid, cwd=tmp_path, check=False)
-    assert re.search(
-        rf"run 1/3 {names[0]}: done before, skipped \(0 done, 1 skipped, 0 failed; grid ETA", again.stdout
-    )
-    assert re.search(
-        rf"run 3/3 {names[2]}: training \(0 done, 2 skipped, 0 failed; grid ETA 0:00:\d\d\)", again.stdout
-    )
-    assert "[grid] finished: 0 done, 2 skipped, 1 failed" in again.stdout

@@ -108,16 +108,17 @@ def test_precomputed_reference_cache_serves_packed_and_unpacked_runs(tiny, tmp_p
 SAME_AS_UNPACKED = {  # stage → arguments; the packed run equals the same run unpacked
     "sft_tracked": dict(stage="sft", track_deviation=True, do_eval=True, eval_dataset="four", eval_strategy="steps"),
     "sft_go_tfidf": dict(stage="sft_go", track_deviation=True),
-    "sft_go_rho1": dict(stage="sft_go", sft_go_grouping="rho1", ref_model="REF"),
-    # per-token reference values, precomputed: a list of lists per packed row
+    # per-token reference values (precomputed: a list of lists per packed row; the unpacked run fills the cache)
     "sft_go_rho1_precomputed": dict(
         stage="sft_go", sft_go_grouping="rho1", ref_model="REF", precompute_ref_logps=True
     ),
     "minorsft_lora": dict(stage="minorsft", finetuning_type="lora", lora_target="all", learning_rate=0.5),
-    "minorsft_freeze": dict(stage="minorsft", finetuning_type="freeze", ref_model="REF"),
-    # an eval set over several batches: `eval_loss` is the mean over samples, not the Trainer's mean over rows
-    "minorsft_eval_batches": dict(
+    # with an eval set over several batches of uneven packed rows: `eval_loss` is the mean over samples, not the
+    # Trainer's mean over rows
+    "minorsft_freeze_eval": dict(
         stage="minorsft",
+        finetuning_type="freeze",
+        ref_model="REF",
         do_eval=True,
         eval_dataset="minorsft_demo_eval",
         eval_strategy="steps",

@@ -138,7 +138,7 @@ def test_minorsft_step_follows_the_labels(tiny, chats, tmp_path, option):
     assert logged["logps/ref"] == pytest.approx(metrics["ref"], rel=1e-4)
 
 
-@pytest.mark.parametrize("option", ["train_on_prompt", "mask_history"])
+@pytest.mark.parametrize("option", ["mask_history"])
 def test_sft_go_trains_with_the_option_and_its_deviation_follows_the_labels(tiny, chats, tmp_path, option):
     """SFT-GO with `track_deviation`: the logged step-1 deviation (Eq. 8, at θ0) is over the labelled tokens."""
     dataset, overrides = CASES[option]

@@ -140,7 +140,7 @@ def test_minorsft_from_the_web_ui(webui, tiny):
     assert args.get("neat_packing", False) == (VERSION != "0.9.4")
     state = json.loads((out / "trainer_state.json").read_text())
     steps = [entry for entry in state["log_history"] if "loss" in entry]
-    assert len(steps) == 40 and all("deviation" in entry and "coef" in entry for entry in steps)
+    assert len(steps) == 24 and all("deviation" in entry and "coef" in entry for entry in steps)
     assert (out / "training_deviation.png").exists() and (out / "trainer_deviation.jsonl").exists()
 
 
@@ -193,7 +193,7 @@ def drive_the_ui(page, url: str, tiny, workdir: Path) -> None:
     page.get_by_role("textbox", name=re.compile(r"^Extra arguments")).fill(
         json.dumps(
             {
-                "max_steps": 40,
+                "max_steps": 24,
                 "logging_steps": 1,
                 "per_device_train_batch_size": 2,
                 "gradient_accumulation_steps": 1,
