@@ -66,10 +66,11 @@ def run_workflow(
     # the stock sft data pipeline: prompt tokens are IGNORE_INDEX, answer tokens are labels
     dataset_module = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
     stage_kwargs = prepare(tokenizer, dataset_module, finetuning_args) if prepare is not None else {}
-    model = load_policy(tokenizer, model_args, finetuning_args, training_args.do_train)
     cache = None
     if finetuning_args.precompute_ref_logps:  # a cache hit on every split: no reference model is loaded at all
+        # before the policy loads: its lookup refuses what the pass cannot do (packed media) early
         cache = reference_cache.look_up(model_args, data_args, training_args, finetuning_args, dataset_module)
+    model = load_policy(tokenizer, model_args, finetuning_args, training_args.do_train)
 
     ref_model = None
     if finetuning_args.uses_reference and (cache is None or any(entry.values is None for entry in cache.values())):
