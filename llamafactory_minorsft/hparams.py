@@ -360,6 +360,32 @@ def check_zero3_reference(deepspeed_version: str) -> None:
         )
 
 
+def check_zero3_reference_early(raw) -> None:
+    """``check_zero3_reference`` from the raw args (``integration.peek_args``), before anything starts DeepSpeed.
+
+    Only where the raw args tell: a ZeRO-3 config file or dict, and a stage whose reference the raw routing options
+    show. ``verify_plugin_args`` checks every run again once parsed.
+    """
+    import json
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .stages import uses_reference
+
+    config = raw.deepspeed
+    if isinstance(config, str):
+        try:
+            with open(config, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError):
+            return  # LLaMA-Factory reports a missing or broken file itself
+    stage = config.get("zero_optimization", {}).get("stage") if isinstance(config, dict) else None
+    if stage == 3 and uses_reference(raw):
+        try:
+            check_zero3_reference(version("deepspeed"))
+        except PackageNotFoundError:
+            return
+
+
 def _run_label(finetuning_args) -> str:
     """`stage: x`, with the option that sends a `stage: sft` run to this package's workflow."""
     if finetuning_args.stage != "sft":

@@ -185,14 +185,15 @@ BOOLEAN_FLAGS = ("track_deviation", "use_unsloth")
 
 
 def peek_args(args: dict[str, Any] | list[str]) -> SimpleNamespace:
-    """The raw train args that route a run, without parsing them: stage, sft_loss_reduction and the flags."""
-    names = ("stage", "sft_loss_reduction", *BOOLEAN_FLAGS)
+    """The raw train args that route a run, without parsing them: stage, sft_loss_reduction, deepspeed and the flags."""
+    names = ("stage", "sft_loss_reduction", "deepspeed", *BOOLEAN_FLAGS)
     if isinstance(args, dict):
         raw = {name: args.get(name) for name in names}
     else:
         peek = argparse.ArgumentParser(add_help=False)
         peek.add_argument("--stage")
         peek.add_argument("--sft_loss_reduction")
+        peek.add_argument("--deepspeed")
         for name in BOOLEAN_FLAGS:
             peek.add_argument(f"--{name}", nargs="?", const="true", default="false")
         raw = vars(peek.parse_known_args(args)[0])
@@ -223,6 +224,10 @@ def _plugin_training_function(tuner, config: dict[str, Any]) -> None:
         from .hparams import refuse_unsloth
 
         refuse_unsloth(raw)
+    if raw.deepspeed:  # before the parser, whose TrainingArguments start DeepSpeed (building its CPU ops first)
+        from .hparams import check_zero3_reference_early
+
+        check_zero3_reference_early(raw)
 
     model_args, data_args, training_args, finetuning_args, generating_args = tuner.get_train_args(config.get("args"))
     verify_plugin_run(model_args, data_args, training_args, finetuning_args)
