@@ -116,12 +116,8 @@ CASES = {  # option → (data set, LLaMA-Factory's data option)
 }
 
 
-# train_on_prompt is left out of the compatibility subset: on LLaMA-Factory main (transformers 5.8.0) its exact step
-# differs in model.embed_tokens alone, which is not understood yet (the same check passes on 0.9.5)
-@pytest.mark.parametrize(
-    "option",
-    [pytest.param(option, marks=[] if option == "train_on_prompt" else [pytest.mark.compat]) for option in CASES],
-)
+@pytest.mark.compat
+@pytest.mark.parametrize("option", CASES)
 def test_minorsft_step_follows_the_labels(tiny, chats, tmp_path, option):
     dataset, overrides = CASES[option]
     out = tmp_path / "out"
@@ -135,7 +131,16 @@ def test_minorsft_step_follows_the_labels(tiny, chats, tmp_path, option):
     if option != "every_turn":  # the option changes which tokens are answer
         assert [len(p) for _, p in samples] != [len(p) for _, p in (labelled(s, "every_turn") for s in turns)]
     theta0, descent, metrics = expected_minorsft_step(tiny, samples)
-    assert_sgd_step(out, theta0, descent)
+    # with `train_on_prompt` every token of the four samples' shared system prompt is an answer token, and the tied
+    # embedding sums their gradients: float32 rounding reached 7.9e-6 of the largest update there on transformers
+    # 5.8.0 (2.4e-6 on 5.5.4), 1e-6 elsewhere
+    atol = 2e-5 if option == "train_on_prompt" else 1e-6
+    assert_sgd_step(out, theta0, descent, atol=atol)
+    # the tolerance still tells the labellings apart: the step over another option's answer tokens is far outside it
+    other = "mask_history" if option == "every_turn" else "every_turn"
+    _, wrong, _ = expected_minorsft_step(tiny, [labelled(sample, other) for sample in turns])
+    with pytest.raises(AssertionError):
+        assert_sgd_step(out, theta0, wrong, atol=atol)
     logged = step_logs(out)[0]
     assert logged["deviation"] == pytest.approx(metrics["deviation"], rel=1e-4, abs=1e-5)
     assert logged["logps/policy"] == pytest.approx(metrics["policy"], rel=1e-4)
