@@ -90,6 +90,8 @@ def test_eval_mc_scores_full_models_and_reads_all_formats(tiny, tmp_path):
     results = json.loads((tmp_path / "r.json").read_text())
     assert results["domain_mc"]["total"] == 12 and results["general_mc"]["total"] == 12
     assert all(0 <= r["accuracy"] <= 1 and r["correct"] == round(r["accuracy"] * r["total"]) for r in results.values())
+    # one hit per question, in file order, that adds up to the count (the reproduction pairs runs by question)
+    assert all(len(r["hits"]) == r["total"] and r["hits"].count("1") == r["correct"] for r in results.values())
     assert "| domain_mc |" in proc.stdout
 
 
@@ -149,6 +151,9 @@ def test_mini_grid_trains_evaluates_plots_shows_progress_and_resumes(tiny, tmp_p
     for figure in ("fig1_deviation.png", "fig2a_lr_beta.png", "fig2b_best_accuracy.png"):
         assert (out / figure).stat().st_size > 0
     assert "| minorsft-learning_rate=0.002-pref_beta=0.04 | minorsft |" in (out / "results.md").read_text()
+    run_status = json.loads((out / "runs" / names[1] / "grid_status.json").read_text())
+    hits = run_status["eval_hits"]["domain_mc"]
+    assert len(hits) == 12 and hits.count("1") / 12 == pytest.approx(run_status["eval"]["domain_mc"])
 
     # started again: finished runs are skipped (their durations give the ETA); an unfinished (crashed) one is redone
     (out / "runs" / names[0] / "grid_status.json").unlink()

@@ -1,5 +1,7 @@
 """The pure loss functions against autograd computations of the paper's formulas, written here."""
 
+import statistics
+
 import pytest
 import torch
 
@@ -157,6 +159,7 @@ def test_metric_sums_are_eq8_means_over_valid_samples():
     assert means["rewards"] == pytest.approx(0.1 * (2 - 1) / 2)
     assert means["coef"] == pytest.approx((0.009 + 1.1) / 2)
     assert means["coef_below_0.01"] == pytest.approx(1 / 2)  # of the valid samples only
+    assert means["coef_std"] == pytest.approx(statistics.pstdev([0.009, 1.1]))
     assert means["logps/policy"] == pytest.approx(-7.0) and means["logps/ref"] == pytest.approx(-7.5)
     # sums from two halves add up to the sums of the whole batch (accumulation/data-parallel safe)
     torch.testing.assert_close(sums(slice(0, 1)) + sums(slice(1, None)), sums(slice(None)))

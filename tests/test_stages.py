@@ -73,6 +73,7 @@ def test_lora_uses_the_adapter_disabled_base_as_reference(tiny, tmp_path):
     assert logs[0]["deviation"] == 0 and logs[0]["logps/policy"] == logs[0]["logps/ref"] and logs[0]["coef"] == 1
     # … and once the adapters moved, the reference (adapters disabled) no longer equals the policy
     assert abs(logs[-1]["deviation"]) > 1e-3
+    assert logs[0]["coef_std"] == 0 and logs[-1]["coef_std"] > 0  # every sample weighted alike, then not
     assert (out / "adapter_model.safetensors").exists() and (out / "checkpoint-4").is_dir()
     assert all(math.isfinite(entry[key]) for entry in logs for key in ("loss",) + METRICS)
 

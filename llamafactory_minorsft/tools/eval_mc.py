@@ -113,14 +113,23 @@ class MultipleChoiceScorer:
 
 
 def evaluate_files(scorer: MultipleChoiceScorer, files: list[str], prompt: str = "ceval") -> dict[str, Any]:
-    """Accuracy per file: {name: {"accuracy", "correct", "total"}} (name = file stem)."""
+    """Accuracy per file: {name: {"accuracy", "correct", "total", "hits"}} (name = file stem).
+
+    ``hits``: one character per question, in file order, "1" where it was answered right (for paired statistics).
+    """
     results = {}
     for path in files:
         questions = load_questions(path)
         predictions = scorer.predict([build_prompt(q, prompt) for q in questions])
-        correct = sum(pred == q["answer"] for pred, q in zip(predictions, questions))
+        hits = "".join("1" if pred == q["answer"] else "0" for pred, q in zip(predictions, questions))
+        correct = hits.count("1")
         name = os.path.splitext(os.path.basename(path))[0]
-        results[name] = {"accuracy": correct / len(questions), "correct": correct, "total": len(questions)}
+        results[name] = {
+            "accuracy": correct / len(questions),
+            "correct": correct,
+            "total": len(questions),
+            "hits": hits,
+        }
     return results
 
 

@@ -205,7 +205,9 @@ def run_one(run: Run, settings: dict[str, Any], desc: str) -> dict[str, Any]:
     status = {"status": "done", "eval": {}}
     status.update(loss=final_value(history, "loss"), deviation=final_value(history, "deviation"))
     if settings["eval"].get("files"):
-        status["eval"] = evaluate_run(run, settings["eval"])
+        results = evaluate_run(run, settings["eval"])
+        status["eval"] = {name: result["accuracy"] for name, result in results.items()}
+        status["eval_hits"] = {name: result["hits"] for name, result in results.items()}  # per question, paired
 
     status.update(log=log_path, duration_s=round(time.time() - start, 1))
     with open(os.path.join(run_dir, STATUS_FILE), "w", encoding="utf-8") as f:  # written last: "finished"
@@ -263,7 +265,7 @@ class GridProgress:
         os.replace(tmp_path, self.path)  # a reader never sees half a file
 
 
-def evaluate_run(run: Run, eval_settings: dict[str, Any]) -> dict[str, float]:
+def evaluate_run(run: Run, eval_settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
     from .eval_mc import MultipleChoiceScorer, evaluate_files
 
     is_lora = run.config.get("finetuning_type", "lora") == "lora"
@@ -273,11 +275,10 @@ def evaluate_run(run: Run, eval_settings: dict[str, Any]) -> dict[str, float]:
         template=eval_settings.get("template") or run.config["template"],
         batch_size=eval_settings.get("batch_size", 8),
     )
-    accuracies = {}
+    results = {}
     for entry in eval_settings["files"]:
-        results = evaluate_files(scorer, [entry["path"]], entry["prompt"])
-        accuracies.update({name: result["accuracy"] for name, result in results.items()})
-    return accuracies
+        results.update(evaluate_files(scorer, [entry["path"]], entry["prompt"]))
+    return results
 
 
 def summarize(runs: list[Run], output_dir: str) -> dict[str, Optional[Run]]:

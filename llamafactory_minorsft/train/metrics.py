@@ -13,7 +13,9 @@ from ..losses import floored_ref_logps, log_ratio, normalized_log_ratio
 #: Logged whenever a reference model is involved.
 DEVIATION_METRICS = ("deviation", "rewards", "logps/policy", "logps/ref")
 #: Logged by the dynamic-coefficient stages (minorsft, sft_dpo) only.
-COEF_METRICS = ("coef", "coef_below_0.01")
+COEF_METRICS = ("coef", "coef_below_0.01", "coef_std")
+#: A logged spread: its sums hold the squares of the named metric, and the log shows the population std over samples.
+SPREADS = {"coef_std": "coef"}
 #: Logged by SFT-GO.
 GROUP_METRICS = ("group_loss/important", "group_loss/unimportant", "worst_group/important")
 #: A sample whose coefficient is below this has practically stopped training (its gradient is scaled by < 1 %).
@@ -46,12 +48,13 @@ def deviation_sums(
 def coef_sums(coef: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
     """Sums of ``COEF_METRICS``.
 
-    ``COEF_METRICS``: the dynamic coefficient, and 1 where it is below 0.01 (the share of samples that have
-    practically stopped training: long, well-fit answers reach it without any warning).
+    ``COEF_METRICS``: the dynamic coefficient, 1 where it is below 0.01 (the share of samples that have practically
+    stopped training: long, well-fit answers reach it without any warning), and its square (``coef_std``, the
+    coefficient's spread over the samples, which shows how unevenly the samples are weighted).
     """
     valid = num_tokens > 0
-    coef = coef.detach().float()
-    return _pairs([coef, (coef < SWITCHED_OFF_COEF).float()], [valid, valid])
+    coef = coef.detach().double()
+    return _pairs([coef, (coef < SWITCHED_OFF_COEF).double(), coef.square()], [valid] * 3)
 
 
 def group_sums(
@@ -69,8 +72,13 @@ def group_sums(
 
 
 def metric_means(names: tuple[str, ...], sums: torch.Tensor, prefix: str = "") -> dict[str, float]:
-    """Logged means of (all-reduced) sums; a metric without any sample is left out."""
+    """Logged means of (all-reduced) sums; a metric without any sample is left out.
+
+    A ``SPREADS`` metric is the population std, sqrt(E[x²] − E[x]²), of the metric it names.
+    """
     values = sums.tolist()
-    return {
-        f"{prefix}{name}": values[2 * i] / values[2 * i + 1] for i, name in enumerate(names) if values[2 * i + 1] > 0
-    }
+    means = {name: values[2 * i] / values[2 * i + 1] for i, name in enumerate(names) if values[2 * i + 1] > 0}
+    for name, of in SPREADS.items():
+        if name in means:
+            means[name] = max(means[name] - means[of] ** 2, 0.0) ** 0.5
+    return {f"{prefix}{name}": value for name, value in means.items()}
