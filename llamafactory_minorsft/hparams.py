@@ -378,7 +378,8 @@ def check_zero3_reference_early(raw) -> None:
                 config = json.load(f)
         except (OSError, ValueError):
             return  # LLaMA-Factory reports a missing or broken file itself
-    stage = config.get("zero_optimization", {}).get("stage") if isinstance(config, dict) else None
+    zero = config.get("zero_optimization") if isinstance(config, dict) else None
+    stage = zero.get("stage") if isinstance(zero, dict) else None
     if stage == 3 and uses_reference(raw):
         try:
             check_zero3_reference(version("deepspeed"))
@@ -555,3 +556,10 @@ def refuse_unsloth(finetuning_args) -> None:
         "needs CUDA). "
         "Remove `use_unsloth`; `enable_liger_kernel: true` gives fused kernels that these stages support."
     )
+
+
+# importing LLaMA-Factory's hparams above may have imported its parser, whose patch needs the classes defined here
+from .integration import finish_pending  # noqa: E402
+
+
+finish_pending()

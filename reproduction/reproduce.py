@@ -16,7 +16,7 @@
    comparisons over seeds and questions (``report.py``).
 
     .venv/bin/python reproduction/reproduce.py            # the committed run
-    .venv/bin/python reproduction/reproduce.py --smoke    # the pipeline on a few samples (the test suite's check)
+    .venv/bin/python reproduction/reproduce.py --smoke    # the pipeline on a few samples (its report: <cache>_grid/docs)
 """
 
 import argparse
@@ -305,7 +305,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", default=None, help="default: .cache/reproduction (--smoke: .cache/repro_smoke)")
     parser.add_argument("--output-dir", default=None, help="default: <cache>_grid")
-    parser.add_argument("--docs", default=os.path.join(ROOT, "docs"))
+    parser.add_argument("--docs", default=None, help="default: docs/ (--smoke: <output-dir>/docs)")
     parser.add_argument("--smoke", action="store_true", help="a small grid on a few samples: checks the pipeline")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from a finished run")
     args = parser.parse_args()
@@ -314,12 +314,13 @@ def main() -> None:
     design = SMOKE if args.smoke else DESIGN
     cache = args.cache or os.path.join(ROOT, ".cache", "repro_smoke" if args.smoke else "reproduction")
     output_dir = args.output_dir or f"{cache.rstrip(os.sep)}_grid"
+    docs = args.docs or (os.path.join(output_dir, "docs") if args.smoke else os.path.join(ROOT, "docs"))
     methods_dir, token_dir = os.path.join(output_dir, "methods"), os.path.join(output_dir, "token_mean")
     summary_path = os.path.join(output_dir, "reproduction_summary.json")
     if args.report_only:
         with open(summary_path, encoding="utf-8") as f:
             summary = json.load(f)
-        write_report(methods_dir, token_dir, args.docs, summary)
+        write_report(methods_dir, token_dir, docs, summary)
         return
 
     start = time.time()
@@ -348,7 +349,7 @@ def main() -> None:
     with open(summary_path, "w", encoding="utf-8") as f:
         json.dump(summary, f)
     if code == 0:
-        write_report(methods_dir, token_dir, args.docs, summary)
+        write_report(methods_dir, token_dir, docs, summary)
     sys.exit(code)
 
 

@@ -168,3 +168,43 @@ def test_zero3_reference_on_deepspeed_0_16_is_refused_before_the_model_loads(tin
     assert proc.returncode != 0
     assert "ZeRO-3 with a reference model needs deepspeed >= 0.17.0, but 0.16.9 is installed" in output, output[-3000:]
     assert "trainable params" not in output and not out.exists()
+
+
+def test_zero3_reference_checks_read_the_raw_config_and_the_version(tmp_path, monkeypatch):
+    """The early check (raw args) reaches the version check exactly for a ZeRO-3 config and a reference stage.
+
+    The end-to-end refusal above runs the early check; the parsed one (also the fork patch's) compares versions.
+    """
+    import json
+    from types import SimpleNamespace
+
+    from llamafactory_minorsft import hparams
+
+    with pytest.raises(ValueError, match=r"needs deepspeed >= 0\.17\.0, but 0\.16\.9 is installed"):
+        hparams.check_zero3_reference("0.16.9")
+    hparams.check_zero3_reference("0.17.0")
+
+    checked = []
+    monkeypatch.setattr(hparams, "check_zero3_reference", checked.append)
+    z3 = tmp_path / "z3.json"
+    z3.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    monkeypatch.chdir(tmp_path)  # a relative path is read from the working directory, as DeepSpeed reads it
+    cases = {
+        "z3.json": ("minorsft", True),
+        str(z3): ("sft_dpo", True),
+        "missing.json": ("minorsft", False),  # LLaMA-Factory reports the missing file itself
+        str(DEEPSPEED_Z3.with_name("ds_z2_config.json")): ("minorsft", False),
+    }
+    for deepspeed, (stage, refused) in cases.items():
+        checked.clear()
+        hparams.check_zero3_reference_early(SimpleNamespace(stage=stage, deepspeed=deepspeed, track_deviation=False))
+        assert bool(checked) == refused, deepspeed
+    for config, stage, refused in [
+        ({"zero_optimization": {"stage": 3}}, "minorsft", True),
+        ({"zero_optimization": {"stage": 3}}, "sft", False),  # plain sft: no reference
+        ({"zero_optimization": None}, "minorsft", False),
+        ({"zero_optimization": {"stage": "auto"}}, "minorsft", False),
+    ]:
+        checked.clear()
+        hparams.check_zero3_reference_early(SimpleNamespace(stage=stage, deepspeed=config, track_deviation=False))
+        assert bool(checked) == refused, config

@@ -151,3 +151,21 @@ def test_start_up_imports_only_the_hook_and_every_hooked_module_is_patched():
         "LOADED ['llamafactory_minorsft', 'llamafactory_minorsft._autoload', 'llamafactory_minorsft.hooks', "
         "'llamafactory_minorsft.stages']"
     )
+
+
+def test_importing_this_package_s_hparams_first_still_patches_the_parser():
+    """This package's hparams imported before LLaMA-Factory still gets the parser patched.
+
+    Its own import of LLaMA-Factory's hparams brings the parser in while ``PluginFinetuningArguments`` does not
+    exist yet; the patch completes once it does.
+    """
+    proc = run_python(
+        """
+        from llamafactory_minorsft import hparams
+        from llamafactory.hparams import parser
+        assert hparams.PluginFinetuningArguments in parser._TRAIN_ARGS, parser._TRAIN_ARGS
+        assert parser._minorsft_patched and hasattr(parser._parse_train_args, "__wrapped__")
+        print("patched")
+        """
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "patched", proc.stderr[-2000:]
