@@ -15,6 +15,22 @@ from llamafactory_minorsft.tools.tiny import build_tiny_setup, make_instruction_
 
 VENV_BIN = Path(sys.executable).parent
 CLI = str(VENV_BIN / "llamafactory-cli")
+#: The longest tests (30-90 s each, `--durations`) start first: in file order the two xdist workers ended with the
+#: web UI and the reproduction smoke run, each alone on one core for a minute
+SLOW_FIRST = (
+    "test_reproduction.py::test_smoke",
+    "test_deepspeed.py::",
+    "test_grid.py::test_mini_grid",
+    "test_webui.py::",
+    "test_demo.py::",
+    "test_distributed.py::",
+    "test_precompute.py::test_precomputed_equals_online",
+)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Longest first (a stable sort: the order is the same on every xdist worker, as it must be)."""
+    items.sort(key=lambda item: next((i for i, part in enumerate(SLOW_FIRST) if part in item.nodeid), len(SLOW_FIRST)))
 
 
 @pytest.fixture(scope="session")
