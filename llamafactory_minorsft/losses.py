@@ -87,8 +87,8 @@ def answer_token_logps(
 #: logits projected at once: 256 MB in float32, 441 answer positions at Qwen2's 151,936-token vocabulary
 CHUNK_ELEMENTS = 2**26
 #: logits that ``fused_answer_loss`` keeps from its forward for its backward (the last chunks), in the head's compute
-#: dtype: this many, or as many as the head has weights if that is more (no more memory than the head's gradient,
-#: which backward makes anyway). The other chunks are projected again in backward. Bounded, whatever the answers' length.
+#: dtype: 512 MB in float32. The other chunks are projected again in backward (one more head matmul for them). Bounded,
+#: whatever the answers' length and the head's size: they are alive when the head's gradient is made.
 KEPT_ELEMENTS = 2 * CHUNK_ELEMENTS
 
 
@@ -170,7 +170,7 @@ class _FusedAnswerLoss(torch.autograd.Function):
             head = weight.to(dtype)  # a copy only where autocast projects a float32 head in half precision
             chunks = _answer_chunks(mask, weight.size(0))
             logsumexp = torch.empty(chunks.rows.shape, dtype=torch.float32, device=hidden.device)
-            kept, budget = {}, max(KEPT_ELEMENTS, weight.numel())
+            kept, budget = {}, KEPT_ELEMENTS
             for index in reversed(range(len(chunks.bounds))):  # backward takes the chunks last to first
                 start, stop = chunks.bounds[index]
                 r, c = chunks.rows[start:stop], chunks.cols[start:stop]
@@ -210,7 +210,7 @@ class _FusedAnswerLoss(torch.autograd.Function):
                 if index == 0:
                     head = None  # a half-precision copy of a float32 head: freed before its gradient is cast back
                 if ctx.needs_input_grad[1]:
-                    grad_weight = _accumulate(grad_weight, grad_logits, rows)
+                    grad_weight = _accumulate(grad_weight, grad_logits, rows, weight.dtype, len(chunks.bounds))
             grad_logits = rows = None
 
         ctx.kept = None
@@ -219,20 +219,26 @@ class _FusedAnswerLoss(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None
 
 
-def _accumulate(total: Optional[torch.Tensor], grad_logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``total`` + grad_logitsᵀ·rows: the head weight's gradient, one chunk more.
+def _accumulate(
+    total: Optional[torch.Tensor], grad_logits: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype, chunks: int
+) -> torch.Tensor:
+    """``total`` + grad_logitsᵀ·rows: the head weight's gradient (in ``dtype``, the weight's), one chunk more.
 
-    Each chunk's matmul runs in the compute dtype, as stock autograd's single one; from a second chunk on, the
-    chunks add up in float32, as that single matmul accumulates (in the weight's own dtype, bf16 would round once
-    per chunk).
+    Each chunk's matmul runs in the compute dtype, as stock autograd's single one. In half precision the products
+    add up in float32, as that single matmul accumulates (in half precision they would round once per chunk), one
+    block of the vocabulary at a time: no head-sized half-precision product next to the float32 sum. A single chunk
+    of a half-precision weight is stock's matmul itself.
     """
-    if total is None:
-        return grad_logits.t() @ rows
-    if total.dtype != torch.float32:
-        total = total.float()
     if rows.dtype == torch.float32:
-        return total.addmm_(grad_logits.t(), rows)
-    return total.add_(grad_logits.t() @ rows)
+        return grad_logits.t() @ rows if total is None else total.addmm_(grad_logits.t(), rows)
+    if total is None and chunks == 1 and dtype == rows.dtype:
+        return grad_logits.t() @ rows
+    if total is None:
+        total = torch.zeros(grad_logits.size(1), rows.size(1), dtype=torch.float32, device=rows.device)
+    block = max(1, CHUNK_ELEMENTS // rows.size(1))
+    for start in range(0, total.size(0), block):
+        total[start : start + block] += grad_logits[:, start : start + block].t() @ rows
+    return total
 
 
 def _slopes(loss_fn, token_logps: torch.Tensor) -> torch.Tensor:

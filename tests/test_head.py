@@ -78,7 +78,9 @@ def test_qwen2_head_computes_inside_the_forward(tied):
     seen = []
     with head_computes(model, lambda hidden, weight: seen.append(weight) or hidden) as used:
         hidden = model(input_ids=ids).logits
-    assert used is head and seen == [head.weight] and hidden.shape == (2, 9, 16)
+    # the head's weight (a tied one as a view of it: see test_tied_embedding_adds_into_the_heads_gradient)
+    assert used is head and len(seen) == 1 and hidden.shape == (2, 9, 16)
+    assert seen[0].data_ptr() == head.weight.data_ptr() and seen[0].shape == head.weight.shape
     assert "forward" not in vars(head)  # the stock forward is back
     expected, _ = batch_token_logps(hidden, head, labels)
     torch.testing.assert_close(
@@ -87,6 +89,47 @@ def test_qwen2_head_computes_inside_the_forward(tied):
     with head_computes(model, lambda hidden, weight: projected_token_logps(hidden, weight, labels)[0]):
         got = model(input_ids=ids).logits
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast_bf16"])
+def test_tied_embedding_adds_into_the_heads_gradient(autocast):
+    """A trained tied head: the same gradients as autograd of the full logits, without its dense embedding gradient.
+
+    Stock autograd makes the embedding's gradient as a dense tensor of the head's size and sums it with the head's:
+    two float32 tensors of that size at once. The head-free path adds the embedding's rows into the head's gradient.
+    The padding token's row gets no gradient from the embedding, as in nn.Embedding.
+    """
+    vocab, width, pad = 53, 16, 0
+    ids = torch.randint(1, vocab, (2, 9), generator=torch.Generator().manual_seed(4))
+    ids[1, 6:] = pad  # right padding, masked out of the loss
+    labels = ids.masked_fill(ids == pad, IGNORE_INDEX)
+    labels[:, :3] = IGNORE_INDEX
+    grads, peaks = {}, {}
+    for name in ("stock", "fused"):
+        torch.manual_seed(0)
+        model = tiny_qwen2(tie_word_embeddings=True, pad_token_id=pad).train()
+        weight = model.lm_head.weight
+        assert model.get_input_embeddings().weight is weight and model.get_input_embeddings().padding_idx == pad
+        mode = LiveLogits(vocab, tuple(weight.shape))
+        with mode, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if name == "stock":
+                loss = -batch_token_logps(model(input_ids=ids).logits, torch.nn.Identity(), labels)[0].sum() / 7
+            else:
+                with head_computes(model, lambda h, w: fused_answer_loss(h, w, labels, lambda t: -t.sum() / 7)[0]):
+                    loss = model(input_ids=ids).logits
+                assert "forward" not in vars(model.get_input_embeddings())  # the stock embedding is back
+            loss.backward()
+        grads[name], peaks[name] = {k: p.grad.double() for k, p in model.named_parameters()}, mode.head_peak
+    tolerance = 3e-2 if autocast else 1e-5
+    for key, want in grads["stock"].items():
+        torch.testing.assert_close(grads["fused"][key], want, rtol=tolerance, atol=tolerance, msg=key)
+    tied = "model.embed_tokens.weight"
+    assert grads["fused"][tied].abs().sum() > 0
+    # the padding row: the head's gradient alone (the padding token is never a target, so its head row is
+    # the softmax's pull only); the embedding adds nothing there, as stock
+    torch.testing.assert_close(grads["fused"][tied][pad], grads["stock"][tied][pad], rtol=tolerance, atol=tolerance)
+    size = 4 * vocab * width  # one float32 tensor of the head's size
+    assert peaks["stock"] >= 2 * size and peaks["fused"] <= peaks["stock"] - size, (peaks, size)
 
 
 def test_a_head_whose_forward_is_wrapped_is_not_plain():

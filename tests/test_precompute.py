@@ -56,6 +56,8 @@ def test_precomputed_equals_online_and_is_cached(tiny, tmp_path, overrides):
     assert "Created reference model" not in log  # … and no reference model loaded at all
     assert [e["loss"] for e in second] == [e["loss"] for e in first]
 
+    if overrides["stage"] != "minorsft":
+        return  # the cache key does not depend on the stage: the check below runs once
     # a changed input (another cutoff gives other tokenized data) never reuses the cache
     _, third_results, _ = run(tiny, tmp_path, "third", cache, precompute_ref_logps=True, cutoff_len=32, **overrides)
     assert "ref_precompute_train_runtime" in third_results
