@@ -15,6 +15,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, Qwen2Config, Qwen2ForC
 from helpers import batch_token_logps
 from llamafactory_minorsft import losses
 from llamafactory_minorsft.losses import IGNORE_INDEX, fused_answer_loss, projected_token_logps
+from llamafactory_minorsft.train import head as head_module
 from llamafactory_minorsft.train.head import head_computes, plain_head
 
 
@@ -130,6 +131,62 @@ def test_tied_embedding_adds_into_the_heads_gradient(autocast):
     torch.testing.assert_close(grads["fused"][tied][pad], grads["stock"][tied][pad], rtol=tolerance, atol=tolerance)
     size = 4 * vocab * width  # one float32 tensor of the head's size
     assert peaks["stock"] >= 2 * size and peaks["fused"] <= peaks["stock"] - size, (peaks, size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_first", [True, False])
+def test_tied_gradient_is_stocks_sum_bit_for_bit(dtype, head_first):
+    """The embedding's backward adds into the head's gradient exactly what stock autograd's sum gives.
+
+    Frequent tokens (each id about 40 times): each token's rows are summed first and added once, so half precision
+    rounds as stock does. Either order of the two backwards gives the same sum (autograd runs the later node first).
+    """
+    gen = torch.Generator().manual_seed(5)
+    vocab, width, pad = 11, 8, 0
+    ids = torch.randint(0, 6, (4, 60), generator=gen)  # padding included
+    rows, head_grad = torch.randn(4, 60, width, generator=gen), torch.randn(vocab, width, generator=gen)
+    grads = {}
+    for name in ("stock", "tied"):
+        weight = torch.randn(vocab, width, generator=torch.Generator().manual_seed(6)).to(dtype).requires_grad_()
+        tied = head_module._TiedGradient()
+
+        def embedded():
+            if name == "stock":
+                return torch.nn.functional.embedding(ids, weight, pad)
+            return head_module._TiedEmbedding.apply(ids, weight, pad, tied)
+
+        def projected():
+            return weight if name == "stock" else head_module._HeadSide.apply(weight, tied)
+
+        if head_first:  # as in a model: the embedding's node comes first, so its backward runs last
+            e, w = embedded(), projected()
+        else:
+            w, e = projected(), embedded()
+        ((e * rows.to(dtype)).sum() + (w * head_grad.to(dtype)).sum()).backward()
+        grads[name] = weight.grad
+    assert torch.equal(grads["tied"], grads["stock"])
+    assert grads["tied"][6:].equal(head_grad.to(dtype)[6:])  # rows of tokens not in the batch: the head's alone
+
+
+def test_a_tied_gradient_is_never_dropped():
+    """The head's gradient handed to an embedding whose backward never runs: an error, not a lost gradient."""
+    weight = torch.randn(11, 8, requires_grad=True)
+    tied = head_module._TiedGradient()
+    head_module._TiedEmbedding.apply(torch.tensor([[1, 2]]), weight, None, tied)  # its output never reaches the loss
+    with pytest.raises(RuntimeError, match="tied head's gradient was not added"):
+        head_module._HeadSide.apply(weight, tied).sum().backward()
+
+
+def test_the_head_pairs_with_its_own_calls_embedding():
+    """An embedding called outside the model's call (its output detached) is not the one the head hands its gradient."""
+    torch.manual_seed(0)
+    model = tiny_qwen2(tie_word_embeddings=True).train()
+    ids = torch.randint(1, 53, (2, 9))
+    with head_computes(model, lambda h, w: torch.nn.functional.linear(h, w)) as used:
+        embeds = model.get_input_embeddings()(ids).detach()
+        model(inputs_embeds=embeds).logits.sum().backward()
+    hidden = model.model(inputs_embeds=embeds).last_hidden_state  # stock: the head's gradient alone
+    torch.testing.assert_close(used.weight.grad, torch.einsum("bth,btv->vh", hidden, torch.ones(2, 9, 53)))
 
 
 def test_a_head_whose_forward_is_wrapped_is_not_plain():

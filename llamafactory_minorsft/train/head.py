@@ -52,6 +52,14 @@ class _TiedGradient:
 
     def __init__(self) -> None:
         self.grad: Optional[torch.Tensor] = None
+        self.embedded = False  # the embedding's backward has run
+
+    def check_consumed(self) -> None:
+        if self.grad is not None:  # never drop a gradient silently
+            self.grad = None
+            raise RuntimeError(
+                "The tied head's gradient was not added to the input embedding's: its backward never ran."
+            )
 
 
 class _HeadSide(torch.autograd.Function):
@@ -64,14 +72,19 @@ class _HeadSide(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        if ctx.tied.embedded:  # the embedding went first after all: autograd sums the two, as stock
+            return grad, None
         ctx.tied.grad = grad
+        torch.autograd.Variable._execution_engine.queue_callback(ctx.tied.check_consumed)
         return None, None
 
 
 class _TiedEmbedding(torch.autograd.Function):
     """``F.embedding`` whose weight gradient is the head's, plus the embedding's rows added in place.
 
-    Same sum as autograd's (the head's gradient + the embedding's dense gradient), without the dense one.
+    Stock's sum (the head's gradient + the embedding's dense gradient) without the dense one: each distinct token's
+    rows are summed by stock's own kernel (``embedding_dense_backward``: float32 accumulation on a GPU, deterministic)
+    and added once, so a frequent token rounds once in half precision, as stock.
     """
 
     @staticmethod
@@ -83,14 +96,17 @@ class _TiedEmbedding(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (ids,) = ctx.saved_tensors
-        grad, ctx.tied.grad = ctx.tied.grad, None
+        grad, ctx.tied.grad, ctx.tied.embedded = ctx.tied.grad, None, True
         if grad is None:  # the head made no gradient (it was not reached)
             grad = grad_output.new_zeros(ctx.shape, dtype=ctx.dtype)
-        ids, rows = ids.reshape(-1), grad_output.reshape(-1, ctx.shape[1])
-        if ctx.padding_idx is not None:  # as nn.Embedding: the padding row gets no gradient
-            keep = ids != ctx.padding_idx
-            ids, rows = ids[keep], rows[keep]
-        return None, grad.index_add_(0, ids, rows.to(grad.dtype)), None, None
+        tokens, inverse = ids.reshape(-1).unique(return_inverse=True)
+        padding = -1  # as nn.Embedding: the padding row gets no gradient
+        if ctx.padding_idx is not None and (tokens == ctx.padding_idx).any():
+            padding = int((tokens == ctx.padding_idx).nonzero()[0, 0])
+        rows = torch.ops.aten.embedding_dense_backward(
+            grad_output.reshape(-1, ctx.shape[1]), inverse, tokens.numel(), padding, False
+        )
+        return None, grad.index_add_(0, tokens, rows.to(grad.dtype)), None, None
 
 
 def tied_embedding(model: torch.nn.Module, head: torch.nn.Linear) -> Optional[torch.nn.Embedding]:
@@ -124,10 +140,13 @@ def head_computes(model: torch.nn.Module, compute: Callable[[torch.Tensor, torch
     if embedding is None:
         head.forward = lambda hidden_states: compute(hidden_states, head.weight)
     else:
-        pending: list[_TiedGradient] = []  # this forward's, from the embedding to the head
+        pending: list[_TiedGradient] = []  # from the embedding to the head, within one call of the model
 
         def embed(ids: torch.Tensor) -> torch.Tensor:
-            pending[:] = [_TiedGradient()]
+            pending.clear()
+            if not torch.is_grad_enabled():
+                return torch.nn.functional.embedding(ids, embedding.weight, embedding.padding_idx)
+            pending.append(_TiedGradient())
             return _TiedEmbedding.apply(ids, embedding.weight, embedding.padding_idx, pending[0])
 
         def project(hidden_states: torch.Tensor) -> torch.Tensor:
@@ -135,9 +154,11 @@ def head_computes(model: torch.nn.Module, compute: Callable[[torch.Tensor, torch
             return compute(hidden_states, weight)
 
         embedding.forward, head.forward = embed, project
+        hook = causal_lm(model).register_forward_pre_hook(lambda *_: pending.clear())
     try:
         yield head
     finally:
         del head.forward
         if embedding is not None:
             del embedding.forward
+            hook.remove()
