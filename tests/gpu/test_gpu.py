@@ -6,6 +6,7 @@ Run them on a GPU machine with ``.venv/bin/python -m pytest tests/gpu``:
   run in float32 (as ``tests/test_precision.py`` on the CPU);
 - 1-GPU DeepSpeed ZeRO-3 in bf16 on the head-free path against no DeepSpeed; 2-GPU DDP where there are 2 GPUs;
 - Liger's kernels with minorsft and with sft + track_deviation, against the same runs without;
+- a tied head's gradient with pure bf16 weights and frequent tokens: stock's sum, deterministic;
 - FlashAttention-2 with `neat_packing` (position ids, one row) against sdpa unpacked;
 - the peak memory of a random-initialised model with Qwen2-0.5B's configuration at 2 x 2,048 tokens against stock sft
   (with and without Liger's kernels).
@@ -101,6 +102,36 @@ GPU_PRECISION_CASES = {
     "fp16-minorsft-full-untied": (False, dict(fp16=True), dict(stage="minorsft")),
     "fp16-sft_go-lora-tied": (True, dict(fp16=True), dict(stage="sft_go", **LORA)),
 }
+
+
+def test_tied_gradient_on_cuda_is_stocks_sum_and_deterministic():
+    """Pure bf16 weights, a tied head, frequent tokens: stock's sum, the same on every run.
+
+    The embedding's rows of a token are summed in float32 by stock's kernel and added once (per-occurrence atomic
+    adds in bf16 would round per row and vary from run to run).
+    """
+    from llamafactory_minorsft.train import head as head_module
+
+    gen = torch.Generator().manual_seed(5)
+    vocab, width = 151936, 896
+    ids = torch.randint(0, 6, (4, 2048), generator=gen).cuda()  # each of 6 tokens about 1,400 times
+    rows = torch.randn(4, 2048, width, generator=gen).cuda().bfloat16()
+    head_grad = torch.randn(vocab, width, generator=gen).cuda().bfloat16()
+    grads = []
+    for name in ("stock", "tied", "tied"):
+        weight = torch.zeros(vocab, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        tied = head_module._TiedGradient()
+        if name == "stock":
+            e, w = torch.nn.functional.embedding(ids, weight, 0), weight
+        else:
+            e = head_module._TiedEmbedding.apply(ids, weight, 0, tied)
+            w = head_module._HeadSide.apply(weight, tied)
+        ((e * rows).sum() + (w * head_grad).sum()).backward()
+        grads.append(weight.grad)
+    assert torch.equal(grads[1], grads[2])  # deterministic
+    exact = head_grad.double().index_add(0, ids.flatten(), rows.flatten(0, 1).double())
+    exact[0] = head_grad[0].double()  # the padding row: the head's alone
+    assert relative_error(grads[1], exact) <= 1.01 * relative_error(grads[0], exact) + 1e-6
 
 
 @pytest.mark.parametrize("case", list(GPU_PRECISION_CASES))
