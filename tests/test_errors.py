@@ -110,7 +110,8 @@ def test_flash_attention_2_on_transformers_5_6_0_is_refused_before_the_model_loa
     if VERSION != "0.9.5":
         pytest.skip(f"LLaMA-Factory {VERSION} does not accept transformers 5.6.0 itself")
     target = tmp_path / "transformers-5.6.0"
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), "transformers==5.6.0"]
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target", str(target)]
+    pip.append("transformers==5.6.0")  # --no-compile: the few modules a run imports compile on import
     assert subprocess.run(pip, capture_output=True, text=True).returncode == 0
     env = cli_env(PYTHONPATH=str(target))
     probe = [sys.executable, "-c", "import transformers; print(transformers.__version__)"]
@@ -148,6 +149,7 @@ def test_zero3_reference_on_deepspeed_0_16_is_refused_before_the_model_loads(tin
         "-q",
         "--no-deps",
         "--no-build-isolation",
+        "--no-compile",
         "--target",
         str(target),
         "deepspeed==0.16.9",
