@@ -90,6 +90,15 @@ CHUNK_ELEMENTS = 2**26
 #: dtype: 512 MB in float32. The other chunks are projected again in backward (one more head matmul for them). Bounded,
 #: whatever the answers' length and the head's size: they are alive when the head's gradient is made.
 KEPT_ELEMENTS = 2 * CHUNK_ELEMENTS
+#: logits taken to float32 at once within a chunk (16 MB): ``torch.logsumexp`` and the softmax make temporaries of
+#: their input's size, which for a whole chunk would double its memory
+ROW_ELEMENTS = 2**22
+
+
+def _row_blocks(logits: torch.Tensor):
+    """Slices of ``logits``' rows of at most ``ROW_ELEMENTS`` elements."""
+    size = max(1, ROW_ELEMENTS // logits.size(-1))
+    return [slice(start, start + size) for start in range(0, logits.size(0), size)]
 
 
 def head_compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -123,9 +132,10 @@ def _project(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
     ``weight`` is already in the compute dtype; the log-softmax is taken in float32, as the models' own loss does.
     """
     logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight)
-    logits32 = logits.float()
-    logsumexp = torch.logsumexp(logits32, -1)
-    return logits, logsumexp, logits32.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logsumexp
+    logsumexp = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
+    for rows in _row_blocks(logits):
+        logsumexp[rows] = torch.logsumexp(logits[rows].float(), -1)
+    return logits, logsumexp, logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float() - logsumexp
 
 
 def projected_token_logps(
@@ -156,10 +166,11 @@ class _FusedAnswerLoss(torch.autograd.Function):
 
     Forward projects the answer positions chunk by chunk, in the head's compute dtype, and keeps only each
     position's float32 log-sum-exp and the loss's slope dL/d log π(y_t|x, y_<t) (autograd of ``loss_fn``), plus the
-    logits of the last chunks (see ``KEPT_ELEMENTS``). Backward projects the other chunks again and forms
-    dL/dlogits = g·slope·(onehot − softmax) in float32, with the upstream gradient g (a loss scale) already in, before
-    it is cast to the compute dtype: the two gradient matmuls then run as stock autograd runs them. No head-sized
-    gradient is held from forward to backward.
+    logits of the last chunks (see ``KEPT_ELEMENTS``), which it projects after the others so that no other chunk is
+    alive next to them. Backward projects the other chunks again and forms dL/dlogits = g·slope·(onehot − softmax)
+    in float32 (one row block at a time, over the chunk), with the upstream gradient g (a loss scale) already in,
+    before it is cast to the compute dtype: the two gradient matmuls then run as stock autograd runs them. No
+    head-sized gradient is held from forward to backward.
     """
 
     @staticmethod
@@ -170,14 +181,17 @@ class _FusedAnswerLoss(torch.autograd.Function):
             head = weight.to(dtype)  # a copy only where autocast projects a float32 head in half precision
             chunks = _answer_chunks(mask, weight.size(0))
             logsumexp = torch.empty(chunks.rows.shape, dtype=torch.float32, device=hidden.device)
-            kept, budget = {}, KEPT_ELEMENTS
-            for index in reversed(range(len(chunks.bounds))):  # backward takes the chunks last to first
+            keep = _kept_chunks(chunks.bounds, weight.size(0))
+            kept = {}
+            # the chunks not kept first: each is freed before the next is projected, and none is alive next to the
+            # kept ones
+            for index in sorted(range(len(chunks.bounds)), key=lambda index: index in keep):
                 start, stop = chunks.bounds[index]
                 r, c = chunks.rows[start:stop], chunks.cols[start:stop]
                 logits, logsumexp[start:stop], token_logps[r, c] = _project(hidden[r, c], head, targets[r, c])
-                if logits.numel() <= budget:
-                    kept[index], budget = logits, budget - logits.numel()
-                del logits  # a chunk not kept is freed here
+                if index in keep:
+                    kept[index] = logits
+                del logits
 
         slopes = _slopes(loss_fn, token_logps)[chunks.rows, chunks.cols]
         ctx.save_for_backward(hidden, weight, targets)
@@ -202,21 +216,44 @@ class _FusedAnswerLoss(torch.autograd.Function):
                     logits = torch.nn.functional.linear(rows, head)
 
                 slope = (ctx.slopes[start:stop] * grad_loss.float()).unsqueeze(-1)
-                grad_logits = logits.float().sub_(ctx.logsumexp[start:stop].unsqueeze(-1)).exp_().mul_(-slope)
-                grad_logits = grad_logits.scatter_add_(-1, targets[r, c].unsqueeze(-1), slope).to(dtype)
-                del logits
+                grad_logits = _grad_logits(logits, ctx.logsumexp[start:stop], targets[r, c], slope)
+                logits = None  # ``grad_logits`` is the same tensor
                 if grad_hidden is not None:
                     grad_hidden[r, c] = (grad_logits @ head).to(hidden.dtype)
                 if index == 0:
                     head = None  # a half-precision copy of a float32 head: freed before its gradient is cast back
                 if ctx.needs_input_grad[1]:
                     grad_weight = _accumulate(grad_weight, grad_logits, rows, weight.dtype, len(chunks.bounds))
-            grad_logits = rows = None
+                grad_logits = rows = None  # freed before the next chunk is projected
 
         ctx.kept = None
         if ctx.needs_input_grad[1]:  # zeros, not None, without answer tokens: DeepSpeed reduces every gradient
             grad_weight = torch.zeros_like(weight) if grad_weight is None else grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None
+
+
+def _kept_chunks(bounds: list[tuple[int, int]], vocab_size: int) -> set[int]:
+    """The chunks whose logits forward keeps for backward: the last ones, up to ``KEPT_ELEMENTS`` logits."""
+    kept, budget = set(), KEPT_ELEMENTS
+    for index in reversed(range(len(bounds))):  # backward takes the chunks last to first
+        size = (bounds[index][1] - bounds[index][0]) * vocab_size
+        if size <= budget:
+            kept.add(index)
+            budget -= size
+    return kept
+
+
+def _grad_logits(
+    logits: torch.Tensor, logsumexp: torch.Tensor, targets: torch.Tensor, slope: torch.Tensor
+) -> torch.Tensor:
+    """dL/dlogits = slope·(onehot − softmax), formed in float32 and written over ``logits`` (which it returns).
+
+    Row block by row block: no float32 copy of a half-precision chunk, nor a second chunk-sized tensor.
+    """
+    for rows in _row_blocks(logits):
+        grad = logits[rows].float().sub_(logsumexp[rows].unsqueeze(-1)).exp_().mul_(-slope[rows])
+        logits[rows] = grad.scatter_add_(-1, targets[rows].unsqueeze(-1), slope[rows])
+    return logits
 
 
 def _accumulate(
