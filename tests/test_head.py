@@ -426,6 +426,18 @@ class LiveLogits(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("rows", [1, 7, 10, 64])
+def test_row_blocks_are_equal_and_cover_the_chunk(rows, monkeypatch):
+    """Blocks of at most about ``ROW_ELEMENTS``, sizes within one row of each other, every row once, in order."""
+    width = 7
+    monkeypatch.setattr(losses, "ROW_ELEMENTS", 4 * width)
+    blocks = losses._row_blocks(torch.empty(rows, width))
+    sizes = [block.stop - block.start for block in blocks]
+    assert [row for block in blocks for row in range(rows)[block]] == list(range(rows))
+    assert max(sizes) - min(sizes) <= 1 and max(sizes) <= 4, sizes
+    assert len(blocks) == -(-rows // 4)
+
+
 @pytest.mark.compat  # torch's autocast and kernels differ between the stacks (torch 2.9.1 on 0.9.4)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("answer_chunks", [8, 64])
