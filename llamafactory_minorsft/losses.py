@@ -259,7 +259,9 @@ def _grad_logits(
     """
     for rows in _row_blocks(logits):
         grad = logits[rows].float().sub_(logsumexp[rows].unsqueeze(-1)).exp_().mul_(-slope[rows])
-        logits[rows] = grad.scatter_add_(-1, targets[rows].unsqueeze(-1), slope[rows])
+        grad.scatter_add_(-1, targets[rows].unsqueeze(-1), slope[rows])
+        if logits.dtype != torch.float32:  # float32 logits took it in place
+            logits[rows] = grad
     return logits
 
 
