@@ -90,8 +90,8 @@ CHUNK_ELEMENTS = 2**26
 #: dtype: 512 MB in float32. The other chunks are projected again in backward (one more head matmul for them). Bounded,
 #: whatever the answers' length and the head's size: they are alive when the head's gradient is made.
 KEPT_ELEMENTS = 2 * CHUNK_ELEMENTS
-#: logits taken to float32 at once within a chunk (96 MB at most in float32): ``torch.logsumexp`` and the softmax
-#: make temporaries of their input's size, which for a whole chunk would double its memory
+#: logits taken to float32 at once within a chunk (96 MB in float32, and at most one row more): ``torch.logsumexp``
+#: and the softmax make temporaries of their input's size, which for a whole chunk would double its memory
 ROW_ELEMENTS = 3 * 2**23
 
 
@@ -103,7 +103,7 @@ def _row_blocks(logits: torch.Tensor) -> list[slice]:
     come from the heap, which keeps them (measured: 440 MB more peak RSS in a bf16 forward at Qwen2-1.5B's head with
     16 MB blocks).
     """
-    blocks = -(-logits.numel() // ROW_ELEMENTS)
+    blocks = max(1, -(-logits.numel() // ROW_ELEMENTS))
     bounds = [logits.size(0) * index // blocks for index in range(blocks + 1)]
     return [slice(start, stop) for start, stop in zip(bounds, bounds[1:]) if stop > start]
 
@@ -233,7 +233,7 @@ class _FusedAnswerLoss(torch.autograd.Function):
                     grad_weight = _accumulate(grad_weight, grad_logits, rows, weight.dtype, len(chunks.bounds))
                 grad_logits = rows = None  # freed before the next chunk is projected
 
-        ctx.kept = None
+        ctx.kept = {}  # a second backward (retain_graph) projects every chunk again
         if ctx.needs_input_grad[1]:  # zeros, not None, without answer tokens: DeepSpeed reduces every gradient
             grad_weight = torch.zeros_like(weight) if grad_weight is None else grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None
@@ -262,6 +262,7 @@ def _grad_logits(
         grad.scatter_add_(-1, targets[rows].unsqueeze(-1), slope[rows])
         if logits.dtype != torch.float32:  # float32 logits took it in place
             logits[rows] = grad
+        del grad  # a half-precision block's float32 copy: freed before the next one is made
     return logits
 
 
