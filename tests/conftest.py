@@ -1,5 +1,7 @@
 """Shared fixtures: an offline tiny Qwen2 set-up, and helpers that run the real ``llamafactory-cli``."""
 
+import atexit
+import functools
 import json
 import os
 import subprocess
@@ -11,6 +13,7 @@ import pytest
 import yaml
 
 from llamafactory_minorsft.tools.tiny import build_tiny_setup, make_instruction_data, write_dataset
+from warm_cli import WarmCLI
 
 
 VENV_BIN = Path(sys.executable).parent
@@ -121,20 +124,27 @@ def deepspeed_env(**extra) -> dict:
     return cli_env(**({"DISABLE_VERSION_CHECK": "1"} if VERSION == "0.9.4" else {}), **extra)
 
 
+@functools.cache
+def warm_cli() -> WarmCLI:
+    server = WarmCLI(cli_env())
+    atexit.register(server.close)
+    return server
+
+
 def run_cli(config: dict, workdir, *args, check: bool = True, env: dict | None = None, timeout: int = 600):
-    """``llamafactory-cli train <config>.yaml`` in a subprocess, from ``workdir``; returns CompletedProcess."""
+    """``llamafactory-cli train <config>.yaml`` in a process of its own, from ``workdir``; returns CompletedProcess.
+
+    With the default environment the process is a fork of the warm CLI (``warm_cli``), otherwise a new one.
+    """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "config.yaml"
     config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    proc = subprocess.run(
-        [CLI, "train", str(config_path), *args],
-        cwd=workdir,
-        env=env or cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    argv = [CLI, "train", str(config_path), *args]
+    if env is None:  # the default environment: a fork of the warm CLI (its imports done once per pytest process)
+        proc = warm_cli().run(argv, workdir, timeout)
+    else:
+        proc = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"llamafactory-cli train failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
