@@ -44,6 +44,12 @@ def tiny(tmp_path_factory) -> SimpleNamespace:
     data_dir = paths["data"]
     # exactly 4 short samples: one global batch of 4 holds the whole data set (order-free updates)
     write_dataset(data_dir, "four", make_instruction_data(4, seed=7))
+    # samples of uneven lengths: `neat_packing` at cutoff 256 puts 2, 3, 3, 3, 3 and 2 of them into its six rows
+    uneven = make_instruction_data(16, seed=5)
+    uneven = [
+        dict(s, instruction=s["instruction"][:8], output=s["output"][:6]) if i % 3 else s for i, s in enumerate(uneven)
+    ]
+    write_dataset(data_dir, "uneven", uneven)
     # a pairwise data set: LLaMA-Factory's ranking format, for stock DPO and for the error check
     pairs = [
         {"instruction": s["instruction"], "input": s["input"], "chosen": s["output"], "rejected": s["output"][::-1]}
