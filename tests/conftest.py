@@ -6,10 +6,12 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 
 from llamafactory_minorsft.tools.tiny import build_tiny_setup, make_instruction_data, write_dataset
@@ -131,25 +133,38 @@ def deepspeed_env(**extra) -> dict:
 
 
 @functools.cache
+def warm_cli_log() -> Path:
+    return Path(tempfile.mkdtemp(prefix="minorsft_warm_cli_")) / "server.log"
+
+
 def warm_cli() -> WarmCLI:
-    server = WarmCLI(cli_env())
-    atexit.register(server.close)
-    return server
+    """This pytest process's warm CLI; a new one after a run broke the last (see ``WarmCLI``)."""
+    global _warm_cli
+    if _warm_cli is None or _warm_cli.broken or _warm_cli.process.poll() is not None:
+        _warm_cli = WarmCLI(cli_env(), warm_cli_log())
+        atexit.register(_warm_cli.close)
+    return _warm_cli
+
+
+_warm_cli: WarmCLI | None = None
 
 
 def run_cli(config: dict, workdir, *args, check: bool = True, env: dict | None = None, timeout: int = 600):
     """``llamafactory-cli train <config>.yaml`` in a process of its own, from ``workdir``; returns CompletedProcess.
 
-    With the default environment the process is a fork of the warm CLI (``warm_cli``), otherwise a new one.
+    With the default environment on CPU the process is a fork of the warm CLI (``warm_cli``), otherwise a new one.
     """
-    workdir = Path(workdir)
+    workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "config.yaml"
     config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
     argv = [CLI, "train", str(config_path), *args]
-    if env is None:  # the default environment: a fork of the warm CLI (its imports done once per pytest process)
+    # the default environment on CPU: a fork of the warm CLI (its imports done once per pytest process); with a
+    # GPU a new process, as CUDA cannot be used in a child forked after the driver was initialised
+    if env is None and not torch.cuda.is_available():
         proc = warm_cli().run(argv, workdir, timeout)
     else:
+        env = cli_env() if env is None else env
         proc = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(

@@ -9,74 +9,122 @@ exits 1, ``sys.exit`` codes pass through, atexit handlers run. Runs with another
 ordinary subprocesses.
 """
 
+import contextlib
 import json
 import os
 import select
 import signal
 import subprocess
 import sys
-import threading
+import time
 from pathlib import Path
 
 
-#: the server: import what a CLI run imports, then fork one child per request (one JSON line on stdin)
+#: the server: import what a CLI run imports, then fork one child per request (a JSON line on stdin); replies go
+#: to the file descriptor in argv[1], which the children close, so nothing a run prints can reach them
 SERVER = r"""
-import json, os, sys, threading
+import json, os, random, sys
+import datasets.fingerprint, numpy
 import llamafactory.cli, llamafactory.launcher, llamafactory.train.tuner  # noqa: F401 (a CLI run's own imports)
 
-assert threading.active_count() == 1, "no fork after a thread has started"
-print(json.dumps({"ready": True}), flush=True)
+replies = os.fdopen(int(sys.argv[1]), "w")
+# no fork after a thread has started, but for pyarrow's jemalloc background thread (jemalloc handles a fork itself)
+others = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task") if int(t) != os.getpid()]
+assert set(others) <= {"jemalloc_bg_thd"}, others
+print(json.dumps({"ready": True}), file=replies, flush=True)
 for line in sys.stdin:
     request = json.loads(line)
     sys.stdout.flush(), sys.stderr.flush()
     pid = os.fork()
     if pid == 0:  # the run: nothing below returns to the loop
+        replies.close()
+        datasets.fingerprint.fingerprint_rng.seed(), numpy.random.seed(), random.seed()  # as a new process's
         os.chdir(request["cwd"])
         for fd, name in ((0, os.devnull), (1, request["stdout"]), (2, request["stderr"])):
             os.dup2(os.open(name, os.O_RDONLY if fd == 0 else os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
         sys.argv = request["argv"]
         sys.exit(llamafactory.cli.main())
-    print(json.dumps({"pid": pid}), flush=True)
+    print(json.dumps({"pid": pid}), file=replies, flush=True)
     _, status = os.waitpid(pid, 0)
-    print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), flush=True)
+    print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), file=replies, flush=True)
 """
 
 
 class WarmCLI:
-    """The server process of one pytest process; ``run`` mirrors ``subprocess.run(..., capture_output=True)``."""
+    """The server process of one pytest process; ``run`` mirrors ``subprocess.run(..., capture_output=True)``.
 
-    def __init__(self, env: dict) -> None:
-        self.lock = threading.Lock()
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", SERVER], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        if self._reply(timeout=300).get("ready") is not True:
-            raise RuntimeError("the warm llamafactory-cli did not start")
+    A run that is interrupted (timeout, Ctrl-C, a failed reply) kills the server: ``broken`` says to start another.
+    """
+
+    def __init__(self, env: dict, log: Path) -> None:
+        self.log, self.buffer, self.broken = log, b"", False
+        read, write = os.pipe()
+        with open(log, "wb") as output:  # the server's own output (import-time warnings, a failed start)
+            self.process = subprocess.Popen(
+                # -P: no working directory on sys.path, as the console script
+                [sys.executable, "-P", "-c", SERVER, str(write)],
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                pass_fds=(write,),
+            )
+        os.close(write)
+        self.replies = read
+        try:
+            assert self._reply(timeout=300).get("ready") is True
+        except Exception as error:
+            self.close()
+            raise RuntimeError(f"the warm llamafactory-cli did not start:\n{self._log_tail()}") from error
+
+    def _log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
 
     def _reply(self, timeout: float) -> dict:
-        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
-        line = self.process.stdout.readline() if ready else ""
-        if not line:
-            raise TimeoutError("no reply") if not ready else RuntimeError("the warm llamafactory-cli exited")
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.replies], [], [], left)[0]:
+                raise TimeoutError("no reply from the warm llamafactory-cli")
+            chunk = os.read(self.replies, 4096)
+            if not chunk:
+                raise RuntimeError(f"the warm llamafactory-cli exited:\n{self._log_tail()}")
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
         return json.loads(line)
 
     def run(self, argv: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
         stdout, stderr = cwd / "cli.stdout", cwd / "cli.stderr"
+        for path in (stdout, stderr):  # never the files of an earlier run in the same directory
+            path.unlink(missing_ok=True)
         request = dict(argv=argv, cwd=str(cwd), stdout=str(stdout), stderr=str(stderr))
-        with self.lock:
-            self.process.stdin.write(json.dumps(request) + "\n")
+        pid = None
+        try:
+            self.process.stdin.write((json.dumps(request) + "\n").encode())
             self.process.stdin.flush()
             pid = self._reply(timeout=60)["pid"]
-            try:
-                returncode = self._reply(timeout)["returncode"]
-            except TimeoutError:
-                os.kill(pid, signal.SIGKILL)
-                self._reply(timeout=60)
+            returncode = self._reply(timeout)["returncode"]
+        except BaseException as error:
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self.broken = True
+            self.close()
+            if isinstance(error, TimeoutError):
                 raise subprocess.TimeoutExpired(argv, timeout) from None
+            raise
         return subprocess.CompletedProcess(
             argv, returncode, stdout.read_text(errors="replace"), stderr.read_text(errors="replace")
         )
 
     def close(self) -> None:
-        self.process.stdin.close()
-        self.process.wait(timeout=60)
+        if self.process.poll() is None:
+            with contextlib.suppress(OSError):
+                self.process.stdin.close()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        if self.replies is not None:
+            os.close(self.replies)
+            self.replies = None
