@@ -71,7 +71,7 @@ def test_deepspeed_two_processes_match_one(tiny, tmp_path, case):
         "ref_logps_cache_dir": str(tmp_path / "cache"),
         **overrides,
     }
-    # one process, batch 4, and (for the precompute case) the online reference
+    # one process with both processes' rows per batch, and (for the precompute case) the online reference
     single = {**common, "precompute_ref_logps": None, "per_device_train_batch_size": 2 * rows}
     proc = run_cli(base_config(tiny, tmp_path / "single", **single), tmp_path / "single_run")
     if overrides.get("neat_packing"):  # the premise: 16 samples in rows of 2, 3, 3, 3, 3 and 2
