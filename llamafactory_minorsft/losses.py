@@ -86,10 +86,15 @@ def answer_token_logps(
 
 #: logits projected at once: 256 MB in float32, 441 answer positions at Qwen2's 151,936-token vocabulary
 CHUNK_ELEMENTS = 2**26
-#: logits that ``fused_answer_loss`` keeps from its forward for its backward (the last chunks), in the head's compute
-#: dtype: 512 MB in float32. The other chunks are projected again in backward (one more head matmul for them). Bounded,
-#: whatever the answers' length and the head's size: they are alive when the head's gradient is made.
-KEPT_ELEMENTS = 2 * CHUNK_ELEMENTS
+#: bytes of logits that ``fused_answer_loss`` keeps from its forward for its backward (the last chunks), in the head's
+#: compute dtype: 2^27 logits in float32, 2^28 in half precision. The other chunks are projected again in backward
+#: (one more head matmul for them). Bounded in bytes, whatever the answers' length, the head's size and the dtype:
+#: they are alive when the head's gradient is made.
+KEPT_BYTES = 2**29
+#: elements of a half-precision product of the head's gradient made at once (8 MB), before they are added to its
+#: float32 sum: alive on top of that sum, at the peak of the head's backward (blocks of ``CHUNK_ELEMENTS``, 128 MB at
+#: Qwen2-1.5B's head, left that peak 410 MB higher in bf16 at 1 x 256 tokens)
+PRODUCT_ELEMENTS = 2**22
 #: logits taken to float32 at once within a chunk (96 MB in float32, and at most one row more): ``torch.logsumexp``
 #: and the softmax make temporaries of their input's size, which for a whole chunk would double its memory
 ROW_ELEMENTS = 3 * 2**23
@@ -173,7 +178,7 @@ class _FusedAnswerLoss(torch.autograd.Function):
 
     Forward projects the answer positions chunk by chunk, in the head's compute dtype, and keeps only each
     position's float32 log-sum-exp and the loss's slope dL/d log π(y_t|x, y_<t) (autograd of ``loss_fn``), plus the
-    logits of the last chunks (see ``KEPT_ELEMENTS``), which it projects after the others so that no other chunk is
+    logits of the last chunks (see ``KEPT_BYTES``), which it projects after the others so that no other chunk is
     alive next to them. Backward projects the other chunks again and forms dL/dlogits = g·slope·(onehot − softmax)
     in float32 (one row block at a time, over the chunk), with the upstream gradient g (a loss scale) already in,
     before it is cast to the compute dtype: the two gradient matmuls then run as stock autograd runs them. No
@@ -188,7 +193,7 @@ class _FusedAnswerLoss(torch.autograd.Function):
             head = weight.to(dtype)  # a copy only where autocast projects a float32 head in half precision
             chunks = _answer_chunks(mask, weight.size(0))
             logsumexp = torch.empty(chunks.rows.shape, dtype=torch.float32, device=hidden.device)
-            keep = _kept_chunks(chunks.bounds, weight.size(0))
+            keep = _kept_chunks(chunks.bounds, weight.size(0), head.element_size())
             kept = {}
             # the chunks not kept first: each is freed before the next is projected, and none is alive next to the
             # kept ones
@@ -239,9 +244,9 @@ class _FusedAnswerLoss(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None
 
 
-def _kept_chunks(bounds: list[tuple[int, int]], vocab_size: int) -> set[int]:
-    """The chunks whose logits forward keeps for backward: the last ones, up to ``KEPT_ELEMENTS`` logits."""
-    kept, budget = set(), KEPT_ELEMENTS
+def _kept_chunks(bounds: list[tuple[int, int]], vocab_size: int, element_size: int) -> set[int]:
+    """The chunks whose logits forward keeps for backward: the last ones, up to ``KEPT_BYTES`` of logits."""
+    kept, budget = set(), KEPT_BYTES // element_size
     for index in reversed(range(len(bounds))):  # backward takes the chunks last to first
         size = (bounds[index][1] - bounds[index][0]) * vocab_size
         if size <= budget:
@@ -282,9 +287,13 @@ def _accumulate(
         return grad_logits.t() @ rows
     if total is None:
         total = torch.zeros(grad_logits.size(1), rows.size(1), dtype=torch.float32, device=rows.device)
-    block = max(1, CHUNK_ELEMENTS // rows.size(1))
+    block = max(1, min(total.size(0), PRODUCT_ELEMENTS // rows.size(1)))
+    # one buffer for all blocks: a new product per block would come from (and fragment) the heap, being below glibc's
+    # mmap threshold
+    product = torch.empty(block, rows.size(1), dtype=rows.dtype, device=rows.device)
     for start in range(0, total.size(0), block):
-        total[start : start + block] += grad_logits[:, start : start + block].t() @ rows
+        part = grad_logits[:, start : start + block].t()
+        total[start : start + block] += torch.mm(part, rows, out=product[: part.size(0)])
     return total
 
 
@@ -307,7 +316,7 @@ def fused_answer_loss(
     ``loss_fn`` maps the token log-probs (batch, length − 1), 0 off the answers, to a scalar; any such function
     (per sample, per token, or coupling the samples). Same values and gradients as ``loss_fn`` of
     ``projected_token_logps``, with the head in ``head_compute_dtype`` and a bounded number of logits kept from forward
-    to backward (``KEPT_ELEMENTS``). Returns ``(loss, token_logps, mask)``; the token log-probs carry no gradient.
+    to backward (``KEPT_BYTES``). Returns ``(loss, token_logps, mask)``; the token log-probs carry no gradient.
     """
     targets = labels[:, 1:]
     mask = targets != ignore_index

@@ -254,11 +254,9 @@ def test_fused_loss_equals_autograd_of_the_paper_losses(dtype, tolerance, chunk_
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-@pytest.mark.parametrize("chunk_elements, kept_elements", [(1, 0), (1, 40), (2**25, 2**26)])
+@pytest.mark.parametrize("chunk_elements, kept_bytes", [(1, 0), (1, 3000), (2**25, 2**28)])
 @pytest.mark.parametrize("coupled", [False, True])
-def test_fused_loss_of_token_logps_equals_autograd(
-    dtype, tolerance, chunk_elements, kept_elements, coupled, monkeypatch
-):
+def test_fused_loss_of_token_logps_equals_autograd(dtype, tolerance, chunk_elements, kept_bytes, coupled, monkeypatch):
     """Token-level losses: a token mean (the stock cross-entropy), and a worst group per sample or over the batch.
 
     Written here from the token log-probs, not with this package's SFT-GO functions: a per-token slope that
@@ -266,7 +264,7 @@ def test_fused_loss_of_token_logps_equals_autograd(
     backward (all, some, none) or projected again.
     """
     monkeypatch.setattr(losses, "CHUNK_ELEMENTS", chunk_elements)
-    monkeypatch.setattr(losses, "KEPT_ELEMENTS", kept_elements)
+    monkeypatch.setattr(losses, "KEPT_BYTES", kept_bytes)
     states, head, labels = batch(3, dtype)
     mask = labels[:, 1:] != IGNORE_INDEX
     group = mask & (torch.arange(mask.size(1)) % 3 == 0)  # a fixed "important" group: every third position
@@ -430,7 +428,7 @@ def test_a_second_backward_adds_the_same_gradients(monkeypatch):
     """``retain_graph``: a second backward projects every chunk again (the kept ones were used up) and adds the same."""
     vocab, width, chunk = 101, 8, 16
     monkeypatch.setattr(losses, "CHUNK_ELEMENTS", chunk * vocab)
-    monkeypatch.setattr(losses, "KEPT_ELEMENTS", 2 * chunk * vocab)
+    monkeypatch.setattr(losses, "KEPT_BYTES", 2 * chunk * vocab * 4)  # two float32 chunks
     hidden = torch.randn(1, 4 * chunk + 1, width, requires_grad=True)
     weight = torch.randn(vocab, width, requires_grad=True)
     labels = torch.randint(0, vocab, (1, 4 * chunk + 1))
@@ -458,30 +456,32 @@ def test_row_blocks_are_equal_and_cover_the_chunk(rows, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("answer_chunks", [8, 64])
 def test_fused_loss_holds_a_bounded_number_of_chunks_and_no_head_gradient(answer_chunks, dtype, monkeypatch):
-    """A long answer (here up to 64 chunks) never holds more logits than ``KEPT_ELEMENTS`` and one row block.
+    """A long answer (here up to 64 chunks) never holds more logits than ``KEPT_BYTES`` and one row block.
 
-    Forward projects the chunks it does not keep before the kept ones, and the float32 work (log-sum-exp, softmax)
+    The budget is in bytes: two float32 chunks, four bf16 ones. Forward projects the chunks it does not keep before the kept ones, and the float32 work (log-sum-exp, softmax)
     runs one row block at a time, over the chunk itself in backward. Between forward and backward nothing of the head
     weight's size is held (no gradient computed in advance).
     """
     vocab, width, chunk, block = 101, 8, 16, 4
     monkeypatch.setattr(losses, "CHUNK_ELEMENTS", chunk * vocab)
-    monkeypatch.setattr(losses, "KEPT_ELEMENTS", 2 * chunk * vocab)
+    monkeypatch.setattr(losses, "KEPT_BYTES", 2 * chunk * vocab * 4)
     monkeypatch.setattr(losses, "ROW_ELEMENTS", block * vocab)
+    kept = 2 * chunk * vocab * 4 // dtype.itemsize  # logits
     hidden = torch.randn(1, answer_chunks * chunk + 1, width, dtype=dtype, requires_grad=True)
     weight = torch.randn(vocab, width, dtype=dtype, requires_grad=True)
     labels = torch.randint(0, vocab, (1, answer_chunks * chunk + 1))
     mode = LiveLogits(vocab, (vocab, width))
     with mode:
         loss = fused_answer_loss(hidden, weight, labels, lambda t: -t.sum())[0]
-        held_after_forward = dict(mode.storages["head"])
+        held_after_forward, kept_after_forward = dict(mode.storages["head"]), mode.held("logits")
         forward_peak, mode.peak = mode.peak, 0
         loss.backward()
     assert not held_after_forward, "a head-sized tensor is held from forward to backward"
     assert weight.grad is not None and hidden.grad is not None
+    assert kept_after_forward == kept, kept_after_forward / (chunk * vocab)
     # kept; a row block in float32; in forward, the weight's transpose in the projection (width x vocab: counted as
     # width rows). torch.logsumexp's temporaries are not seen op by op.
-    bound = (2 * chunk + block) * vocab
+    bound = kept + block * vocab
     assert forward_peak <= bound + width * vocab, forward_peak / (chunk * vocab)
     assert mode.peak <= bound, mode.peak / (chunk * vocab)
 
@@ -508,3 +508,45 @@ def test_backward_holds_no_more_of_the_head_than_stock(autocast):
             loss.backward()
         peaks[name] = mode.head_peak
     assert 0 < peaks["fused"] <= peaks["stock"], peaks
+
+
+class MatmulShapes(TorchDispatchMode):
+    """The shapes of every half-precision matmul's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm) and out.dtype != torch.float32:
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast_fp32_head", "bf16_head"])
+def test_half_precision_head_gradient_is_made_in_bounded_blocks(autocast, monkeypatch):
+    """Several chunks in bf16: the head gradient's products are made in blocks of ``PRODUCT_ELEMENTS``.
+
+    Each chunk's product is made a block of the vocabulary at a time into the float32 sum, never at the head's size,
+    and the gradients equal those of whole products.
+    """
+    vocab, width, chunk = 101, 8, 16
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", chunk * vocab)
+    gen = torch.Generator().manual_seed(7)
+    dtype = torch.float32 if autocast else torch.bfloat16
+    hidden = torch.randn(1, 4 * chunk + 1, width, generator=gen).to(dtype)
+    weight = torch.randn(vocab, width, generator=gen).to(dtype)
+    labels = torch.randint(0, vocab, (1, 4 * chunk + 1), generator=gen)
+    grads = {}
+    for rows in (vocab, 12):  # whole products; blocks of 12 rows (the last one 5)
+        monkeypatch.setattr(losses, "PRODUCT_ELEMENTS", rows * width)
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        mode = MatmulShapes()
+        with mode, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = fused_answer_loss(h, w, labels, lambda t: -t.sum() / t.numel())[0]
+            grads[rows] = torch.autograd.grad(loss, [h, w])
+        products = [shape for shape in mode.shapes if shape[1] == width and shape[0] != chunk]  # not grad_hidden
+        assert products and max(numel for numel in (a * b for a, b in products)) <= rows * width, products
+    for small, whole in zip(grads[12], grads[vocab]):
+        assert torch.equal(small, whole)
