@@ -11,6 +11,7 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 IGNORE_INDEX = -100  # LLaMA-Factory's extras.constants.IGNORE_INDEX (kept here so this module stays pure)
@@ -91,9 +92,10 @@ CHUNK_ELEMENTS = 2**26
 #: (one more head matmul for them). Bounded in bytes, whatever the answers' length, the head's size and the dtype:
 #: they are alive when the head's gradient is made.
 KEPT_BYTES = 2**29
-#: elements of a half-precision product of the head's gradient made at once (8 MB), before they are added to its
-#: float32 sum: alive on top of that sum, at the peak of the head's backward (blocks of ``CHUNK_ELEMENTS``, 128 MB at
-#: Qwen2-1.5B's head, left that peak 410 MB higher in bf16 at 1 x 256 tokens)
+#: elements of a half-precision product of the head's gradient made at once (8 MB, and 16 MB for its float32 copy),
+#: before they are added to its float32 sum: alive on top of that sum, at the peak of the head's backward (blocks of
+#: ``CHUNK_ELEMENTS``, a 128 MB product and its 256 MB float32 copy at Qwen2-1.5B's head, left that peak 410 MB higher
+#: in bf16 at 1 x 256 tokens)
 PRODUCT_ELEMENTS = 2**22
 #: logits taken to float32 at once within a chunk (96 MB in float32, and at most one row more): ``torch.logsumexp``
 #: and the softmax make temporaries of their input's size, which for a whole chunk would double its memory
@@ -212,11 +214,12 @@ class _FusedAnswerLoss(torch.autograd.Function):
         return loss_fn(token_logps), token_logps
 
     @staticmethod
+    @once_differentiable  # the kept logits and the slopes are constants here: no exact second derivative
     def backward(ctx, grad_loss, _):
         hidden, weight, targets = ctx.saved_tensors
         chunks, dtype = ctx.chunks, ctx.dtype
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = None
+        grad_weight, buffers = None, []
         with torch.autocast(hidden.device.type, enabled=False):
             head = weight.to(dtype)
             for index in reversed(range(len(chunks.bounds))):  # the last chunk first: its logits may be kept
@@ -235,9 +238,12 @@ class _FusedAnswerLoss(torch.autograd.Function):
                 if index == 0:
                     head = None  # a half-precision copy of a float32 head: freed before its gradient is cast back
                 if ctx.needs_input_grad[1]:
-                    grad_weight = _accumulate(grad_weight, grad_logits, rows, weight.dtype, len(chunks.bounds))
+                    grad_weight = _accumulate(
+                        grad_weight, grad_logits, rows, weight.dtype, len(chunks.bounds), buffers
+                    )
                 grad_logits = rows = None  # freed before the next chunk is projected
 
+        buffers.clear()  # before a half-precision weight's gradient is cast back
         ctx.kept = {}  # a second backward (retain_graph) projects every chunk again
         if ctx.needs_input_grad[1]:  # zeros, not None, without answer tokens: DeepSpeed reduces every gradient
             grad_weight = torch.zeros_like(weight) if grad_weight is None else grad_weight.to(weight.dtype)
@@ -272,14 +278,20 @@ def _grad_logits(
 
 
 def _accumulate(
-    total: Optional[torch.Tensor], grad_logits: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype, chunks: int
+    total: Optional[torch.Tensor],
+    grad_logits: torch.Tensor,
+    rows: torch.Tensor,
+    dtype: torch.dtype,
+    chunks: int,
+    buffers: list,
 ) -> torch.Tensor:
     """``total`` + grad_logitsᵀ·rows: the head weight's gradient (in ``dtype``, the weight's), one chunk more.
 
     Each chunk's matmul runs in the compute dtype, as stock autograd's single one. In half precision the products
     add up in float32, as that single matmul accumulates (in half precision they would round once per chunk), one
     block of the vocabulary at a time: no head-sized half-precision product next to the float32 sum. A single chunk
-    of a half-precision weight is stock's matmul itself.
+    of a half-precision weight is stock's matmul itself. ``buffers`` (empty at the first chunk) keeps the blocks'
+    buffers from one chunk to the next.
     """
     if rows.dtype == torch.float32:
         return grad_logits.t() @ rows if total is None else total.addmm_(grad_logits.t(), rows)
@@ -288,12 +300,18 @@ def _accumulate(
     if total is None:
         total = torch.zeros(grad_logits.size(1), rows.size(1), dtype=torch.float32, device=rows.device)
     block = max(1, min(total.size(0), PRODUCT_ELEMENTS // rows.size(1)))
-    # one buffer for all blocks: a new product per block would come from (and fragment) the heap, being below glibc's
-    # mmap threshold
-    product = torch.empty(block, rows.size(1), dtype=rows.dtype, device=rows.device)
+    # two buffers for all blocks of all chunks, the product and its float32 copy (which the mixed-dtype addition would
+    # otherwise make anew on the CPU): new ones per block would come from the heap, below glibc's mmap threshold, and
+    # fragment it. A single block (a small head) is added as it is.
+    if not buffers:
+        product = torch.empty(block, rows.size(1), dtype=rows.dtype, device=rows.device)
+        buffers += [product, torch.empty_like(product, dtype=torch.float32) if block < total.size(0) else None]
+    product, widened = buffers
     for start in range(0, total.size(0), block):
         part = grad_logits[:, start : start + block].t()
-        total[start : start + block] += torch.mm(part, rows, out=product[: part.size(0)])
+        size = part.size(0)
+        made = torch.mm(part, rows, out=product[:size])
+        total[start : start + size] += made if widened is None else widened[:size].copy_(made)
     return total
 
 

@@ -453,25 +453,30 @@ def test_row_blocks_are_equal_and_cover_the_chunk(rows, monkeypatch):
 
 
 @pytest.mark.compat  # torch's autocast and kernels differ between the stacks (torch 2.9.1 on 0.9.4)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "dtype, autocast",
+    [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)],
+    ids=["fp32", "bf16", "fp32_weight_bf16_autocast"],
+)
 @pytest.mark.parametrize("answer_chunks", [8, 64])
-def test_fused_loss_holds_a_bounded_number_of_chunks_and_no_head_gradient(answer_chunks, dtype, monkeypatch):
+def test_fused_loss_holds_a_bounded_number_of_chunks_and_no_head_gradient(answer_chunks, dtype, autocast, monkeypatch):
     """A long answer (here up to 64 chunks) never holds more logits than ``KEPT_BYTES`` and one row block.
 
-    The budget is in bytes: two float32 chunks, four bf16 ones. Forward projects the chunks it does not keep before the kept ones, and the float32 work (log-sum-exp, softmax)
-    runs one row block at a time, over the chunk itself in backward. Between forward and backward nothing of the head
-    weight's size is held (no gradient computed in advance).
+    The budget is in bytes of the compute dtype: two float32 chunks, four bf16 ones (a float32 weight under bf16
+    autocast projects in bf16). Forward projects the chunks it does not keep before the kept ones, and the float32 work
+    (log-sum-exp, softmax) runs one row block at a time, over the chunk itself in backward. Between forward and
+    backward nothing of the head weight's size is held (no gradient computed in advance).
     """
     vocab, width, chunk, block = 101, 8, 16, 4
     monkeypatch.setattr(losses, "CHUNK_ELEMENTS", chunk * vocab)
     monkeypatch.setattr(losses, "KEPT_BYTES", 2 * chunk * vocab * 4)
     monkeypatch.setattr(losses, "ROW_ELEMENTS", block * vocab)
-    kept = 2 * chunk * vocab * 4 // dtype.itemsize  # logits
+    kept = 2 * chunk * vocab * 4 // (2 if autocast else dtype.itemsize)  # logits
     hidden = torch.randn(1, answer_chunks * chunk + 1, width, dtype=dtype, requires_grad=True)
     weight = torch.randn(vocab, width, dtype=dtype, requires_grad=True)
     labels = torch.randint(0, vocab, (1, answer_chunks * chunk + 1))
     mode = LiveLogits(vocab, (vocab, width))
-    with mode:
+    with mode, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         loss = fused_answer_loss(hidden, weight, labels, lambda t: -t.sum())[0]
         held_after_forward, kept_after_forward = dict(mode.storages["head"]), mode.held("logits")
         forward_peak, mode.peak = mode.peak, 0
@@ -480,10 +485,11 @@ def test_fused_loss_holds_a_bounded_number_of_chunks_and_no_head_gradient(answer
     assert weight.grad is not None and hidden.grad is not None
     assert kept_after_forward == kept, kept_after_forward / (chunk * vocab)
     # kept; a row block in float32; in forward, the weight's transpose in the projection (width x vocab: counted as
-    # width rows). torch.logsumexp's temporaries are not seen op by op.
+    # width rows), and under autocast its bf16 copy (vocab x width: counted as width rows). torch.logsumexp's
+    # temporaries are not seen op by op.
     bound = kept + block * vocab
-    assert forward_peak <= bound + width * vocab, forward_peak / (chunk * vocab)
-    assert mode.peak <= bound, mode.peak / (chunk * vocab)
+    assert forward_peak <= bound + 2 * width * vocab, forward_peak / (chunk * vocab)
+    assert mode.peak <= bound + width * vocab * autocast, mode.peak / (chunk * vocab)
 
 
 @pytest.mark.parametrize("autocast", [True, False], ids=["autocast_fp32_head", "bf16_head"])
@@ -550,3 +556,51 @@ def test_half_precision_head_gradient_is_made_in_bounded_blocks(autocast, monkey
         assert products and max(numel for numel in (a * b for a, b in products)) <= rows * width, products
     for small, whole in zip(grads[12], grads[vocab]):
         assert torch.equal(small, whole)
+
+
+def test_head_gradient_blocks_allocate_nothing_per_block(monkeypatch):
+    """The blocks' half-precision products and their float32 copies go through two buffers.
+
+    2 blocks or 8, the same allocations; a product per block, or the float32 copy that a mixed-dtype addition makes on
+    the CPU, would not.
+    """
+    vocab, width = 96, 8
+    gen = torch.Generator().manual_seed(2)
+    grad_logits = torch.randn(16, vocab, generator=gen).to(torch.bfloat16)
+    rows = torch.randn(16, width, generator=gen).to(torch.bfloat16)
+    allocations, sums = {}, {}
+    for blocks in (2, 8):
+        monkeypatch.setattr(losses, "PRODUCT_ELEMENTS", vocab // blocks * width)
+        total = torch.zeros(vocab, width)
+        cpu = [torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(activities=cpu, profile_memory=True, acc_events=True) as profile:
+            losses._accumulate(total, grad_logits, rows, torch.float32, 2, [])
+        # tensors made by an op (the addition's float32 copy) and memory freed within (a matmul's own output, made
+        # without an op)
+        allocations[blocks] = sum(
+            event.name in ("aten::empty", "aten::empty_strided", "[memory]") for event in profile.events()
+        )
+        sums[blocks] = total
+    assert allocations[2] == allocations[8] > 0, allocations
+    assert torch.equal(sums[2], sums[8])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_create_graph_gives_the_gradients_and_refuses_a_second_derivative(dtype, monkeypatch):
+    """``create_graph=True`` gives the same first-order gradients; differentiating them again raises.
+
+    The kept logits and the slopes are constants in backward, so a second derivative would be wrong, not merely slow.
+    """
+    vocab, width, chunk = 101, 8, 16
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", chunk * vocab)
+    monkeypatch.setattr(losses, "PRODUCT_ELEMENTS", 12 * width)  # several blocks in bf16
+    hidden = torch.randn(1, 4 * chunk + 1, width).to(dtype).requires_grad_()
+    weight = torch.randn(vocab, width).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (1, 4 * chunk + 1))
+    plain = torch.autograd.grad(fused_answer_loss(hidden, weight, labels, lambda t: -t.sum())[0], [hidden, weight])
+    loss = fused_answer_loss(hidden, weight, labels, lambda t: -t.sum())[0]
+    graphed = torch.autograd.grad(loss, [hidden, weight], create_graph=True)
+    for got, want in zip(graphed, plain):
+        assert torch.equal(got.detach(), want)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        graphed[0].float().sum().backward()
