@@ -11,7 +11,6 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 
 IGNORE_INDEX = -100  # LLaMA-Factory's extras.constants.IGNORE_INDEX (kept here so this module stays pure)
@@ -92,10 +91,10 @@ CHUNK_ELEMENTS = 2**26
 #: (one more head matmul for them). Bounded in bytes, whatever the answers' length, the head's size and the dtype:
 #: they are alive when the head's gradient is made.
 KEPT_BYTES = 2**29
-#: elements of a half-precision product of the head's gradient made at once (8 MB, and 16 MB for its float32 copy),
-#: before they are added to its float32 sum: alive on top of that sum, at the peak of the head's backward (blocks of
-#: ``CHUNK_ELEMENTS``, a 128 MB product and its 256 MB float32 copy at Qwen2-1.5B's head, left that peak 410 MB higher
-#: in bf16 at 1 x 256 tokens)
+#: elements of a half-precision product of the head's gradient made at once (8 MB, and 16 MB for its float32 copy on
+#: the CPU), before they are added to its float32 sum: alive on top of that sum, at the peak of the head's backward
+#: (blocks of ``CHUNK_ELEMENTS``, a 128 MB product and its 256 MB float32 copy at Qwen2-1.5B's head, left that peak
+#: 457 MB higher in bf16 at 1 x 256 tokens)
 PRODUCT_ELEMENTS = 2**22
 #: logits taken to float32 at once within a chunk (96 MB in float32, and at most one row more): ``torch.logsumexp``
 #: and the softmax make temporaries of their input's size, which for a whole chunk would double its memory
@@ -214,8 +213,12 @@ class _FusedAnswerLoss(torch.autograd.Function):
         return loss_fn(token_logps), token_logps
 
     @staticmethod
-    @once_differentiable  # the kept logits and the slopes are constants here: no exact second derivative
     def backward(ctx, grad_loss, _):
+        if torch.is_grad_enabled():  # autograd enables it here for create_graph=True only
+            raise RuntimeError(
+                "fused_answer_loss has no second derivative (create_graph=True): its backward takes the kept logits "
+                "and the slopes dL/d log π as constants."
+            )
         hidden, weight, targets = ctx.saved_tensors
         chunks, dtype = ctx.chunks, ctx.dtype
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
@@ -302,10 +305,12 @@ def _accumulate(
     block = max(1, min(total.size(0), PRODUCT_ELEMENTS // rows.size(1)))
     # two buffers for all blocks of all chunks, the product and its float32 copy (which the mixed-dtype addition would
     # otherwise make anew on the CPU): new ones per block would come from the heap, below glibc's mmap threshold, and
-    # fragment it. A single block (a small head) is added as it is.
+    # fragment it. A single block (a small head) is added as it is, and so is every block on a GPU, whose addition
+    # casts in its kernel.
     if not buffers:
         product = torch.empty(block, rows.size(1), dtype=rows.dtype, device=rows.device)
-        buffers += [product, torch.empty_like(product, dtype=torch.float32) if block < total.size(0) else None]
+        widen = block < total.size(0) and rows.device.type == "cpu"
+        buffers += [product, torch.empty_like(product, dtype=torch.float32) if widen else None]
     product, widened = buffers
     for start in range(0, total.size(0), block):
         part = grad_logits[:, start : start + block].t()
