@@ -452,6 +452,71 @@ def test_row_blocks_are_equal_and_cover_the_chunk(rows, monkeypatch):
     assert len(blocks) == -(-rows // 4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("block_rows", [1, 3, 100])  # one row a block, blocks of 3 (the last one 1), the whole chunk
+def test_logsumexp_is_torchs_bit_for_bit(dtype, block_rows, monkeypatch):
+    """The blocked log-sum-exp equals ``torch.logsumexp`` of the float32 logits exactly, rows of ±inf included."""
+    vocab = 37
+    monkeypatch.setattr(losses, "ROW_ELEMENTS", block_rows * vocab)
+    logits = (torch.randn(10, vocab, generator=torch.Generator().manual_seed(4)) * 30).to(dtype)
+    logits[1] = float("-inf")  # every token masked: -inf, not NaN
+    logits[2, 5] = float("inf")
+    logits[3, :4] = float("-inf")
+    logits[4, 0] = float("nan")
+    expected = torch.logsumexp(logits.float(), -1)
+    torch.testing.assert_close(losses._logsumexp(logits), expected, rtol=0, atol=0, equal_nan=True)
+    assert losses._logsumexp(logits[:0]).shape == (0,)
+
+
+class LogitsStorages(TorchDispatchMode):
+    """Each storage of at least ``elements`` elements that an op returns, kept alive so that none is counted twice."""
+
+    def __init__(self, elements: int):
+        super().__init__()
+        self.elements, self.storages = elements, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(tensor, torch.Tensor) and tensor.numel() >= self.elements:
+                self.storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage()
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_chunks_are_projected_into_one_buffer(dtype, monkeypatch):
+    """2 chunks or 6, none kept: the reference projection and the fused loss make the same chunk-sized tensors.
+
+    On the CPU a new chunk-sized tensor per chunk costs a page fault per page, as much as the projection itself. So
+    forward projects every chunk into one buffer, backward projects them again into one more, and the reference pass
+    into one; the values equal those of a projection per chunk.
+    """
+    vocab, width, chunk = 101, 8, 16
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", chunk * vocab)
+    monkeypatch.setattr(losses, "KEPT_BYTES", 0)
+    monkeypatch.setattr(losses, "ROW_ELEMENTS", 4 * vocab)
+    gen = torch.Generator().manual_seed(5)
+    made = {}
+    for chunks in (2, 6):
+        hidden = torch.randn(1, chunks * chunk + 1, width, generator=gen).to(dtype)
+        weight = torch.randn(vocab, width, generator=gen).to(dtype)
+        labels = torch.randint(0, vocab, (1, chunks * chunk + 1), generator=gen)
+        for name in ("reference", "fused"):
+            h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+            with LogitsStorages(chunk * vocab) as mode:
+                if name == "reference":
+                    logps = projected_token_logps(h, w, labels)[0]
+                else:
+                    loss, logps, _ = fused_answer_loss(h, w, labels, lambda t: -t.sum() / t.numel())
+                    loss.backward()
+            made[name, chunks] = len(mode.storages)
+            # logits in the head's dtype, their log-softmax in float32 (float64 here)
+            expected = batch_token_logps(h.detach(), lambda x: (x @ w.detach().t()).float(), labels)[0]
+            torch.testing.assert_close(logps.double(), expected, atol=1e-4, rtol=0)
+    assert made["reference", 2] == made["reference", 6] == 1, made
+    assert made["fused", 2] == made["fused", 6] == 2, made
+
+
 @pytest.mark.compat  # torch's autocast and kernels differ between the stacks (torch 2.9.1 on 0.9.4)
 @pytest.mark.parametrize(
     "dtype, autocast",
