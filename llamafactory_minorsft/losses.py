@@ -236,9 +236,7 @@ class _FusedAnswerLoss(torch.autograd.Function):
                 r, c = chunks.rows[start:stop], chunks.cols[start:stop]
                 if index in keep:
                     buffer = None
-                logits, logsumexp[start:stop], token_logps[r, c] = _project(
-                    hidden[r, c], head, targets[r, c], buffer
-                )
+                logits, logsumexp[start:stop], token_logps[r, c] = _project(hidden[r, c], head, targets[r, c], buffer)
                 if index in keep:
                     kept[index] = logits
                 del logits
