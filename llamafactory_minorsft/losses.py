@@ -119,7 +119,12 @@ def _float32_buffer(logits: torch.Tensor, blocks: list[slice]) -> torch.Tensor:
 
 
 def _logsumexp(logits: torch.Tensor) -> torch.Tensor:
-    """``torch.logsumexp(logits.float(), -1)``, bit for bit, one row block at a time through one float32 buffer."""
+    """``torch.logsumexp(logits.float(), -1)`` of 2-D ``logits``, one row block at a time through one float32 buffer.
+
+    ATen's own steps (max, infinite maxes taken as 0, exp, sum, log, add), so on the CPU the same bits wherever a block
+    holds two rows or more (one row of a large vocabulary may be summed by several threads in another order).
+    """
+    assert logits.dim() == 2, logits.shape
     out = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
     if logits.size(0) == 0:
         return out
