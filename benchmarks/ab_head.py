@@ -2,9 +2,12 @@
 
 ``losses.py`` of ``--base`` (read with ``git show``) and of this checkout run in one process, interleaved, at
 Qwen2's vocabulary: the reference projection (``projected_token_logps``) and the fused loss's forward and backward
-(``fused_answer_loss``), the best of ``--repeats``. Each case also checks that both give the same bits (token
-log-probs and gradients). ``--memory`` instead measures, in a new process per version, the peak RSS of both
-functions at Qwen2-1.5B's head in bf16 at 2 × 1,024 tokens (ru_maxrss is per process).
+(``fused_answer_loss``), the best of ``--repeats``; each case has more answer positions than the fused loss keeps
+from forward to backward (``KEPT_BYTES``), so some chunks are projected again. Each case also checks that both give
+the same bits (loss, token log-probs, gradients). ``--memory`` instead measures, in a new process per version, the
+peak RSS of both functions at Qwen2-1.5B's head in bf16 at 2 × 1,024 answer tokens, above the RSS before the first
+call (ru_maxrss is per process; the inputs are made without a larger temporary, so the high-water mark before the
+first call is that RSS).
 
     .venv/bin/python benchmarks/ab_head.py --base 605b654
     .venv/bin/python benchmarks/ab_head.py --base 605b654 --memory
@@ -24,43 +27,46 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 151936
-CASES = [(256, torch.float32, 1024), (1536, torch.bfloat16, 512), (1536, torch.float32, 512)]  # hidden, dtype, rows
+CASES = [(256, torch.float32, 1024), (1536, torch.bfloat16, 2048), (1536, torch.float32, 1024)]  # hidden, dtype, rows
+
+
+def module(name: str, path: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded
 
 
 def load(base: str):
-    """``losses.py`` of commit ``base`` as a module of its own, and that of this checkout."""
-    source = subprocess.run(
-        ["git", "show", f"{base}:llamafactory_minorsft/losses.py"], cwd=ROOT, check=True, capture_output=True
-    ).stdout
-    path = os.path.join(tempfile.mkdtemp(), "losses_base.py")
-    with open(path, "wb") as file:
-        file.write(source)
-    spec = importlib.util.spec_from_file_location("losses_base", path)
-    old = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(old)
-    sys.path.insert(0, ROOT)
-    from llamafactory_minorsft import losses as new
-
-    return old, new
+    """``losses.py`` of commit ``base`` and that of this checkout, each loaded from its file (not the installed copy)."""
+    show = subprocess.run(["git", "show", f"{base}:llamafactory_minorsft/losses.py"], cwd=ROOT, capture_output=True)
+    if show.returncode:
+        sys.exit(f"--base {base}: git show failed: {show.stderr.decode().strip()}")
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "losses_base.py")
+        with open(path, "wb") as file:
+            file.write(show.stdout)
+        old = module("losses_base", path)
+    return old, module("losses_this", os.path.join(ROOT, "llamafactory_minorsft", "losses.py"))
 
 
 def inputs(width: int, dtype: torch.dtype, rows: int, batch: int = 1):
     gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(batch, rows + 1, width, generator=gen).to(dtype)
-    weight = (torch.randn(VOCAB, width, generator=gen) * 0.02).to(dtype)
+    hidden = torch.randn(batch, rows + 1, width, generator=gen, dtype=dtype)
+    weight = torch.randn(VOCAB, width, generator=gen, dtype=dtype).mul_(0.02)
     labels = torch.randint(0, VOCAB, (batch, rows + 1), generator=gen)
     return hidden, weight, labels
 
 
 def step(losses, hidden, weight, labels):
-    """(seconds of the reference projection, of the fused loss, and what both gave)."""
+    """(seconds of the reference projection, of the fused loss, and what both gave, the loss included)."""
     start = time.perf_counter()
     reference = losses.projected_token_logps(hidden, weight, labels)[0]
     middle = time.perf_counter()
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     loss, tokens, _ = losses.fused_answer_loss(h, w, labels, lambda t: -t.sum() / t.numel())
     loss.backward()
-    return middle - start, time.perf_counter() - middle, [reference, tokens, h.grad, w.grad]
+    return middle - start, time.perf_counter() - middle, [reference, loss.detach(), tokens, h.grad, w.grad]
 
 
 def timing(base: str, repeats: int) -> None:
@@ -88,12 +94,17 @@ def memory(base: str, version: str) -> None:
     old, new = load(base)
     losses = old if version == "base" else new
     hidden, weight, labels = inputs(1536, torch.bfloat16, 1024, batch=2)
-    labels[:, :200] = -100  # prompts
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/status") as status:  # VmRSS, in kB
+        before = int(status.read().split("VmRSS:")[1].split()[0])
+    high = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
     for _ in range(2):
         step(losses, hidden, weight, labels)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"{version}: peak RSS {(peak - before) // 1024} MB above the inputs'", flush=True)
+    print(
+        f"{version}: peak RSS {(peak - before) // 1024} MB above the RSS before the first call "
+        f"(high-water mark then: {(high - before) // 1024} MB above it)",
+        flush=True,
+    )
 
 
 def main() -> None:

@@ -105,7 +105,7 @@ DEVICE_ROW_ELEMENTS = 3 * 2**23
 
 
 def _row_blocks(logits: torch.Tensor) -> list[slice]:
-    """``logits``' rows in blocks of ``ROW_ELEMENTS`` elements at most (on the CPU), of equal size (± one row)."""
+    """``logits``' rows in blocks of about ``ROW_ELEMENTS`` elements on the CPU (one row more at most), sizes ± one row."""
     limit = ROW_ELEMENTS if logits.device.type == "cpu" else DEVICE_ROW_ELEMENTS
     blocks = max(1, -(-logits.numel() // limit))
     bounds = [logits.size(0) * index // blocks for index in range(blocks + 1)]
