@@ -181,9 +181,7 @@ def _project(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
     logits go into ``out`` (the first rows of a reused buffer) where it is given.
     """
     rows = hidden.to(weight.dtype)
-    if out is None:
-        out = torch.empty(rows.size(0), weight.size(0), dtype=weight.dtype, device=weight.device)
-    logits = torch.mm(rows, weight.t(), out=out[: rows.size(0)])
+    logits = torch.mm(rows, weight.t(), out=None if out is None else out[: rows.size(0)])
     logsumexp = _logsumexp(logits)
     return logits, logsumexp, logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float() - logsumexp
 
