@@ -317,8 +317,12 @@ def _grad_logits(
     blocks = _row_blocks(logits)
     buffer = _float32_buffer(logits, blocks) if logits.dtype != torch.float32 else None
     for rows in blocks:
-        grad = logits[rows] if buffer is None else buffer[: rows.stop - rows.start].copy_(logits[rows])
-        grad.sub_(logsumexp[rows].unsqueeze(-1)).exp_().mul_(-slope[rows])
+        shift = logsumexp[rows].unsqueeze(-1)
+        if buffer is None:
+            grad = logits[rows].sub_(shift)
+        else:  # float32 in the subtraction itself: one pass over the half-precision block, not a copy and then this
+            grad = torch.sub(logits[rows], shift, out=buffer[: rows.stop - rows.start])
+        grad.exp_().mul_(-slope[rows])
         grad.scatter_add_(-1, targets[rows].unsqueeze(-1), slope[rows])
         if buffer is not None:
             logits[rows] = grad
