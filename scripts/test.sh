@@ -32,8 +32,9 @@ run_pytest() {  # run_pytest VENV [pytest args...]
   echo "[test] $venv: $("$venv/bin/python" -c 'import llamafactory; print("LLaMA-Factory", llamafactory.__version__)')"
   local workers="${PYTEST_WORKERS:-2}" parallel=() threads=()
   # one torch thread per worker, as every CLI run the tests start has (conftest.cli_env): two workers of two
-  # threads each on two cores ran the in-process tests 1.45x slower; worksteal evens out the long tests at the end
-  if [ "$workers" != 0 ]; then parallel=(--dist worksteal); threads=("OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}"); fi
+  # threads each on two cores ran the in-process tests 1.45x slower; loadgroup runs the torchrun tests on one
+  # worker, one at a time (conftest.TORCHRUN)
+  if [ "$workers" != 0 ]; then parallel=(--dist loadgroup); threads=("OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}"); fi
   env PATH="$PWD/$venv/bin:$PATH" HF_HUB_OFFLINE=1 "${threads[@]}" "$venv/bin/python" -m pytest -n "$workers" \
     "${parallel[@]}" "$@"
 }

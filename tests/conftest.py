@@ -38,6 +38,33 @@ def pytest_collection_modifyitems(items) -> None:
     items.sort(key=lambda item: next((i for i, part in enumerate(SLOW_FIRST) if part in item.nodeid), len(SLOW_FIRST)))
 
 
+#: The tests that start torchrun (2 processes each). Run one at a time on one xdist worker (``--dist loadgroup``, see
+#: below): two at once on the 2 cores (4 processes whose collectives wait on each other) took the DeepSpeed tests
+#: 397 s where one at a time took 301 s, and the other worker runs single-process tests meanwhile.
+TORCHRUN = (
+    "test_deepspeed.py::",
+    "test_distributed.py::",
+    "test_errors.py::test_zero3_reference_on_deepspeed_0_16",
+)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup`` with the ``TORCHRUN`` tests as one group and every other test on its own.
+
+    By node id: xdist 3.8 tags an ``xdist_group`` mark's tests by rewriting their node ids, which pytest 9.2 no
+    longer lets it do, so the marks alone group nothing (they ran on both workers).
+    """
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class TorchrunGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "torchrun" if any(part in nodeid for part in TORCHRUN) else nodeid
+
+    return TorchrunGroup(config, log)
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> SimpleNamespace:
     """Tiny policy + a different reference (same tokenizer) + data; built once per test session."""
