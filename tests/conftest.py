@@ -48,6 +48,7 @@ TORCHRUN = (
 )
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: `-p no:xdist` runs without it
 def pytest_xdist_make_scheduler(config, log):
     """``--dist loadgroup`` with the ``TORCHRUN`` tests as one group and every other test on its own.
 
