@@ -21,9 +21,9 @@ if ! command -v chromium >/dev/null 2>&1; then
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
 fi
 
-# DeepSpeed on the CPU JIT-builds its shared-memory collectives op at its first distributed start (about 2 minutes
-# here, once per machine, into ~/.cache/torch_extensions): built now with DeepSpeed's own builder, not inside the
-# first DeepSpeed test while the other worker's DeepSpeed tests wait on the build's lock
+# DeepSpeed on the CPU JIT-builds its shared-memory collectives op at its first distributed start (50 s measured
+# here, once per machine, into ~/.cache/torch_extensions): built now with DeepSpeed's own builder, as set-up, not
+# inside whichever DeepSpeed test comes first
 echo "[setup] DeepSpeed's CPU shm op: $(.venv/bin/python -c 'from deepspeed.comm.torch import build_shm_op
 print("ready" if build_shm_op() is not None else "not available")' 2>/dev/null | tail -1)"
 
