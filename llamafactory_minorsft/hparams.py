@@ -9,7 +9,7 @@ stock ``pref_beta`` and the reference is the stock ``ref_model`` / ``ref_model_a
 import math
 import os
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from llamafactory.hparams.finetuning_args import FinetuningArguments
@@ -130,6 +130,22 @@ class SFTGOArguments:
     )
 
 
+#: stock DPO's loss options besides β (LLaMA-Factory 0.9.4 lacks ``ld_alpha``)
+DPO_OPTIONS = ("pref_loss", "pref_ftx", "dpo_label_smoothing", "pref_bco_weight", "simpo_gamma", "ld_alpha")
+
+
+def _check_writable_dir(option: str, path: str) -> None:
+    """``path`` is, or can be made, a directory this process can write into."""
+    existing = os.path.abspath(os.path.expanduser(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not a directory" if not os.path.isdir(existing) else "is not writable"
+        raise ValueError(
+            f"`{option}` {path!r} cannot be used: {existing!r} {what}. Point `{option}` at a writable directory."
+        )
+
+
 def _in_range(value, low: float, high: float, low_open: bool, high_open: bool) -> bool:
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         return False
@@ -210,8 +226,18 @@ class PluginFinetuningArguments(FinetuningArguments, ReferenceArguments, SFTGOAr
             )
 
         self._check_sft_go()
+        self._check_dpo_options()
+        if self.ref_logps_cache_dir is not None:
+            _check_writable_dir("ref_logps_cache_dir", self.ref_logps_cache_dir)
+
         if self.uses_reference:
             self.use_ref_model = True
+            if self.ref_model_adapters is not None and self.ref_model is None:
+                raise ValueError(
+                    "`ref_model_adapters` are applied to `ref_model`, which is not set: without `ref_model` the "
+                    f"reference of `stage: {self.stage}` is the initial model, and the adapters would be ignored. "
+                    "Set `ref_model` (for example to `model_name_or_path`), or remove `ref_model_adapters`."
+                )
             if not (isinstance(self.pref_beta, (int, float)) and math.isfinite(self.pref_beta) and self.pref_beta > 0):
                 raise ValueError(
                     f"`pref_beta` is β of the log-ratio r of `stage: {self.stage}` (MinorSFT, SFT using DPO, SFT-GO "
@@ -225,12 +251,28 @@ class PluginFinetuningArguments(FinetuningArguments, ReferenceArguments, SFTGOAr
                     "adapter-disabled model is no longer the reference. Remove `pissa_init`."
                 )
 
+    def _check_dpo_options(self) -> None:
+        """Stock DPO's loss options, which the new stages' losses (Eq. 3, 7, SFT-GO) would silently ignore."""
+        if self.stage not in NEW_STAGES:  # stock sft ignores them too, as in LLaMA-Factory
+            return
+
+        defaults = {f.name: f.default for f in fields(self)}
+        for name in DPO_OPTIONS:
+            if name in defaults and getattr(self, name) != defaults[name]:
+                raise ValueError(
+                    f"`{name}` is an option of stock `stage: dpo`; the loss of `stage: {self.stage}` is its own "
+                    "(β is `pref_beta`) and would ignore it. Remove "
+                    f"`{name}`."
+                )
+
     def _check_sft_go(self) -> None:
         if self.stage != SFT_GO_STAGE:
-            if self.sft_go_classifier is not None:
-                raise ValueError(
-                    f"`sft_go_classifier` is an option of `stage: sft_go`, not `{self.stage}`. Remove it."
-                )
+            for f in fields(self):  # set away from their defaults: ignored by every other stage
+                if f.name.startswith("sft_go_") and getattr(self, f.name) != f.default:
+                    raise ValueError(
+                        f"`{f.name}` is an option of `stage: sft_go`, not `{self.stage}`. Remove it, or set "
+                        "`stage: sft_go`."
+                    )
             return
 
         checks = [
@@ -447,6 +489,19 @@ def verify_plugin_args(model_args, data_args, training_args, finetuning_args, da
         from importlib.metadata import version
 
         check_zero3_reference(version("deepspeed"))
+
+    if (
+        finetuning_args.uses_reference
+        and finetuning_args.ref_model is None
+        and finetuning_args.finetuning_type == "lora"
+        and not training_args.do_train
+    ):
+        raise ValueError(
+            f"{run} with `finetuning_type: lora` and `do_train: false` needs `ref_model`: without training, "
+            "LLaMA-Factory merges the LoRA adapters into the model (or loads none), so there is no adapter-disabled "
+            "model to serve as the reference. Set `ref_model` to the reference (for example the base model of "
+            "`model_name_or_path`)."
+        )
 
     if training_args.predict_with_generate or training_args.do_predict:
         raise ValueError(

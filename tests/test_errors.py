@@ -62,6 +62,30 @@ CASES = {
     "label_smoothing_minorsft": (dict(label_smoothing_factor=0.1), "`label_smoothing_factor` cannot be used"),
     # refused before LLaMA-Factory's own check, which first asks for Unsloth to be installed
     "unsloth": (dict(use_unsloth=True), "`use_unsloth` cannot be used with `stage: minorsft`"),
+    # options that the new stages would silently ignore
+    "sft_go_option_on_minorsft": (
+        dict(sft_go_eta=0.3),
+        "`sft_go_eta` is an option of `stage: sft_go`, not `minorsft`",
+    ),
+    "dpo_loss_on_sft_dpo": (
+        dict(stage="sft_dpo", pref_loss="hinge"),
+        "`pref_loss` is an option of stock `stage: dpo`",
+    ),
+    "dpo_ftx_on_minorsft": (dict(pref_ftx=1.0), "`pref_ftx` is an option of stock `stage: dpo`"),
+    "ref_model_adapters_without_ref_model": (
+        dict(ref_model_adapters="/tmp"),
+        "`ref_model_adapters` are applied to `ref_model`, which is not set",
+    ),
+    # before the reference pass, not after it: this file is no directory
+    "cache_dir_not_a_directory": (
+        dict(precompute_ref_logps=True, ref_logps_cache_dir=f"{__file__}/cache"),
+        "`ref_logps_cache_dir`",
+    ),
+    # evaluation alone merges the adapters: no adapter-disabled model is left to be the reference
+    "lora_eval_only_without_ref_model": (
+        dict(finetuning_type="lora", lora_target="all", do_train=False, do_eval=True, eval_dataset="four"),
+        "with `finetuning_type: lora` and `do_train: false` needs `ref_model`",
+    ),
     "unsloth_tracked_sft": (
         dict(stage="sft", track_deviation=True, use_unsloth=True),
         "`use_unsloth` cannot be used with `stage: sft` + `track_deviation`",

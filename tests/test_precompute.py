@@ -64,6 +64,25 @@ def test_precomputed_equals_online_and_is_cached(tiny, tmp_path, overrides):
     assert len(list(cache.glob("*.pt"))) == 2
 
 
+def test_adapters_merged_into_the_base_are_part_of_the_reference(tiny, tmp_path):
+    """A LoRA run on an earlier adapter with `create_new_adapter`: the reference includes that adapter.
+
+    LLaMA-Factory merges the earlier adapter into the base, so the adapter-disabled reference is the base with it,
+    and a cache made for the bare base must not serve it.
+    """
+    cache, lora = tmp_path / "cache", dict(stage="minorsft", finetuning_type="lora", lora_target="all")
+    run(tiny, tmp_path, "adapter", tmp_path / "adapter_cache", **lora)  # an adapter that moved the model
+    bare, bare_results, _ = run(tiny, tmp_path, "bare", cache, precompute_ref_logps=True, **lora)
+    assert "ref_precompute_train_runtime" in bare_results
+    merged = dict(adapter_name_or_path=str(tmp_path / "adapter"), create_new_adapter=True)
+    steps, results, _ = run(tiny, tmp_path, "merged", cache, precompute_ref_logps=True, **lora, **merged)
+    assert "ref_precompute_train_runtime" in results  # its own pass, not the bare base's values
+    assert len(list(cache.glob("*.pt"))) == 2
+    assert steps[0]["deviation"] == 0 and steps[0]["logps/ref"] != bare[0]["logps/ref"]  # policy = reference at first
+    online, _, _ = run(tiny, tmp_path, "online", cache, **lora, **merged)
+    assert [e["deviation"] for e in steps] == pytest.approx([e["deviation"] for e in online], rel=1e-5, abs=1e-6)
+
+
 def test_the_reference_never_uses_dropout(tiny, tmp_path):
     """A base model with attention dropout, LoRA, the adapter-disabled base as reference.
 

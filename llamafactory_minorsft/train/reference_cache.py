@@ -155,13 +155,28 @@ def save(path: str, values: dict[str, torch.Tensor], info: dict[str, Any]) -> No
     os.replace(tmp_path, path)
 
 
+def merged_adapters(adapters: list[str], model_args, finetuning_args) -> list[str]:
+    """The adapters LLaMA-Factory merges into the base of a LoRA training run (``model/adapter.py``).
+
+    It resumes the last one, unless ``create_new_adapter`` asks for a new one and the model can merge them all (not
+    quantized, not under ZeRO-3 or KTransformers).
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    mergeable = model_args.quantization_bit is None and not is_deepspeed_zero3_enabled()
+    mergeable = mergeable and not getattr(model_args, "use_kt", False)
+    return list(adapters) if finetuning_args.create_new_adapter and mergeable else list(adapters[:-1])
+
+
 def reference_identity(model_args, data_args, training_args, finetuning_args) -> dict[str, Any]:
     """What the reference log-probs depend on besides the tokenized data."""
     if finetuning_args.ref_model is not None:
         model, adapters = finetuning_args.ref_model, finetuning_args.ref_model_adapters
         quantization = finetuning_args.ref_model_quantization_bit
-    else:  # the initial model; for LoRA the base without adapters
-        adapters = None if finetuning_args.finetuning_type == "lora" else model_args.adapter_name_or_path
+    else:  # the initial model; for LoRA the adapter-disabled policy: the base and the adapters merged into it
+        adapters = model_args.adapter_name_or_path
+        if finetuning_args.finetuning_type == "lora" and adapters:
+            adapters = merged_adapters(adapters, model_args, finetuning_args)
         model, quantization = model_args.model_name_or_path, model_args.quantization_bit
 
     adapters = adapters if isinstance(adapters, list) or adapters is None else [adapters]
