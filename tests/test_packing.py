@@ -114,7 +114,7 @@ SAME_AS_UNPACKED = {  # stage → arguments; the packed run equals the same run 
     ),
     "minorsft_lora": dict(stage="minorsft", finetuning_type="lora", lora_target="all", learning_rate=0.5),
     # with an eval set over several batches of uneven packed rows: `eval_loss` is the mean over samples, not the
-    # Trainer's mean over rows
+    # Trainer's mean over rows; batches of 5 leave a last, smaller batch unpacked, which the Trainer counted as 5
     "minorsft_freeze_eval": dict(
         stage="minorsft",
         finetuning_type="freeze",
@@ -122,7 +122,7 @@ SAME_AS_UNPACKED = {  # stage → arguments; the packed run equals the same run 
         do_eval=True,
         eval_dataset="minorsft_demo_eval",
         eval_strategy="steps",
-        per_device_eval_batch_size=1,
+        per_device_eval_batch_size=5,
     ),
 }
 

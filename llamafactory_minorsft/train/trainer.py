@@ -433,12 +433,13 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
 
     @property
     def eval_loss_per_sample(self) -> bool:
-        """Packed rows: the logged ``eval_loss`` is the mean over samples, not the Trainer's mean over rows.
+        """The logged ``eval_loss`` of the per-sample losses is the mean over samples, not the Trainer's.
 
-        The Trainer weighs each batch's loss by its rows; a packed row holds several samples. For the per-sample
-        losses the batch loss is a mean over its answered samples, so their sums give the mean over every sample.
+        The Trainer weighs each batch's loss by its rows: a packed row holds several samples, and the last batch of an
+        eval set that the batch size does not divide counted as a full one (transformers 5.5). The batch loss is a
+        mean over its answered samples, so their sums give the mean over every sample, packed or not.
         """
-        return self.packed and self.per_sample and not self.uses_stock_loss
+        return self.per_sample and not self.uses_stock_loss
 
     def _fused_loss(self, model, model_inputs: dict, inputs: dict, return_outputs: bool, num_items_in_batch):
         """``compute_loss`` through ``fused_answer_loss``: ``batch_loss`` as a function of the token log-probs.
