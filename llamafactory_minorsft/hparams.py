@@ -227,7 +227,7 @@ class PluginFinetuningArguments(FinetuningArguments, ReferenceArguments, SFTGOAr
 
         self._check_sft_go()
         self._check_dpo_options()
-        if self.ref_logps_cache_dir is not None:
+        if self.precompute_ref_logps and self.ref_logps_cache_dir:  # the cache is written after the reference pass
             _check_writable_dir("ref_logps_cache_dir", self.ref_logps_cache_dir)
 
         if self.uses_reference:

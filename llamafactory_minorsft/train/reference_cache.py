@@ -25,7 +25,7 @@ from .packing import dataset_samples
 
 #: bump when the stored values or their meaning change (2: the pass runs under training's autocast; 3: one entry per
 #: sample, keyed by the set of samples and stored in the order of their digests, so packed and unpacked runs share it)
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4  # 4: a LoRA run's key lists the adapters merged into its base (3 listed none)
 CACHE_ENV = "LLAMAFACTORY_MINORSFT_CACHE"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".model", ".txt", ".tiktoken")
 
@@ -159,12 +159,20 @@ def merged_adapters(adapters: list[str], model_args, finetuning_args) -> list[st
     """The adapters LLaMA-Factory merges into the base of a LoRA training run (``model/adapter.py``).
 
     It resumes the last one, unless ``create_new_adapter`` asks for a new one and the model can merge them all (not
-    quantized, not under ZeRO-3 or KTransformers).
+    quantized, here or in its checkpoint, and not under ZeRO-3 or KTransformers).
     """
+    from transformers import AutoConfig
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    mergeable = model_args.quantization_bit is None and not is_deepspeed_zero3_enabled()
-    mergeable = mergeable and not getattr(model_args, "use_kt", False)
+    config = AutoConfig.from_pretrained(
+        model_args.model_name_or_path,
+        trust_remote_code=model_args.trust_remote_code,
+        cache_dir=model_args.cache_dir,
+        revision=getattr(model_args, "model_revision", "main"),
+        token=getattr(model_args, "hf_hub_token", None),
+    )
+    quantized = model_args.quantization_bit is not None or getattr(config, "quantization_config", None) is not None
+    mergeable = not quantized and not is_deepspeed_zero3_enabled() and not getattr(model_args, "use_kt", False)
     return list(adapters) if finetuning_args.create_new_adapter and mergeable else list(adapters[:-1])
 
 
@@ -234,7 +242,7 @@ def look_up(
 ) -> dict[str, CachedSplit]:
     """The cache entry of every split, looked up before any reference model loads."""
     identity = reference_identity(model_args, data_args, training_args, finetuning_args)
-    cache_dir = finetuning_args.ref_logps_cache_dir or default_cache_dir()
+    cache_dir = os.path.expanduser(finetuning_args.ref_logps_cache_dir or default_cache_dir())
     per_token = needs_token_ref_logps(finetuning_args)
     entries = {}
     splits = dataset_splits(dataset_module.get("train_dataset"), dataset_module.get("eval_dataset"))

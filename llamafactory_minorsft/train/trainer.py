@@ -437,9 +437,13 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
 
         The Trainer weighs each batch's loss by its rows: a packed row holds several samples, and the last batch of an
         eval set that the batch size does not divide counted as a full one (transformers 5.5). The batch loss is a
-        mean over its answered samples, so their sums give the mean over every sample, packed or not.
+        mean over its answered samples, so their sums give the mean over every sample, packed or not. Unpacked runs
+        on several processes keep the Trainer's mean: its gather drops the samples that accelerate repeats to even
+        out the processes' last batches, which these sums would count.
         """
-        return self.per_sample and not self.uses_stock_loss
+        if not self.per_sample or self.uses_stock_loss:
+            return False
+        return self.packed or self.accelerator.num_processes == 1
 
     def _fused_loss(self, model, model_inputs: dict, inputs: dict, return_outputs: bool, num_items_in_batch):
         """``compute_loss`` through ``fused_answer_loss``: ``batch_loss`` as a function of the token log-probs.
