@@ -251,28 +251,27 @@ class PluginFinetuningArguments(FinetuningArguments, ReferenceArguments, SFTGOAr
                     "adapter-disabled model is no longer the reference. Remove `pissa_init`."
                 )
 
+    def _options_set(self, names) -> list[str]:
+        """Those of ``names`` that this LLaMA-Factory has and that are set away from their defaults."""
+        return [f.name for f in fields(self) if f.name in names and getattr(self, f.name) != f.default]
+
     def _check_dpo_options(self) -> None:
         """Stock DPO's loss options, which the new stages' losses (Eq. 3, 7, SFT-GO) would silently ignore."""
         if self.stage not in NEW_STAGES:  # stock sft ignores them too, as in LLaMA-Factory
             return
 
-        defaults = {f.name: f.default for f in fields(self)}
-        for name in DPO_OPTIONS:
-            if name in defaults and getattr(self, name) != defaults[name]:
-                raise ValueError(
-                    f"`{name}` is an option of stock `stage: dpo`; the loss of `stage: {self.stage}` is its own "
-                    "(β is `pref_beta`) and would ignore it. Remove "
-                    f"`{name}`."
-                )
+        for name in self._options_set(DPO_OPTIONS):
+            raise ValueError(
+                f"`{name}` is an option of stock `stage: dpo`; the loss of `stage: {self.stage}` is its own "
+                f"(β is `pref_beta`) and would ignore it. Remove `{name}`."
+            )
 
     def _check_sft_go(self) -> None:
         if self.stage != SFT_GO_STAGE:
-            for f in fields(self):  # set away from their defaults: ignored by every other stage
-                if f.name.startswith("sft_go_") and getattr(self, f.name) != f.default:
-                    raise ValueError(
-                        f"`{f.name}` is an option of `stage: sft_go`, not `{self.stage}`. Remove it, or set "
-                        "`stage: sft_go`."
-                    )
+            for name in self._options_set([f.name for f in fields(SFTGOArguments)]):  # ignored by every other stage
+                raise ValueError(
+                    f"`{name}` is an option of `stage: sft_go`, not `{self.stage}`. Remove it, or set `stage: sft_go`."
+                )
             return
 
         checks = [
