@@ -7,22 +7,29 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import base_config, cli_env, run_cli, step_logs
+from conftest import base_config, cli_env, log_history, run_cli, step_logs
 from helpers import assert_same_weights
 
 
 @pytest.mark.parametrize("stage", ["minorsft"])
 def test_two_processes_equal_one_big_batch(tiny, tmp_path, stage):
-    single = base_config(tiny, tmp_path / "single", stage=stage, ref_model=tiny.ref_model)
-    double = base_config(
-        tiny, tmp_path / "double", stage=stage, ref_model=tiny.ref_model, per_device_train_batch_size=2
-    )
+    """Training and evaluation; the eval set (4 samples, batches of 3) is uneven over the 2 processes.
+
+    accelerate completes the second process's batch with 2 repeated samples: the eval metrics must not count them.
+    """
+    common = dict(stage=stage, ref_model=tiny.ref_model, do_eval=True, eval_dataset="four", eval_strategy="steps")
+    common.update(eval_steps=1, per_device_eval_batch_size=3)
+    single = base_config(tiny, tmp_path / "single", **common)
+    double = base_config(tiny, tmp_path / "double", per_device_train_batch_size=2, **common)
     run_cli(single, tmp_path / "single_run")
     run_cli(double, tmp_path / "double_run", env=cli_env(FORCE_TORCHRUN="1", NPROC_PER_NODE="2"))
     assert_same_weights(tmp_path / "single", tmp_path / "double")
     one, two = step_logs(tmp_path / "single")[0], step_logs(tmp_path / "double")[0]
     for key in ("loss", "deviation", "rewards", "coef", "logps/policy", "logps/ref"):
         assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+    one, two = (next(e for e in log_history(tmp_path / run) if "eval_loss" in e) for run in ("single", "double"))
+    for key in ("loss", "deviation", "rewards", "coef", "coef_std", "logps/policy", "logps/ref"):
+        assert two[f"eval_{key}"] == pytest.approx(one[f"eval_{key}"], rel=1e-5, abs=1e-6), key
 
 
 def test_two_processes_track_deviation_keeps_the_stock_loss(tiny, tmp_path):

@@ -16,8 +16,8 @@ from llamafactory_minorsft.losses import (
 from llamafactory_minorsft.train.metrics import (
     COEF_METRICS,
     DEVIATION_METRICS,
-    coef_sums,
-    deviation_sums,
+    coef_pairs,
+    deviation_pairs,
     metric_means,
 )
 
@@ -140,7 +140,7 @@ def test_losses_stay_finite_for_huge_log_ratios():
     losses, coef = sft_dpo_loss(policy, ref, m, 0.5)
     assert losses[0].item() == pytest.approx(0.5 * 1e4) and losses[1].item() == 0.0
     # a reference probability 0 (log πref = −inf) leaves the deviation metric and rewards finite
-    means = metric_means(DEVIATION_METRICS, deviation_sums(policy.detach(), ref, m, 0.5))
+    means = metric_means(DEVIATION_METRICS, deviation_pairs(policy.detach(), ref, m, 0.5).sum(0))
     assert all(torch.isfinite(torch.tensor(value)) for value in means.values()), means
 
 
@@ -151,7 +151,8 @@ def test_metric_sums_are_eq8_means_over_valid_samples():
     coef = torch.tensor([0.009, 1.1, 0.0])  # the first sample has practically stopped training
 
     def sums(part: slice) -> torch.Tensor:
-        return torch.cat([deviation_sums(policy[part], ref[part], m[part], 0.1), coef_sums(coef[part], m[part])])
+        pairs = [deviation_pairs(policy[part], ref[part], m[part], 0.1), coef_pairs(coef[part], m[part])]
+        return torch.cat(pairs, dim=-1).sum(0)
 
     names = (*DEVIATION_METRICS, *COEF_METRICS)
     means = metric_means(names, sums(slice(None)))

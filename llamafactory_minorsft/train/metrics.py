@@ -2,7 +2,9 @@
 
 Each metric is kept as a (sum, count) pair over the valid samples rather than a per-step mean, so the logged
 value is the mean over all samples of the logging window: gradient accumulation and data parallelism give the
-same number as one big batch (the paper's Eq. 8 is a mean over the N samples of a batch).
+same number as one big batch (the paper's Eq. 8 is a mean over the N samples of a batch). The functions here give
+each sample's pairs, (samples, 2 × metrics), so that an evaluation can gather them per row and drop the samples
+that accelerate repeats (``BaseSFTTrainer.store_metrics``).
 """
 
 import torch
@@ -23,14 +25,14 @@ SWITCHED_OFF_COEF = 0.01
 
 
 def _pairs(values: list[torch.Tensor], present: list[torch.Tensor]) -> torch.Tensor:
-    """Interleave Σ value and count over ``present`` of each metric: a float64 vector of 2 × metrics."""
-    sums = []
+    """Interleave each sample's value and count (0 where not ``present``) of each metric: (samples, 2 × metrics)."""
+    pairs = []
     for value, mask in zip(values, present):
-        sums += [torch.where(mask, value.double(), torch.zeros_like(value, dtype=torch.float64)).sum(), mask.sum()]
-    return torch.stack([part.double() for part in sums])
+        pairs += [torch.where(mask, value.double(), torch.zeros_like(value, dtype=torch.float64)), mask.double()]
+    return torch.stack(pairs, dim=-1)
 
 
-def deviation_sums(
+def deviation_pairs(
     policy_logps: torch.Tensor, ref_logps: torch.Tensor, num_tokens: torch.Tensor, beta: float
 ) -> torch.Tensor:
     """``DEVIATION_METRICS`` over the valid samples: (1/m_i)·r_i (Eq. 8), β·r_i and the summed answer log-probs."""
@@ -45,8 +47,8 @@ def deviation_sums(
     return _pairs(values, [valid] * len(values))
 
 
-def coef_sums(coef: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
-    """Sums of ``COEF_METRICS``.
+def coef_pairs(coef: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+    """Pairs of ``COEF_METRICS``.
 
     ``COEF_METRICS``: the dynamic coefficient, 1 where it is below 0.01 (the share of samples that have practically
     stopped training: long, well-fit answers reach it without any warning), and its square (``coef_std``, the
@@ -57,10 +59,10 @@ def coef_sums(coef: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
     return _pairs([coef, (coef < SWITCHED_OFF_COEF).double(), coef.square()], [valid] * 3)
 
 
-def group_sums(
+def group_pairs(
     important: torch.Tensor, unimportant: torch.Tensor, worst_is_important: torch.Tensor, num_tokens: torch.Tensor
 ) -> torch.Tensor:
-    """Sums of ``GROUP_METRICS``.
+    """Pairs of ``GROUP_METRICS``.
 
     ``GROUP_METRICS``: each group's mean token NLL over the samples where it is not empty (NaN marks an empty
     group), and the share of valid samples whose worst (higher-loss) group is the important one.

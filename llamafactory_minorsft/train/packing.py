@@ -71,6 +71,8 @@ class Samples:
 
     index: torch.Tensor  # (samples, positions), into the flattened (rows, length − 1) tensors
     valid: torch.Tensor  # (samples, positions)
+    rows: torch.Tensor  # (samples,): the row of each sample
+    num_rows: int
 
     @classmethod
     def of(cls, sample_ids: torch.Tensor) -> "Samples":
@@ -86,7 +88,7 @@ class Samples:
         valid = torch.zeros(shape, dtype=torch.bool, device=rows.device)
         index[sample, offsets] = rows * predicted.size(1) + cols
         valid[sample, offsets] = True
-        return cls(index, valid)
+        return cls(index, valid, rows[starts], predicted.size(0))
 
     def __len__(self) -> int:
         return self.index.size(0)
@@ -95,6 +97,11 @@ class Samples:
         """(samples, positions) from a (rows, length − 1) tensor; ``fill`` where a sample has fewer positions."""
         picked = values.reshape(-1)[self.index]
         return torch.where(self.valid, picked, torch.full_like(picked, fill))
+
+    def row_sums(self, values: torch.Tensor) -> torch.Tensor:
+        """(rows, …) sums of a (samples, …) tensor over the samples of each row."""
+        sums = values.new_zeros((self.num_rows, *values.shape[1:]))
+        return sums.index_add_(0, self.rows, values)
 
     def labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Each sample's labels as an unpacked row would hold them: (samples, positions + 1), IGNORE_INDEX first."""

@@ -22,7 +22,7 @@ from ..losses import IGNORE_INDEX, answer_token_logps, fused_answer_loss, projec
 from . import reference_cache
 from .columns import NON_MODEL_KEYS, REF_LOGPS, REF_TOKEN_LOGPS, add_reference_columns, answer_values
 from .head import PLAIN_HEAD_MODEL_TYPES, head_computes, plain_head
-from .metrics import DEVIATION_METRICS, deviation_sums, metric_means
+from .metrics import DEVIATION_METRICS, deviation_pairs, metric_means
 from .packing import SAMPLE_IDS, Samples, count_packed_answered, samples_per_row, unpacked
 
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from ..hparams import PluginFinetuningArguments
 
 
-#: the stored sums (Σ batch loss × answered samples, answered samples) of a packed evaluation's loss
+#: the stored sums (Σ L_i, answered samples) of an evaluation's per-sample losses
 EVAL_LOSS = "eval_loss"
 # under LLaMA-Factory's root logger: its format, its level, its web UI log
 logger = logging.get_logger(f"llamafactory.{__name__}")
@@ -96,6 +96,10 @@ class Batch:
         """A (rows, length − 1) tensor of the collated batch, one row per sample."""
         return values if self.samples is None else self.samples.take(values)
 
+    def per_row(self, values: torch.Tensor) -> torch.Tensor:
+        """A (samples, …) tensor summed over the samples of each row of the collated batch."""
+        return values if self.samples is None else self.samples.row_sums(values)
+
     @property
     def logps(self) -> torch.Tensor:
         return self.token_logps.sum(-1)
@@ -140,6 +144,7 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
         self._path_logged = False
         self._num_answered_samples: Optional[torch.Tensor] = None
         self._stored_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
+        self._eval_rows: dict[str, torch.Tensor] = {}  # this eval batch's per-row pairs, until gathered
         # group → metric names; every process logs the same groups, so their all-reduce in ``log`` is collective-safe
         self.metric_groups: dict[str, tuple[str, ...]] = (
             {"deviation": DEVIATION_METRICS} if self.uses_reference else {}
@@ -325,8 +330,8 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
     def store_batch_metrics(self, batch: Batch) -> None:
         """Add the batch's metric sums; stages with metrics of their own extend it."""
         if self.uses_reference:
-            sums = deviation_sums(batch.logps, batch.ref_logps, batch.num_tokens, self.beta)
-            self.store_metrics("deviation", sums, batch.training)
+            pairs = deviation_pairs(batch.logps, batch.ref_logps, batch.num_tokens, self.beta)
+            self.store_metrics("deviation", pairs, batch)
 
     def head_free(self, model) -> bool:
         """The stage takes its log-probs from the hidden states and the head, fused with its loss in training.
@@ -427,23 +432,21 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
         loss = self.batch_loss(batch)
         self.store_batch_metrics(batch)
         if not model.training and self.eval_loss_per_sample:
-            answered = (batch.num_tokens > 0).sum().float()
-            self.store_metrics(EVAL_LOSS, torch.stack([loss.detach().float() * answered, answered]), False)
+            answered = batch.num_tokens > 0
+            losses = torch.where(answered, self.sample_losses(batch.logps, batch).detach(), 0.0)
+            self.store_metrics(EVAL_LOSS, torch.stack([losses.double(), answered.double()], dim=-1), batch)
+        if not model.training:
+            self.gather_eval_metrics(batch)
         return (loss, outputs) if return_outputs else loss
 
     @property
     def eval_loss_per_sample(self) -> bool:
-        """The logged ``eval_loss`` of the per-sample losses is the mean over samples, not the Trainer's.
+        """The logged ``eval_loss`` of the per-sample losses is the mean of L_i over the answered samples.
 
         The Trainer weighs each batch's loss by its rows: a packed row holds several samples, and the last batch of an
-        eval set that the batch size does not divide counted as a full one (transformers 5.5). The batch loss is a
-        mean over its answered samples, so their sums give the mean over every sample, packed or not. Unpacked runs
-        on several processes keep the Trainer's mean: its gather drops the samples that accelerate repeats to even
-        out the processes' last batches, which these sums would count.
+        eval set that the batch size does not divide counted as a full one (transformers 5.5).
         """
-        if not self.per_sample or self.uses_stock_loss:
-            return False
-        return self.packed or self.accelerator.num_processes == 1
+        return self.per_sample and not self.uses_stock_loss
 
     def _fused_loss(self, model, model_inputs: dict, inputs: dict, return_outputs: bool, num_items_in_batch):
         """``compute_loss`` through ``fused_answer_loss``: ``batch_loss`` as a function of the token log-probs.
@@ -470,10 +473,33 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
         self.store_batch_metrics(batch)
         return (outputs.logits, outputs) if return_outputs else outputs.logits
 
-    def store_metrics(self, group: str, sums: torch.Tensor, training: bool) -> None:
-        """Add a micro-batch's sums of one metric group (``metrics``) to those since the last log."""
-        stored = self._stored_sums["train" if training else "eval"]
+    def store_metrics(self, group: str, pairs: torch.Tensor, batch: Batch) -> None:
+        """Add a micro-batch's per-sample (value, count) pairs of one metric group (``metrics``) to its sums.
+
+        Evaluation keeps them per row until ``gather_eval_metrics``.
+        """
+        if not batch.training:
+            self._eval_rows[group] = batch.per_row(pairs)
+            return
+        stored, sums = self._stored_sums["train"], pairs.sum(0)
         stored[group] = sums if group not in stored else stored[group] + sums
+
+    def gather_eval_metrics(self, batch: Batch) -> None:
+        """Add an eval batch's metric pairs of every process to the (then global) eval sums, in one gather.
+
+        Per row, with ``gather_for_metrics``, as the Trainer gathers its losses: accelerate completes the processes'
+        last batches with repeated rows, which the gather drops, so every sample counts once, packed or not.
+        """
+        groups, self._eval_rows = self._eval_rows, {}
+        if not groups:
+            return
+        rows = torch.cat([pairs.to(batch.mask.device) for pairs in groups.values()], dim=-1)
+        if self.accelerator.num_processes > 1:
+            rows = self.accelerator.gather_for_metrics(rows)
+        sums = rows.sum(0).cpu().split([pairs.size(-1) for pairs in groups.values()])
+        stored = self._stored_sums["eval"]
+        for group, part in zip(groups, sums):
+            stored[group] = part if group not in stored else stored[group] + part
 
     @override
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
@@ -481,17 +507,15 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
         # an evaluation logs `eval_loss`, or `eval_<name>_loss` for each of several eval sets
         eval_key = next((key for key in logs if key.startswith("eval") and key.endswith("_loss")), None)
         train_eval = "train" if "loss" in logs else "eval" if eval_key else None
-        if train_eval == "eval" and self.eval_loss_per_sample:  # every process: the reduce is collective
-            sums = self._stored_sums["eval"].pop(EVAL_LOSS, torch.zeros(2)).double().to(self.accelerator.device)
-            if self.accelerator.num_processes > 1:
-                sums = self.accelerator.reduce(sums, reduction="sum")
+        if train_eval == "eval" and self.eval_loss_per_sample:  # the eval sums are gathered from every process
+            sums = self._stored_sums["eval"].pop(EVAL_LOSS, torch.zeros(2))
             if sums[1] > 0:
                 logs[eval_key] = (sums[0] / sums[1]).item()
         if train_eval is not None and self.metric_groups:
             stored, self._stored_sums[train_eval] = self._stored_sums[train_eval], {}
             sums = [stored.get(group, torch.zeros(2 * len(names))) for group, names in self.metric_groups.items()]
             sums = torch.cat([part.double().cpu() for part in sums]).to(self.accelerator.device)
-            if self.accelerator.num_processes > 1:  # one reduce for every metric
+            if train_eval == "train" and self.accelerator.num_processes > 1:  # one reduce for every metric
                 sums = self.accelerator.reduce(sums, reduction="sum")
 
             prefix = eval_key[: -len("loss")] if train_eval == "eval" else ""

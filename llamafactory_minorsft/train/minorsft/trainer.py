@@ -5,7 +5,7 @@ from trl.trainer import disable_dropout_in_model
 from typing_extensions import override
 
 from ...losses import minorsft_loss, sft_dpo_loss
-from ..metrics import COEF_METRICS, coef_sums
+from ..metrics import COEF_METRICS, coef_pairs
 from ..trainer import BaseSFTTrainer, Batch
 
 
@@ -44,4 +44,4 @@ class MinorSFTTrainer(BaseSFTTrainer):
     def store_batch_metrics(self, batch: Batch) -> None:
         super().store_batch_metrics(batch)
         coef = self.loss_function(batch.logps.detach(), batch.ref_logps, batch.num_tokens, self.beta)[1]
-        self.store_metrics("coef", coef_sums(coef, batch.num_tokens), batch.training)
+        self.store_metrics("coef", coef_pairs(coef, batch.num_tokens), batch)

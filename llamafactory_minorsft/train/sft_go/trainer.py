@@ -15,7 +15,7 @@ from ...sft_go import (
     top_fraction_mask,
 )
 from ..columns import TOKEN_IMPORTANCE, answer_values
-from ..metrics import GROUP_METRICS, group_sums
+from ..metrics import GROUP_METRICS, group_pairs
 from ..trainer import BaseSFTTrainer, Batch
 
 
@@ -74,7 +74,7 @@ class SFTGOTrainer(BaseSFTTrainer):
     def store_batch_metrics(self, batch: Batch) -> None:
         super().store_batch_metrics(batch)
         groups = group_losses(batch.token_logps.detach(), batch.mask, self.important_tokens(batch))
-        self.store_metrics("groups", group_sums(*groups[1:], batch.num_tokens), batch.training)
+        self.store_metrics("groups", group_pairs(*groups[1:], batch.num_tokens), batch)
 
     @override
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
