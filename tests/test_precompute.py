@@ -1,6 +1,7 @@
 """``precompute_ref_logps``: same numbers as the online reference, cached, never stale."""
 
 import json
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -141,3 +142,53 @@ def test_each_split_gets_its_own_pass_with_persistent_workers_and_several_eval_s
     for split in ("four", "minorsft_demo_eval"):
         for key in (f"eval_{split}_deviation", f"eval_{split}_logps/ref"):
             assert logs["precomputed"][key] == pytest.approx(logs["online"][key], rel=1e-5, abs=1e-5), key
+
+
+def test_a_pre_quantized_checkpoint_never_merges_adapters(tiny, tmp_path):
+    """LLaMA-Factory merges earlier adapters into the base only where the model can take them (``adapter.py``).
+
+    A checkpoint whose config holds a ``quantization_config`` (a pre-quantized model) cannot, whatever
+    ``quantization_bit`` says: the run resumes the last adapter on the base with the others merged, as without
+    ``create_new_adapter``.
+    """
+    from llamafactory.hparams import FinetuningArguments, ModelArguments
+
+    from llamafactory_minorsft.train.reference_cache import merged_adapters
+
+    quantized = tmp_path / "quantized"
+    quantized.mkdir()
+    config = json.loads((Path(tiny.model) / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (quantized / "config.json").write_text(json.dumps(config))
+    adapters = ["first", "second"]
+    new = FinetuningArguments(finetuning_type="lora", create_new_adapter=True)
+    resume = FinetuningArguments(finetuning_type="lora")
+    assert merged_adapters(adapters, ModelArguments(model_name_or_path=tiny.model), new) == adapters
+    assert merged_adapters(adapters, ModelArguments(model_name_or_path=tiny.model), resume) == ["first"]
+    assert merged_adapters(adapters, ModelArguments(model_name_or_path=str(quantized)), new) == ["first"]
+    on_the_fly = ModelArguments(model_name_or_path=tiny.model, quantization_bit=4)
+    assert merged_adapters(adapters, on_the_fly, new) == ["first"]
+
+
+def test_a_cache_dir_under_home_is_expanded(tiny, tmp_path, monkeypatch):
+    """``ref_logps_cache_dir: ~/…`` is the user's home, not a directory named ``~`` in the working directory."""
+    from datasets import Dataset
+    from llamafactory.hparams import DataArguments, ModelArguments
+    from transformers import Seq2SeqTrainingArguments
+
+    from llamafactory_minorsft.hparams import PluginFinetuningArguments
+    from llamafactory_minorsft.train.reference_cache import look_up
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    data = Dataset.from_dict({"input_ids": [[1, 2, 3]], "attention_mask": [[1, 1, 1]], "labels": [[-100, 2, 3]]})
+    args = (
+        ModelArguments(model_name_or_path=tiny.model),
+        DataArguments(template="qwen"),
+        Seq2SeqTrainingArguments(output_dir=str(tmp_path / "out"), report_to="none"),
+        PluginFinetuningArguments(
+            stage="sft", track_deviation=True, precompute_ref_logps=True, ref_logps_cache_dir="~/cache"
+        ),
+    )
+    entries = look_up(*args, {"train_dataset": data})
+    assert entries["train"].path.startswith(str(tmp_path / "home" / "cache")), entries["train"].path
