@@ -12,12 +12,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import base_config, deepspeed_env, run_cli, step_logs
+from conftest import base_config, deepspeed_env, log_history, run_cli, step_logs
 from llamafactory_minorsft.train.metrics import COEF_METRICS, DEVIATION_METRICS, GROUP_METRICS
 
 
 DEEPSPEED = Path(__file__).resolve().parents[1] / "examples_yaml" / "deepspeed"
 KEYS = ("loss", *DEVIATION_METRICS, *COEF_METRICS)
+EVAL = dict(do_eval=True, eval_dataset="uneven", eval_strategy="steps", eval_steps=3, per_device_eval_batch_size=4)
 CASES = {
     "zero3-minorsft-full-ref_model": ("ds_z3_config.json", dict(stage="minorsft", ref_model="REF")),
     "zero3-sft_dpo-lora-precompute": (
@@ -26,10 +27,12 @@ CASES = {
     ),
     "zero2-minorsft-full": ("ds_z2_config.json", dict(stage="minorsft")),
     # `neat_packing` (issue 20): rows of 2 and 3 samples, so the two processes hold different numbers of samples
-    # and the sample mean needs the global count; batch sizes in rows (one process: 2, each of two: 1)
+    # and the sample mean needs the global count; batch sizes in rows (one process: 2, each of two: 1). Its
+    # evaluation (6 rows in batches of 4) is uneven over the processes: accelerate repeats 2 rows, which the eval
+    # metrics must not count
     "zero3-minorsft-neat_packing": (
         "ds_z3_config.json",
-        dict(stage="minorsft", neat_packing=True, dataset="uneven", cutoff_len=256),
+        dict(stage="minorsft", neat_packing=True, dataset="uneven", cutoff_len=256, **EVAL),
     ),
     # Eq. 5's sample mean: the global sample count, not each process's own
     "zero2-sft-sample": ("ds_z2_config.json", dict(stage="sft", sft_loss_reduction="sample", track_deviation=True)),
@@ -91,6 +94,11 @@ def test_deepspeed_two_processes_match_one(tiny, tmp_path, case):
         for key in {"sft_go": GO_KEYS, "sft": SFT_KEYS}.get(overrides["stage"], KEYS):
             assert step_two[key] == pytest.approx(step_one[key], rel=1e-4, abs=1e-5), (step_one["step"], key)
     assert abs(two[-1]["deviation"]) > 1e-4  # the policy moved, so matching deviations mean something
+    if overrides.get("do_eval"):
+        one, two = ([e for e in log_history(tmp_path / run) if "eval_loss" in e] for run in ("single", "ds"))
+        assert len(one) == len(two) == 1
+        for key in KEYS:
+            assert two[0][f"eval_{key}"] == pytest.approx(one[0][f"eval_{key}"], rel=1e-4, abs=1e-5), key
 
 
 def test_zero2_trains_a_step_without_answer_tokens(bf16_tiny, tmp_path):
