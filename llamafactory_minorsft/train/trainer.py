@@ -503,7 +503,10 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
 
     @override
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        r"""Add the means of the stored metrics since the last log (all processes reduced) to ``logs``."""
+        r"""Add the means of the stored metrics since the last log to ``logs``.
+
+        Training's sums are reduced over the processes here; evaluation's were gathered batch by batch.
+        """
         # an evaluation logs `eval_loss`, or `eval_<name>_loss` for each of several eval sets
         eval_key = next((key for key in logs if key.startswith("eval") and key.endswith("_loss")), None)
         train_eval = "train" if "loss" in logs else "eval" if eval_key else None
