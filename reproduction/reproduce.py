@@ -94,6 +94,8 @@ MAX_FACT_WORDS = 18  # a rationale is the first k words of the facts, k uniform 
 # The share of answers that are the letter alone: the letter is 1 of m answer tokens, so without short answers the
 # letter's gradient is too diluted to learn the domain in a few steps (measured: domain accuracy stayed at chance)
 LETTER_ONLY = 0.5
+#: written into the cache and the output directory as they are made: only such directories are ever deleted
+MARKER = ".minorsft_reproduction"
 
 
 def stem(rng: random.Random) -> str:
@@ -157,6 +159,22 @@ def train(config: dict, workdir: str, name: str) -> None:
         subprocess.run([cli, "train", path], stdout=log, stderr=subprocess.STDOUT, check=True)
 
 
+def check_own_dir(option: str, path: str, own: str) -> None:
+    """``path`` may be deleted: this script made it (its ``MARKER``, or ``own`` of an earlier version), or it is empty.
+
+    Anything else is refused, never deleted: ``--cache`` or ``--output-dir`` may point at a user's directory.
+    """
+    if not os.path.lexists(path):
+        return
+    if not os.path.isdir(path) or os.path.islink(path):
+        raise SystemExit(f"reproduce.py: {option} {path!r} is not a directory. Point {option} at a new directory.")
+    if os.listdir(path) and not any(os.path.exists(os.path.join(path, name)) for name in (MARKER, own)):
+        raise SystemExit(
+            f"reproduce.py: {option} {path!r} holds files that this script did not write, and it would have to "
+            f"delete them to rebuild. Point {option} at a new or empty directory."
+        )
+
+
 def prepare(cache: str, design: dict, output_dir: str) -> dict[str, str]:
     """Tokenizer, base model, data sets and the general model (cached: reused when present for this design)."""
     from transformers import AutoTokenizer
@@ -173,9 +191,16 @@ def prepare(cache: str, design: dict, output_dir: str) -> dict[str, str]:
                 print("[repro] reusing the cached general model", flush=True)
                 return paths
 
-    shutil.rmtree(cache, ignore_errors=True)
-    shutil.rmtree(output_dir, ignore_errors=True)  # its runs were trained from another general model
+    # its runs were trained from another general model: both go, but only where this script made them
+    dirs = (("--cache", cache, "design.json"), ("--output-dir", output_dir, "methods"))
+    for option, path, own in dirs:  # both checked before either goes
+        check_own_dir(option, path, own)
+    for _, path, _ in dirs:
+        shutil.rmtree(path, ignore_errors=True)
     os.makedirs(paths["eval"])
+    os.makedirs(output_dir, exist_ok=True)
+    for path in (cache, output_dir):
+        open(os.path.join(path, MARKER), "w").close()
     general_train = as_sft(mc_set("general", design["general_samples"], seed=0))
     domain_train = as_sft(mc_set("domain", design["domain_samples"], seed=1))
     write_dataset(paths["data"], "general", general_train)
@@ -318,6 +343,11 @@ def main() -> None:
     methods_dir, token_dir = os.path.join(output_dir, "methods"), os.path.join(output_dir, "token_mean")
     summary_path = os.path.join(output_dir, "reproduction_summary.json")
     if args.report_only:
+        if not os.path.exists(summary_path):
+            raise SystemExit(
+                f"reproduce.py --report-only: {summary_path} is missing: no run has finished in --output-dir "
+                f"{output_dir!r}. Run reproduce.py without --report-only first."
+            )
         with open(summary_path, encoding="utf-8") as f:
             summary = json.load(f)
         write_report(methods_dir, token_dir, docs, summary)

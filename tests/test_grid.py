@@ -197,3 +197,65 @@ def test_paper_grid_lists_the_paper_setup(tmp_path):
     )
     assert "sft-learning_rate=1e-05: stage=sft learning_rate=1e-05" in proc.stdout
     assert "(instruction prompt)" in proc.stdout and "(ceval prompt)" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("hello", "must be a mapping of keys to values, got a str"),
+        (dict(blocks=dict(grid=dict(learning_rate=[1e-3]))), "`blocks` must be a list"),
+        (dict(blocks=["sft"]), "block 0 must be a mapping"),
+        (dict(blocks=[dict(grid=["learning_rate"])]), "`block 0 grid` must be a mapping"),
+        (dict(eval=dict(files="mc.jsonl")), "`eval.files` must be a list"),
+        (dict(eval=dict(batch_size=-1)), "`eval.batch_size` must be a whole number of at least 1, got -1"),
+        (dict(base="missing.yaml"), "`base` "),
+        (dict(base_keys=dict(lerning_rate=0.1)), "`base` (base.yaml) key(s) lerning_rate are not LLaMA-Factory"),
+    ],
+    ids=["scalar", "blocks-mapping", "block-string", "grid-list", "files-string", "batch-size", "no-base", "base-key"],
+)
+def test_grid_files_of_the_wrong_shape_are_refused_with_the_key(tiny, tmp_path, spec, message):
+    from llamafactory_minorsft.tools.grid import load_grid
+
+    grid = write_grid(tiny, tmp_path)
+    if isinstance(spec, dict):
+        if "base_keys" in spec:
+            base = yaml.safe_load((tmp_path / "base.yaml").read_text())
+            (tmp_path / "base.yaml").write_text(yaml.safe_dump({**base, **spec.pop("base_keys")}))
+        spec = {**yaml.safe_load(grid.read_text()), **spec}
+    grid.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError) as err:
+        load_grid(str(grid))
+    assert message in str(err.value)
+
+
+def test_a_finished_run_is_kept_only_with_the_settings_it_finished_with(tiny, tmp_path, capsys):
+    """A rerun after the base, a block's `set` or the evaluation changed redoes the run; a corrupt record too."""
+    from llamafactory_minorsft.tools.grid import STATUS_FILE, fingerprint, finished_status, load_grid
+
+    write_mc(tmp_path)
+    runs, settings = load_grid(str(write_grid(tiny, tmp_path)))
+    run = runs[0]
+    (Path(run.config["output_dir"])).mkdir(parents=True)
+    record = Path(run.config["output_dir"]) / STATUS_FILE
+    record.write_text(json.dumps({"status": "done", "fingerprint": fingerprint(run, settings["eval"])}))
+    assert finished_status(run, settings["eval"])["status"] == "done"
+
+    changed, _ = load_grid(str(write_grid(tiny, tmp_path, set=dict(max_steps=6))))
+    assert finished_status(changed[0], settings["eval"]) is None
+    assert "changed since it finished" in capsys.readouterr().out
+    assert finished_status(run, {**settings["eval"], "batch_size": 4}) is None
+    assert finished_status(run, {**settings["eval"], "files": settings["eval"]["files"][:1]}) is None
+    record.write_text(json.dumps({"status": "done"}))  # recorded by an earlier version: no fingerprint
+    assert finished_status(run, settings["eval"]) is None
+    record.write_text('{"status": "do')  # cut off
+    assert finished_status(run, settings["eval"]) is None
+    assert f"its record {record} cannot be read" in capsys.readouterr().out
+
+
+def test_a_run_with_a_non_finite_metric_is_diverged():
+    from llamafactory_minorsft.tools.grid import diverged_metric
+
+    history = [{"loss": 2.0, "grad_norm": 1.0, "step": 1}, {"loss": 0.0, "grad_norm": float("nan"), "step": 2}]
+    assert diverged_metric(history) == "grad_norm at step 2"
+    assert diverged_metric([{"loss": 1.0, "deviation": float("inf"), "step": 3}]) == "deviation at step 3"
+    assert diverged_metric([{"loss": 1.0, "grad_norm": 0.5, "deviation": -0.1, "step": 1}]) is None

@@ -83,6 +83,26 @@ def test_answers_start_with_the_letter_and_vary_in_length():
     assert min(words) == 0 and max(words) >= 15  # from the letter alone to a long rationale
 
 
+@pytest.mark.parametrize("option", ["--cache", "--output-dir"])
+def test_directories_it_did_not_make_are_never_deleted(tmp_path, option):
+    """The script rebuilds its cache and output directory from scratch, but only where it made them."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "thesis.tex").write_text("precious")
+    dirs = {"--cache": str(tmp_path / "cache"), "--output-dir": str(tmp_path / "out"), option: str(theirs)}
+    proc = subprocess.run(
+        [sys.executable, "reproduce.py", "--smoke", *[part for pair in dirs.items() for part in pair]],
+        cwd=REPRODUCTION,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0 and f"{option} {str(theirs)!r} holds files that this script did not" in proc.stderr
+    assert (theirs / "thesis.tex").read_text() == "precious"
+    assert not any(Path(path).exists() for key, path in dirs.items() if key != option)  # nothing else either
+
+
 def test_smoke_run_writes_the_report(tmp_path):
     cache, docs = tmp_path / "cache", tmp_path / "docs"
     proc = subprocess.run(

@@ -1,6 +1,7 @@
 """``llamafactory-minorsft`` console script: ``tiny``, ``demo``, ``grid`` and ``eval-mc``."""
 
 import argparse
+import os
 import sys
 
 
@@ -12,15 +13,26 @@ def main(argv=None) -> int:
         return 2
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
+
+
 def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="llamafactory-minorsft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     tiny = sub.add_parser("tiny", help="build a tiny Qwen2 model, tokenizer and instruction data, offline")
     tiny.add_argument("output_dir")
-    tiny.add_argument("--num-samples", type=int, default=256)
+    tiny.add_argument("--num-samples", type=positive_int, default=256)
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--hidden-size", type=int, default=64)
-    tiny.add_argument("--num-layers", type=int, default=2)
+    tiny.add_argument("--hidden-size", type=positive_int, default=64)
+    tiny.add_argument("--num-layers", type=positive_int, default=2)
     tiny.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the saved weights' dtype")
     demo = sub.add_parser("demo", help="train SFT, MinorSFT and SFT-using-DPO on the tiny model and compare")
     demo.add_argument("--output-dir", default="demo_output")
@@ -39,7 +51,7 @@ def _main(argv=None) -> int:
         default="ceval",
         help="the paper's ceval-exam prompt, or its FinanceIQ/fineval instruction",
     )
-    mc.add_argument("--batch-size", type=int, default=8)
+    mc.add_argument("--batch-size", type=positive_int, default=8)
     mc.add_argument("--output", help="write the results as JSON here")
     mc.add_argument("files", nargs="+")
     args = parser.parse_args(argv)
@@ -56,6 +68,11 @@ def _main(argv=None) -> int:
 
         for path in args.files:  # a bad file fails before the model loads
             load_questions(path)
+        stems = [os.path.splitext(os.path.basename(path))[0] for path in args.files]
+        if len(set(stems)) != len(stems):
+            raise ValueError("eval-mc: two files of one name; their results are keyed by name. Rename one.")
+        if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+            raise ValueError(f"eval-mc --output {args.output}: its directory does not exist. Create it first.")
         scorer = MultipleChoiceScorer(args.model, args.template, args.adapter, args.batch_size)
         results = evaluate_files(scorer, args.files, args.prompt)
         print(format_table(results))

@@ -17,8 +17,9 @@ A grid file::
         grid: {learning_rate: [2.0e-5, 3.0e-5], pref_beta: [0.02, 0.04], seed: [1, 2]}
 
 Every combination of a block's grid runs through the stock ``llamafactory-cli train``, one after another, in
-``runs/<name>``. A run that finished (training and evaluation) is skipped when the grid is started again; an
-unfinished one is redone from scratch.
+``runs/<name>``. A run that finished (training and evaluation) is skipped when the grid is started again with the
+same config and evaluation (its record holds their hash); a changed or unfinished one is redone from scratch. A run
+whose logged metrics are not finite is recorded as ``diverged``: not evaluated, never a method's best.
 
 Progress: one line per run as it starts (``run 4/21 <name>``, with the runs done, skipped and failed so far and the
 grid's ETA from the finished runs' durations); while a run trains, a progress bar read from the run's own logs
@@ -28,6 +29,7 @@ end, for ``cat`` from another shell or node.
 """
 
 import csv
+import hashlib
 import itertools
 import json
 import math
@@ -50,6 +52,8 @@ TOP_KEYS = {"base", "output_dir", "set", "eval", "blocks"}
 BLOCK_KEYS = {"name", "set", "grid"}
 EVAL_KEYS = {"files", "prompt", "template", "batch_size"}
 STATUS_FILE = "grid_status.json"
+#: a run's recorded states that a rerun keeps (a diverged run would diverge again)
+FINISHED = ("done", "diverged")
 
 
 def train_option_names() -> set[str]:
@@ -68,10 +72,9 @@ def _format_value(value: Any) -> str:
 
 def load_grid(path: str, output_dir: Optional[str] = None) -> tuple[list[Run], dict[str, Any]]:
     """Parse and check a grid file; returns its runs and settings. Raises ValueError naming the bad key."""
-    with open(path, encoding="utf-8") as f:
-        spec = yaml.safe_load(f) or {}
-
+    spec = read_mapping(path, "Grid file")
     where = os.path.dirname(os.path.abspath(path))
+    expect(path, spec, {"set": dict, "eval": dict, "blocks": list, "base": str, "output_dir": str})
     unknown = set(spec) - TOP_KEYS
     if unknown:
         raise ValueError(
@@ -82,9 +85,7 @@ def load_grid(path: str, output_dir: Optional[str] = None) -> tuple[list[Run], d
     if not spec.get("blocks"):
         raise ValueError(f"Grid file {path}: `blocks` is empty; list at least one block with a `grid`.")
 
-    base_path = os.path.join(where, spec["base"])
-    with open(base_path, encoding="utf-8") as f:
-        base = yaml.safe_load(f)
+    base = read_mapping(os.path.join(where, spec["base"]), f"Grid file {path}: `base`")
 
     options = train_option_names()
     out = os.path.abspath(output_dir or spec.get("output_dir", "grid_output"))
@@ -93,6 +94,12 @@ def load_grid(path: str, output_dir: Optional[str] = None) -> tuple[list[Run], d
     if unknown:
         raise ValueError(
             f"Grid file {path}: unknown `eval` key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(EVAL_KEYS))}."
+        )
+    expect(path, settings["eval"], {"files": list, "prompt": str, "template": str}, "eval.")
+    batch_size = settings["eval"].get("batch_size", 8)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(
+            f"Grid file {path}: `eval.batch_size` must be a whole number of at least 1, got {batch_size!r}."
         )
     default_prompt = settings["eval"].get("prompt", "ceval")
     files = []
@@ -109,8 +116,12 @@ def load_grid(path: str, output_dir: Optional[str] = None) -> tuple[list[Run], d
             raise ValueError(f"Grid file {path}: {what} key(s) {', '.join(bad)} are not LLaMA-Factory train options.")
 
     check(spec.get("set") or {}, "`set`")
+    check(base, f"`base` ({spec['base']})")
     runs, names = [], set()
     for i, block in enumerate(spec["blocks"]):
+        if not isinstance(block, dict):
+            raise ValueError(f"Grid file {path}: block {i} must be a mapping with `name`, `set` and `grid`.")
+        expect(path, block, {"name": str, "set": dict, "grid": dict}, f"block {i} ")
         unknown = set(block) - BLOCK_KEYS
         if unknown:
             raise ValueError(f"Grid file {path}: block {i} has unknown key(s) {', '.join(sorted(unknown))}.")
@@ -134,14 +145,68 @@ def load_grid(path: str, output_dir: Optional[str] = None) -> tuple[list[Run], d
     return runs, settings
 
 
-def finished_status(run: Run) -> Optional[dict[str, Any]]:
-    """The recorded result of a run that finished before (``runs/<name>/grid_status.json``), else None."""
+def read_mapping(path: str, what: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (an empty file: {})."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as err:
+        raise ValueError(f"{what} {path}: cannot be read ({err.strerror}).") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{what} {path}: not valid YAML ({err}).") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path}: must be a mapping of keys to values, got a {type(data).__name__}.")
+    return data
+
+
+def expect(path: str, spec: dict[str, Any], types: dict[str, type], prefix: str = "") -> None:
+    """Each present key of ``types`` has its type (None counts as absent)."""
+    for key, kind in types.items():
+        if spec.get(key) is not None and not isinstance(spec[key], kind):
+            raise ValueError(
+                f"Grid file {path}: `{prefix}{key}` must be a {dict(dict='mapping', list='list', str='string')[kind.__name__]}, "
+                f"got {spec[key]!r}."
+            )
+
+
+def fingerprint(run: Run, eval_settings: dict[str, Any]) -> str:
+    """What a run's result depends on: its whole train config (but where it lies) and the evaluation settings."""
+    config = {key: value for key, value in run.config.items() if key != "output_dir"}
+    text = json.dumps({"config": config, "eval": eval_settings}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def finished_status(run: Run, eval_settings: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The recorded result of a run that finished before with the same settings, else None (the run is redone).
+
+    ``runs/<name>/grid_status.json``; a run whose config or evaluation changed since (``fingerprint``), or whose
+    record cannot be read, is redone, and the grid says why.
+    """
     status_path = os.path.join(run.config["output_dir"], STATUS_FILE)
     if not os.path.exists(status_path):
         return None
-    with open(status_path, encoding="utf-8") as f:
-        status = json.load(f)
-    return status if status.get("status") == "done" else None
+    try:
+        with open(status_path, encoding="utf-8") as f:
+            status = json.load(f)
+    except (OSError, ValueError) as err:
+        print(f"[grid] {run.name}: its record {status_path} cannot be read ({err}): redone", flush=True)
+        return None
+    if status.get("status") not in FINISHED:
+        return None
+    if status.get("fingerprint") != fingerprint(run, eval_settings):
+        print(f"[grid] {run.name}: its config or evaluation changed since it finished (or no record of them): redone")
+        return None
+    return status
+
+
+def write_json(path: str, data: Any) -> None:
+    """Write ``data`` atomically: a reader (or a rerun after a kill) never sees half a file."""
+    tmp_path = f"{path}.tmp"
+    with open(tmp_path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp_path, path)
 
 
 def train_watched(config_path: str, run_dir: str, log_path: str, desc: str) -> int:
@@ -197,22 +262,49 @@ def run_one(run: Run, settings: dict[str, Any], desc: str) -> dict[str, Any]:
         yaml.safe_dump(run.config, f)
     log_path = os.path.join(run_dir, "grid_train.log")
     start = time.time()
-    if train_watched(config_path, run_dir, log_path, desc) != 0:
-        print(f"[grid] {run.name}: training failed, see {log_path}", flush=True)
+
+    def failed(why: str) -> dict[str, Any]:
+        print(f"[grid] {run.name}: {why}, see {log_path}", flush=True)
         return {"status": "failed", "log": log_path, "duration_s": round(time.time() - start, 1)}
 
-    history = log_history(run_dir)
+    if train_watched(config_path, run_dir, log_path, desc) != 0:
+        return failed("training failed")
+    try:
+        history = log_history(run_dir)
+    except (OSError, ValueError, KeyError):
+        return failed(f"training wrote no trainer_state.json into {run_dir} (did it train? `do_train`)")
+
     status = {"status": "done", "eval": {}}
     status.update(loss=final_value(history, "loss"), deviation=final_value(history, "deviation"))
-    if settings["eval"].get("files"):
-        results = evaluate_run(run, settings["eval"])
+    diverged = diverged_metric(history)
+    if diverged is not None:  # its model's outputs are NaN: no score, never the best
+        status["status"] = "diverged"
+        print(f"[grid] {run.name}: diverged ({diverged} is not finite); not evaluated", flush=True)
+    elif settings["eval"].get("files"):
+        try:
+            results = evaluate_run(run, settings["eval"])
+        except Exception as err:  # one run's evaluation does not stop the grid
+            with open(log_path, "a", encoding="utf-8") as log:
+                log.write(f"\n[grid] evaluation failed: {err!r}\n")
+            return failed(f"evaluation failed ({err})")
         status["eval"] = {name: result["accuracy"] for name, result in results.items()}
         status["eval_hits"] = {name: result["hits"] for name, result in results.items()}  # per question, paired
 
-    status.update(log=log_path, duration_s=round(time.time() - start, 1))
-    with open(os.path.join(run_dir, STATUS_FILE), "w", encoding="utf-8") as f:  # written last: "finished"
-        json.dump(status, f, indent=2)
+    status.update(
+        log=log_path, duration_s=round(time.time() - start, 1), fingerprint=fingerprint(run, settings["eval"])
+    )
+    write_json(os.path.join(run_dir, STATUS_FILE), status)  # written last: "finished"
     return status
+
+
+def diverged_metric(history: list[dict[str, Any]]) -> Optional[str]:
+    """The first logged training metric that is not finite (the Trainer logs a NaN loss as its running mean)."""
+    for entry in history:
+        for key in ("loss", "grad_norm", "deviation"):
+            value = entry.get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                return f"{key} at step {entry.get('step')}"
+    return None
 
 
 class GridProgress:
@@ -233,8 +325,10 @@ class GridProgress:
 
     def summary(self) -> str:
         eta = self.eta_seconds()
-        return f"{self.count('done')} done, {self.count('skipped')} skipped, {self.count('failed')} failed" + (
-            "" if not eta else f"; grid ETA {timedelta(seconds=round(eta))}"
+        diverged = f", {self.count('diverged')} diverged" if self.count("diverged") else ""
+        return (
+            f"{self.count('done')} done, {self.count('skipped')} skipped, {self.count('failed')} failed{diverged}"
+            + ("" if not eta else f"; grid ETA {timedelta(seconds=round(eta))}")
         )
 
     def update(self, index: int, status: str, result: Optional[dict[str, Any]] = None) -> None:
@@ -254,15 +348,26 @@ class GridProgress:
             "grid": self.grid_file,
             "updated": now,
             "total": len(self.states),
-            **{status: self.count(status) for status in ("done", "skipped", "failed", "pending")},
+            **{status: self.count(status) for status in ("done", "skipped", "failed", "diverged", "pending")},
             "running": running[0]["name"] if running else None,
             "eta_seconds": self.eta_seconds(),
             "runs": self.states,
         }
-        tmp_path = f"{self.path}.tmp"
-        with open(tmp_path, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp_path, self.path)  # a reader never sees half a file
+        write_json(self.path, data)
+
+
+def check_eval_templates(path: str, runs: list[Run], eval_settings: dict[str, Any]) -> None:
+    """The evaluation's chat template exists (checked before anything trains)."""
+    if not eval_settings.get("files"):
+        return
+    from llamafactory.data.template import TEMPLATES
+
+    for template in {eval_settings.get("template") or run.config.get("template") for run in runs}:
+        if template not in TEMPLATES:
+            raise ValueError(
+                f"Grid file {path}: evaluation template {template!r} (`eval.template`, else the runs' `template`) "
+                "is not a LLaMA-Factory template."
+            )
 
 
 def evaluate_run(run: Run, eval_settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -365,6 +470,10 @@ def run_grid(path: str, output_dir: Optional[str] = None, dry_run: bool = False)
             raise ValueError(f"Grid file {path}: eval prompt {entry['prompt']!r} is not one of {', '.join(PROMPTS)}.")
         if not dry_run:  # a bad evaluation file fails now, not after the training
             load_questions(entry["path"])
+    check_eval_templates(path, runs, settings["eval"])
+    names = [os.path.splitext(os.path.basename(entry["path"]))[0] for entry in settings["eval"].get("files", [])]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Grid file {path}: `eval.files` has two files of one name; their results would collide.")
 
     if dry_run:
         for index, run in enumerate(runs, start=1):
@@ -384,7 +493,7 @@ def run_grid(path: str, output_dir: Optional[str] = None, dry_run: bool = False)
     progress = GridProgress(runs, settings["output_dir"], path)
     progress.write(datetime.now(UTC).isoformat(timespec="seconds"))
     for index, run in enumerate(runs, start=1):
-        done_before = finished_status(run)
+        done_before = finished_status(run, settings["eval"])
         head = f"run {index}/{len(runs)} {run.name}"
         if done_before is not None:
             run.result = done_before
@@ -399,7 +508,10 @@ def run_grid(path: str, output_dir: Optional[str] = None, dry_run: bool = False)
     best = summarize(runs, settings["output_dir"])
     print(open(os.path.join(settings["output_dir"], "results.md"), encoding="utf-8").read())
     print("best per method: " + ", ".join(f"{m}: {r.name if r else '-'}" for m, r in best.items()))
-    failed = [run for run in runs if run.result.get("status") != "done"]
+    diverged = [run.name for run in runs if run.result.get("status") == "diverged"]
+    if diverged:
+        print(f"[grid] {len(diverged)} run(s) diverged (not scored, never the best): {', '.join(diverged)}")
+    failed = [run for run in runs if run.result.get("status") not in FINISHED]
     if failed:
         logs = ", ".join(f"{run.name} (log: {run.result.get('log')})" for run in failed)
         print(f"[grid] {len(failed)} run(s) failed: {logs}; start the grid again to redo them")
