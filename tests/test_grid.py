@@ -259,3 +259,33 @@ def test_a_run_with_a_non_finite_metric_is_diverged():
     assert diverged_metric(history) == "grad_norm at step 2"
     assert diverged_metric([{"loss": 1.0, "deviation": float("inf"), "step": 3}]) == "deviation at step 3"
     assert diverged_metric([{"loss": 1.0, "grad_norm": 0.5, "deviation": -0.1, "step": 1}]) is None
+
+
+def test_a_stopped_grid_stops_its_training(tiny, tmp_path):
+    """`kill` (SIGTERM) of the grid stops the training it runs, as Ctrl-C does, and the status says so."""
+    import signal
+    import time
+
+    import psutil
+
+    grid = write_grid(tiny, tmp_path)
+    spec = yaml.safe_load(grid.read_text())
+    spec.update(eval={}, set=dict(max_steps=100000), blocks=spec["blocks"][:1])
+    grid.write_text(yaml.safe_dump(spec))
+    proc = subprocess.Popen([TOOL, "grid", str(grid)], cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, text=True)
+    log = tmp_path / "grid_out" / "runs" / "sft-learning_rate=0.001" / "trainer_log.jsonl"
+    deadline = time.time() + 300
+    while not log.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    assert log.exists(), "the training never started"
+    training = psutil.Process(proc.pid).children(recursive=True)
+    assert training
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted during sft-learning_rate=0.001" in out
+    gone, alive = psutil.wait_procs(training, timeout=60)
+    for process in alive:  # a failing test leaves no training behind
+        process.kill()
+    assert not alive, alive
+    status = json.loads((tmp_path / "grid_out" / "grid_status.json").read_text())
+    assert status["runs"][0]["status"] == "interrupted" and status["running"] is None

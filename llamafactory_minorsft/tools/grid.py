@@ -34,6 +34,7 @@ import itertools
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -216,24 +217,50 @@ def train_watched(config_path: str, run_dir: str, log_path: str, desc: str) -> i
             os.remove(os.path.join(run_dir, name))
     cli = os.path.join(os.path.dirname(sys.executable), "llamafactory-cli")
     with open(log_path, "w", encoding="utf-8") as log, tqdm(desc=desc, unit="step", dynamic_ncols=True) as bar:
-        process = subprocess.Popen([cli, "train", config_path], stdout=log, stderr=subprocess.STDOUT)
-        while True:
-            returncode = process.poll()
-            progress = last_entry(os.path.join(run_dir, "trainer_log.jsonl"), "total_steps")
-            if progress.get("total_steps"):
-                bar.total = progress["total_steps"]
-                bar.update(progress["current_steps"] - bar.n)
-                shown = {
-                    "loss": last_entry(os.path.join(run_dir, "trainer_log.jsonl"), "loss").get("loss"),
-                    "deviation": last_entry(os.path.join(run_dir, "trainer_deviation.jsonl"), "deviation").get(
-                        "deviation"
-                    ),
-                }
-                bar.set_postfix({key: f"{value:.4g}" for key, value in shown.items() if value is not None}, False)
-                bar.refresh()
-            if returncode is not None:
-                return returncode
-            time.sleep(1)
+        # its own process group (torchrun's workers included), stopped with the grid (`stop_group`)
+        process = subprocess.Popen(
+            [cli, "train", config_path], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            return watch(process, run_dir, bar)
+        finally:
+            stop_group(process)
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """Stop a training that is still running (the grid was interrupted): its whole process group."""
+    if process.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, None)):
+        try:
+            os.killpg(process.pid, sig)
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            return
+
+
+def watch(process: subprocess.Popen, run_dir: str, bar: tqdm) -> int:
+    """Update the progress bar from the run's logs until the training ends; its return code."""
+    while True:
+        returncode = process.poll()
+        progress = last_entry(os.path.join(run_dir, "trainer_log.jsonl"), "total_steps")
+        if progress.get("total_steps"):
+            bar.total = progress["total_steps"]
+            bar.update(progress["current_steps"] - bar.n)
+            shown = {
+                "loss": last_entry(os.path.join(run_dir, "trainer_log.jsonl"), "loss").get("loss"),
+                "deviation": last_entry(os.path.join(run_dir, "trainer_deviation.jsonl"), "deviation").get(
+                    "deviation"
+                ),
+            }
+            bar.set_postfix({key: f"{value:.4g}" for key, value in shown.items() if value is not None}, False)
+            bar.refresh()
+        if returncode is not None:
+            return returncode
+        time.sleep(1)
 
 
 def last_entry(path: str, key: str) -> dict[str, Any]:
@@ -348,7 +375,10 @@ class GridProgress:
             "grid": self.grid_file,
             "updated": now,
             "total": len(self.states),
-            **{status: self.count(status) for status in ("done", "skipped", "failed", "diverged", "pending")},
+            **{
+                status: self.count(status)
+                for status in ("done", "skipped", "failed", "diverged", "interrupted", "pending")
+            },
             "running": running[0]["name"] if running else None,
             "eta_seconds": self.eta_seconds(),
             "runs": self.states,
@@ -461,6 +491,11 @@ def best_runs(runs: list[Run], eval_sets: list[str]) -> dict[str, Optional[Run]]
     return best
 
 
+def interrupt(signum, frame) -> None:
+    """SIGTERM handler: stop as on Ctrl-C."""
+    raise KeyboardInterrupt
+
+
 def run_grid(path: str, output_dir: Optional[str] = None, dry_run: bool = False) -> int:
     runs, settings = load_grid(path, output_dir)
     from .eval_mc import PROMPTS, load_questions
@@ -492,6 +527,8 @@ def run_grid(path: str, output_dir: Optional[str] = None, dry_run: bool = False)
     os.makedirs(settings["output_dir"], exist_ok=True)
     progress = GridProgress(runs, settings["output_dir"], path)
     progress.write(datetime.now(UTC).isoformat(timespec="seconds"))
+    # `kill` stops the grid as Ctrl-C does: the running training goes with it, and the status says so
+    signal.signal(signal.SIGTERM, interrupt)
     for index, run in enumerate(runs, start=1):
         done_before = finished_status(run, settings["eval"])
         head = f"run {index}/{len(runs)} {run.name}"
@@ -502,7 +539,12 @@ def run_grid(path: str, output_dir: Optional[str] = None, dry_run: bool = False)
             continue
         progress.update(index, "running")
         print(f"[grid] {head}: training ({progress.summary()})", flush=True)
-        run.result = run_one(run, settings, desc=f"run {index}/{len(runs)}")
+        try:
+            run.result = run_one(run, settings, desc=f"run {index}/{len(runs)}")
+        except KeyboardInterrupt:
+            progress.update(index, "interrupted")
+            print(f"\n[grid] interrupted during {run.name}; start the grid again to redo it", flush=True)
+            return 130
         progress.update(index, run.result["status"], run.result)
     print(f"[grid] finished: {progress.summary()}; status in {progress.path}", flush=True)
     best = summarize(runs, settings["output_dir"])
