@@ -189,10 +189,14 @@ def prepare(cache: str, design: dict, output_dir: str) -> dict[str, str]:
         with open(stamp, encoding="utf-8") as f:
             if json.load(f) == json.loads(json.dumps(design)):
                 print("[repro] reusing the cached general model", flush=True)
+                open(os.path.join(cache, MARKER), "w").close()  # made by an earlier version: marked now
                 return paths
 
     # its runs were trained from another general model: both go, but only where this script made them
-    dirs = (("--cache", cache, "design.json"), ("--output-dir", output_dir, "methods"))
+    dirs = (
+        ("--cache", cache, "design.json"),
+        ("--output-dir", output_dir, os.path.join("methods", "grid_status.json")),
+    )
     for option, path, own in dirs:  # both checked before either goes
         check_own_dir(option, path, own)
     for _, path, _ in dirs:
@@ -337,8 +341,10 @@ def main() -> None:
     from report import write_report  # reproduction/report.py
 
     design = SMOKE if args.smoke else DESIGN
-    cache = args.cache or os.path.join(ROOT, ".cache", "repro_smoke" if args.smoke else "reproduction")
-    output_dir = args.output_dir or f"{cache.rstrip(os.sep)}_grid"
+    cache = os.path.abspath(
+        args.cache or os.path.join(ROOT, ".cache", "repro_smoke" if args.smoke else "reproduction")
+    )
+    output_dir = os.path.abspath(args.output_dir or f"{cache.rstrip(os.sep)}_grid")
     docs = args.docs or (os.path.join(output_dir, "docs") if args.smoke else os.path.join(ROOT, "docs"))
     methods_dir, token_dir = os.path.join(output_dir, "methods"), os.path.join(output_dir, "token_mean")
     summary_path = os.path.join(output_dir, "reproduction_summary.json")

@@ -246,19 +246,43 @@ def test_a_finished_run_is_kept_only_with_the_settings_it_finished_with(tiny, tm
     assert finished_status(run, {**settings["eval"], "batch_size": 4}) is None
     assert finished_status(run, {**settings["eval"], "files": settings["eval"]["files"][:1]}) is None
     record.write_text(json.dumps({"status": "done"}))  # recorded by an earlier version: no fingerprint
-    assert finished_status(run, settings["eval"]) is None
+    assert finished_status(run, settings["eval"]) is None  # … and no config it trained with
+    # an earlier version's record next to the config it trained with, and the same eval sets: kept, and fingerprinted
+    (record.parent / "grid_config.yaml").write_text(yaml.safe_dump(run.config))
+    record.write_text(json.dumps({"status": "done", "eval": {"domain_mc": 0.5, "general_mc": 0.25}}))
+    assert finished_status(run, settings["eval"])["eval"]["domain_mc"] == 0.5
+    assert json.loads(record.read_text())["fingerprint"] == fingerprint(run, settings["eval"])
+    record.write_text(json.dumps({"status": "done", "eval": {"domain_mc": 0.5, "general_mc": 0.25}}))
+    assert finished_status(changed[0], settings["eval"]) is None  # trained with another config
     record.write_text('{"status": "do')  # cut off
     assert finished_status(run, settings["eval"]) is None
     assert f"its record {record} cannot be read" in capsys.readouterr().out
 
 
-def test_a_run_with_a_non_finite_metric_is_diverged():
+def test_a_training_that_ends_with_non_finite_metrics_is_diverged():
+    """Its last deviation, or its last two gradient norms, are not finite; one skipped fp16 step is no divergence."""
     from llamafactory_minorsft.tools.grid import diverged_metric
 
-    history = [{"loss": 2.0, "grad_norm": 1.0, "step": 1}, {"loss": 0.0, "grad_norm": float("nan"), "step": 2}]
-    assert diverged_metric(history) == "grad_norm at step 2"
+    nan = float("nan")
+    steps = [{"loss": 2.0, "grad_norm": g, "step": i} for i, g in enumerate([1.0, nan, nan], start=1)]
+    assert diverged_metric(steps) == "grad_norm at step 3"
+    assert diverged_metric(steps[:2]) is None  # fp16 loss scaling skipped step 2 (its gradients overflowed)
+    assert diverged_metric([steps[1], steps[0]]) is None
     assert diverged_metric([{"loss": 1.0, "deviation": float("inf"), "step": 3}]) == "deviation at step 3"
     assert diverged_metric([{"loss": 1.0, "grad_norm": 0.5, "deviation": -0.1, "step": 1}]) is None
+
+
+def test_a_diverged_setting_is_never_the_best():
+    from llamafactory_minorsft.tools.grid import best_runs
+    from llamafactory_minorsft.tools.runs import Run
+
+    def run(lr, seed, accuracy, diverged=None):
+        result = {"status": "done", "eval": {"mc": accuracy}, **({"diverged": diverged} if diverged else {})}
+        return Run(f"m-{lr}-{seed}", "m", {"learning_rate": lr, "seed": seed}, {}, result)
+
+    runs = [run(1, 1, 0.5), run(1, 2, 0.5), run(9, 1, 0.9), run(9, 2, 0.25, diverged="grad_norm at step 3")]
+    assert best_runs(runs, ["mc"])["m"].values["learning_rate"] == 1
+    assert best_runs(runs[2:], ["mc"])["m"] is None
 
 
 def test_a_stopped_grid_stops_its_training(tiny, tmp_path):

@@ -19,7 +19,8 @@ A grid file::
 Every combination of a block's grid runs through the stock ``llamafactory-cli train``, one after another, in
 ``runs/<name>``. A run that finished (training and evaluation) is skipped when the grid is started again with the
 same config and evaluation (its record holds their hash); a changed or unfinished one is redone from scratch. A run
-whose logged metrics are not finite is recorded as ``diverged``: not evaluated, never a method's best.
+whose training ended with non-finite metrics is flagged ``diverged`` in its record: it is evaluated as any other, but
+its setting is never a method's best.
 
 Progress: one line per run as it starts (``run 4/21 <name>``, with the runs done, skipped and failed so far and the
 grid's ETA from the finished runs' durations); while a run trains, a progress bar read from the run's own logs
@@ -38,6 +39,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import fields
 from datetime import UTC, datetime, timedelta
@@ -46,15 +48,13 @@ from typing import Any, Optional
 import yaml
 from tqdm import tqdm
 
-from .runs import Run, final_value, log_history
+from .runs import Run, final_value, log_history, step_values
 
 
 TOP_KEYS = {"base", "output_dir", "set", "eval", "blocks"}
 BLOCK_KEYS = {"name", "set", "grid"}
 EVAL_KEYS = {"files", "prompt", "template", "batch_size"}
 STATUS_FILE = "grid_status.json"
-#: a run's recorded states that a rerun keeps (a diverged run would diverge again)
-FINISHED = ("done", "diverged")
 
 
 def train_option_names() -> set[str]:
@@ -89,7 +89,7 @@ def load_grid(path: str, output_dir: Optional[str] = None) -> tuple[list[Run], d
     base = read_mapping(os.path.join(where, spec["base"]), f"Grid file {path}: `base`")
 
     options = train_option_names()
-    out = os.path.abspath(output_dir or spec.get("output_dir", "grid_output"))
+    out = os.path.abspath(output_dir or spec.get("output_dir") or "grid_output")
     settings = {"output_dir": out, "eval": dict(spec.get("eval") or {})}
     unknown = set(settings["eval"]) - EVAL_KEYS
     if unknown:
@@ -117,7 +117,9 @@ def load_grid(path: str, output_dir: Optional[str] = None) -> tuple[list[Run], d
             raise ValueError(f"Grid file {path}: {what} key(s) {', '.join(bad)} are not LLaMA-Factory train options.")
 
     check(spec.get("set") or {}, "`set`")
-    check(base, f"`base` ({spec['base']})")
+    # LLaMA-Factory's own switch for keys its parser does not know
+    if os.getenv("ALLOW_EXTRA_ARGS", "0").lower() not in ("true", "y", "1"):
+        check(base, f"`base` ({spec['base']})")
     runs, names = [], set()
     for i, block in enumerate(spec["blocks"]):
         if not isinstance(block, dict):
@@ -192,14 +194,38 @@ def finished_status(run: Run, eval_settings: dict[str, Any]) -> Optional[dict[st
         with open(status_path, encoding="utf-8") as f:
             status = json.load(f)
     except (OSError, ValueError) as err:
-        print(f"[grid] {run.name}: its record {status_path} cannot be read ({err}): redone", flush=True)
+        status = f"{err}"
+    if not isinstance(status, dict):
+        print(f"[grid] {run.name}: its record {status_path} cannot be read ({status}): redone", flush=True)
         return None
-    if status.get("status") not in FINISHED:
+    if status.get("status") != "done":
         return None
+    if "fingerprint" not in status and recorded_with(run, status, eval_settings):  # an earlier version's record
+        status["fingerprint"] = fingerprint(run, eval_settings)
+        write_json(status_path, status)
     if status.get("fingerprint") != fingerprint(run, eval_settings):
-        print(f"[grid] {run.name}: its config or evaluation changed since it finished (or no record of them): redone")
+        print(f"[grid] {run.name}: its config or evaluation changed since it finished: redone", flush=True)
         return None
     return status
+
+
+def recorded_with(run: Run, status: dict[str, Any], eval_settings: dict[str, Any]) -> bool:
+    """A record without a fingerprint (an earlier version's) was made with this config and these eval sets.
+
+    Its run directory keeps the config it trained with (``grid_config.yaml``); the eval sets are its record's.
+    """
+    try:
+        with open(os.path.join(run.config["output_dir"], "grid_config.yaml"), encoding="utf-8") as f:
+            trained = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return False
+    if not isinstance(trained, dict):
+        return False
+    names = {os.path.splitext(os.path.basename(entry["path"]))[0] for entry in eval_settings.get("files", [])}
+    same_config = {k: v for k, v in trained.items() if k != "output_dir"} == {
+        k: v for k, v in yaml.safe_load(yaml.safe_dump(run.config)).items() if k != "output_dir"
+    }
+    return same_config and set(status.get("eval") or {}) == names
 
 
 def write_json(path: str, data: Any) -> None:
@@ -236,7 +262,7 @@ def stop_group(process: subprocess.Popen) -> None:
             os.killpg(process.pid, sig)
             process.wait(timeout=wait)
             return
-        except subprocess.TimeoutExpired:
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):  # hung, or a second Ctrl-C: SIGKILL
             continue
         except ProcessLookupError:
             return
@@ -284,6 +310,9 @@ def run_one(run: Run, settings: dict[str, Any], desc: str) -> dict[str, Any]:
     """Train (stock CLI), evaluate, and record the result in ``runs/<name>/grid_status.json``."""
     run_dir = run.config["output_dir"]
     os.makedirs(run_dir, exist_ok=True)
+    for name in (STATUS_FILE, "trainer_state.json"):  # an earlier attempt's: never mixed with this one's
+        if os.path.exists(os.path.join(run_dir, name)):
+            os.remove(os.path.join(run_dir, name))
     config_path = os.path.join(run_dir, "grid_config.yaml")
     with open(config_path, "w", encoding="utf-8") as f:
         yaml.safe_dump(run.config, f)
@@ -304,10 +333,10 @@ def run_one(run: Run, settings: dict[str, Any], desc: str) -> dict[str, Any]:
     status = {"status": "done", "eval": {}}
     status.update(loss=final_value(history, "loss"), deviation=final_value(history, "deviation"))
     diverged = diverged_metric(history)
-    if diverged is not None:  # its model's outputs are NaN: no score, never the best
-        status["status"] = "diverged"
-        print(f"[grid] {run.name}: diverged ({diverged} is not finite); not evaluated", flush=True)
-    elif settings["eval"].get("files"):
+    if diverged is not None:  # evaluated as any run (its seeds stay paired), but its setting is never the best
+        status["diverged"] = diverged
+        print(f"[grid] {run.name}: diverged ({diverged} is not finite)", flush=True)
+    if settings["eval"].get("files"):
         try:
             results = evaluate_run(run, settings["eval"])
         except Exception as err:  # one run's evaluation does not stop the grid
@@ -325,12 +354,15 @@ def run_one(run: Run, settings: dict[str, Any], desc: str) -> dict[str, Any]:
 
 
 def diverged_metric(history: list[dict[str, Any]]) -> Optional[str]:
-    """The first logged training metric that is not finite (the Trainer logs a NaN loss as its running mean)."""
-    for entry in history:
-        for key in ("loss", "grad_norm", "deviation"):
-            value = entry.get(key)
-            if isinstance(value, (int, float)) and not math.isfinite(value):
-                return f"{key} at step {entry.get('step')}"
+    """Why a training ended diverged, else None: its last `deviation`, or its last two `grad_norm`, not finite.
+
+    One non-finite gradient norm is no divergence: fp16 loss scaling skips a step whose gradients overflowed, often
+    in the first steps. The Trainer logs a NaN loss as the running mean, so the loss tells nothing.
+    """
+    for key, last in (("deviation", 1), ("grad_norm", 2)):
+        values = step_values(history, key)[-last:]
+        if len(values) == last and not any(isinstance(v, (int, float)) and math.isfinite(v) for _, v in values):
+            return f"{key} at step {values[-1][0]}"
     return None
 
 
@@ -352,10 +384,8 @@ class GridProgress:
 
     def summary(self) -> str:
         eta = self.eta_seconds()
-        diverged = f", {self.count('diverged')} diverged" if self.count("diverged") else ""
-        return (
-            f"{self.count('done')} done, {self.count('skipped')} skipped, {self.count('failed')} failed{diverged}"
-            + ("" if not eta else f"; grid ETA {timedelta(seconds=round(eta))}")
+        return f"{self.count('done')} done, {self.count('skipped')} skipped, {self.count('failed')} failed" + (
+            "" if not eta else f"; grid ETA {timedelta(seconds=round(eta))}"
         )
 
     def update(self, index: int, status: str, result: Optional[dict[str, Any]] = None) -> None:
@@ -375,10 +405,7 @@ class GridProgress:
             "grid": self.grid_file,
             "updated": now,
             "total": len(self.states),
-            **{
-                status: self.count(status)
-                for status in ("done", "skipped", "failed", "diverged", "interrupted", "pending")
-            },
+            **{status: self.count(status) for status in ("done", "skipped", "failed", "interrupted", "pending")},
             "running": running[0]["name"] if running else None,
             "eta_seconds": self.eta_seconds(),
             "runs": self.states,
@@ -465,7 +492,9 @@ def setting_scores(runs: list[Run], eval_sets: list[str]) -> dict[tuple, list[fl
         r = run.result
         if r.get("status") != "done":
             continue
-        if eval_sets:
+        if r.get("diverged"):  # a setting where any seed diverged is never the best
+            score = -math.inf
+        elif eval_sets:
             score = statistics.mean(r["eval"][e] for e in eval_sets)
         else:
             score = -r["loss"] if r.get("loss") is not None else -math.inf
@@ -479,6 +508,7 @@ def best_runs(runs: list[Run], eval_sets: list[str]) -> dict[str, Optional[Run]]
     best = {}
     for method in dict.fromkeys(run.method for run in runs):
         candidates = {key: statistics.mean(v) for key, v in scores.items() if key[0] == method}
+        candidates = {key: score for key, score in candidates.items() if score > -math.inf or not eval_sets}
         if not candidates:
             best[method] = None
             continue
@@ -489,6 +519,28 @@ def best_runs(runs: list[Run], eval_sets: list[str]) -> dict[str, Optional[Run]]
             if run.method == method and run.setting == top[1] and run.result.get("status") == "done"
         )
     return best
+
+
+def train_runs(runs: list[Run], settings: dict[str, Any], progress: GridProgress) -> Optional[int]:
+    """Train and evaluate every run not finished before; 130 if interrupted, else None."""
+    for index, run in enumerate(runs, start=1):
+        done_before = finished_status(run, settings["eval"])
+        head = f"run {index}/{len(runs)} {run.name}"
+        if done_before is not None:
+            run.result = done_before
+            progress.update(index, "skipped", {"duration_s": done_before.get("duration_s")})
+            print(f"[grid] {head}: done before, skipped ({progress.summary()})", flush=True)
+            continue
+        progress.update(index, "running")
+        print(f"[grid] {head}: training ({progress.summary()})", flush=True)
+        try:
+            run.result = run_one(run, settings, desc=f"run {index}/{len(runs)}")
+        except KeyboardInterrupt:
+            progress.update(index, "interrupted")
+            print(f"\n[grid] interrupted during {run.name}; start the grid again to redo it", flush=True)
+            return 130
+        progress.update(index, run.result["status"], run.result)
+    return None
 
 
 def interrupt(signum, frame) -> None:
@@ -527,33 +579,26 @@ def run_grid(path: str, output_dir: Optional[str] = None, dry_run: bool = False)
     os.makedirs(settings["output_dir"], exist_ok=True)
     progress = GridProgress(runs, settings["output_dir"], path)
     progress.write(datetime.now(UTC).isoformat(timespec="seconds"))
-    # `kill` stops the grid as Ctrl-C does: the running training goes with it, and the status says so
-    signal.signal(signal.SIGTERM, interrupt)
-    for index, run in enumerate(runs, start=1):
-        done_before = finished_status(run, settings["eval"])
-        head = f"run {index}/{len(runs)} {run.name}"
-        if done_before is not None:
-            run.result = done_before
-            progress.update(index, "skipped", {"duration_s": done_before.get("duration_s")})
-            print(f"[grid] {head}: done before, skipped ({progress.summary()})", flush=True)
-            continue
-        progress.update(index, "running")
-        print(f"[grid] {head}: training ({progress.summary()})", flush=True)
-        try:
-            run.result = run_one(run, settings, desc=f"run {index}/{len(runs)}")
-        except KeyboardInterrupt:
-            progress.update(index, "interrupted")
-            print(f"\n[grid] interrupted during {run.name}; start the grid again to redo it", flush=True)
-            return 130
-        progress.update(index, run.result["status"], run.result)
+    # `kill`, or the terminal closing, stops the grid as Ctrl-C does: the running training goes with it (it has its
+    # own process group), and the status says so. Signal handlers can only be set in the main thread.
+    signals = (signal.SIGTERM, signal.SIGHUP)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, interrupt) for sig in signals} if main_thread else {}
+    try:
+        code = train_runs(runs, settings, progress)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if code is not None:
+        return code
     print(f"[grid] finished: {progress.summary()}; status in {progress.path}", flush=True)
     best = summarize(runs, settings["output_dir"])
     print(open(os.path.join(settings["output_dir"], "results.md"), encoding="utf-8").read())
     print("best per method: " + ", ".join(f"{m}: {r.name if r else '-'}" for m, r in best.items()))
-    diverged = [run.name for run in runs if run.result.get("status") == "diverged"]
+    diverged = [run.name for run in runs if run.result.get("diverged")]
     if diverged:
-        print(f"[grid] {len(diverged)} run(s) diverged (not scored, never the best): {', '.join(diverged)}")
-    failed = [run for run in runs if run.result.get("status") not in FINISHED]
+        print(f"[grid] {len(diverged)} run(s) diverged (their settings are never the best): {', '.join(diverged)}")
+    failed = [run for run in runs if run.result.get("status") != "done"]
     if failed:
         logs = ", ".join(f"{run.name} (log: {run.result.get('log')})" for run in failed)
         print(f"[grid] {len(failed)} run(s) failed: {logs}; start the grid again to redo them")
