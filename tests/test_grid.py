@@ -95,6 +95,21 @@ def test_eval_mc_scores_full_models_and_reads_all_formats(tiny, tmp_path):
     assert "| domain_mc |" in proc.stdout
 
 
+def test_eval_mc_refuses_a_tokenizer_larger_than_the_model(tiny, tmp_path):
+    """A tokenizer that is not the model's gives ids past its embedding: a clear error, not an IndexError."""
+    import shutil
+
+    from llamafactory_minorsft.tools.eval_mc import MultipleChoiceScorer
+    from llamafactory_minorsft.tools.tiny import build_tokenizer, make_instruction_data
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny.model, model)
+    texts = [s["instruction"] + " " + s["output"] for s in make_instruction_data(512, seed=3)]
+    build_tokenizer(texts, str(model), vocab_size=4096)
+    with pytest.raises(ValueError, match="do not belong together"):
+        MultipleChoiceScorer(str(model), "qwen")
+
+
 def test_eval_mc_rejects_a_file_missing_columns(tiny, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q", "A": "1", "B": "2", "answer": "A"}))

@@ -90,6 +90,12 @@ class MultipleChoiceScorer:
         self.tokenizer.padding_side = "left"
         self.template = get_template_and_fix_tokenizer(self.tokenizer, data_args)
         self.model = load_model(self.tokenizer, model_args, finetuning_args, is_trainable=False).eval()
+        rows = self.model.get_input_embeddings().num_embeddings
+        if len(self.tokenizer) > rows:  # its ids past the embedding would fail deep in the forward
+            raise ValueError(
+                f"eval-mc: the tokenizer of {model} has {len(self.tokenizer)} tokens, the model's embedding only {rows} "
+                "rows: they do not belong together. Point --model at a directory whose tokenizer is the model's."
+            )
         self.choice_ids = torch.tensor([self.tokenizer.encode(c, add_special_tokens=False)[-1] for c in CHOICES])
         self.batch_size = batch_size
 
