@@ -54,13 +54,16 @@ class RunResult:
 
 
 def load_runs(grid_dir: str) -> list[RunResult]:
-    """The finished runs of a grid, from each run's ``grid_status.json`` and ``trainer_state.json``."""
+    """The finished runs of a grid, from each run's ``grid_status.json`` and ``trainer_state.json``.
+
+    Only the runs that the grid's own ``grid_status.json`` lists as finished are read: another directory under
+    ``runs/`` (a run of an earlier grid file) is not part of this grid's design.
+    """
+    with open(os.path.join(grid_dir, "grid_status.json"), encoding="utf-8") as f:
+        names = sorted(state["name"] for state in json.load(f)["runs"] if state["status"] in ("done", "skipped"))
     runs = []
-    runs_dir = os.path.join(grid_dir, "runs")
-    for name in sorted(os.listdir(runs_dir)):
-        path = os.path.join(runs_dir, name)
-        if not os.path.isfile(os.path.join(path, "grid_status.json")):
-            continue
+    for name in names:
+        path = os.path.join(grid_dir, "runs", name)
         with open(os.path.join(path, "grid_status.json"), encoding="utf-8") as f:
             status = json.load(f)
         with open(os.path.join(path, "grid_config.yaml"), encoding="utf-8") as f:

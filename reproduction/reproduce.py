@@ -154,9 +154,10 @@ def train(config: dict, workdir: str, name: str) -> None:
     path = os.path.join(workdir, f"{name}.yaml")
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(config, f)
-    cli = os.path.join(os.path.dirname(sys.executable), "llamafactory-cli")
+    from llamafactory_minorsft.tools.runs import train_command
+
     with open(os.path.join(workdir, f"{name}.log"), "w", encoding="utf-8") as log:
-        subprocess.run([cli, "train", path], stdout=log, stderr=subprocess.STDOUT, check=True)
+        subprocess.run(train_command(path), stdout=log, stderr=subprocess.STDOUT, check=True)
 
 
 def check_own_dir(option: str, path: str, own: str) -> None:

@@ -175,6 +175,27 @@ def warm_cli() -> WarmCLI:
 
 
 _warm_cli: WarmCLI | None = None
+_warm_socket: WarmCLI | None = None
+
+
+def warm_tool_env(**extra) -> dict:
+    """``cli_env`` for a tool (demo, grid, reproduction) whose trainings fork from this pytest process's warm CLI.
+
+    The tools start ``$LLAMAFACTORY_MINORSFT_CLI`` for ``llamafactory-cli`` (``runs.train_command``): here the
+    stand-in ``warm_client.py``, served over a socket by a warm CLI server (its imports done once). Only for tools on
+    CPU in the default environment; the stopped-grid test keeps the real console script (it kills process groups).
+    """
+    global _warm_socket
+    if torch.cuda.is_available():
+        return cli_env(**extra)
+    if _warm_socket is None or _warm_socket.process.poll() is not None:
+        socket = os.path.join(tempfile.mkdtemp(prefix="mw"), "s")  # short: a socket path has at most 107 bytes
+        _warm_socket = WarmCLI(cli_env(), Path(socket).with_name("server.log"), socket=socket)
+        atexit.register(_warm_socket.close)
+    client = Path(__file__).with_name("warm_client.py")
+    return cli_env(
+        LLAMAFACTORY_MINORSFT_CLI=f"{sys.executable} {client}", WARM_CLI_SOCKET=_warm_socket.socket, **extra
+    )
 
 
 def run_cli(config: dict, workdir, *args, check: bool = True, env: dict | None = None, timeout: int = 600):

@@ -33,11 +33,17 @@ def test_two_processes_equal_one_big_batch(tiny, tmp_path, stage):
 
 
 def test_two_processes_track_deviation_keeps_the_stock_loss(tiny, tmp_path):
-    """The fused token mean under data parallelism: the Trainer counts tokens across processes, scales back by P."""
-    env = cli_env(FORCE_TORCHRUN="1", NPROC_PER_NODE="2")
-    common = dict(stage="sft", per_device_train_batch_size=2, learning_rate=0.5)
-    run_cli(base_config(tiny, tmp_path / "stock", **common), tmp_path / "stock_run", env=env)
-    run_cli(base_config(tiny, tmp_path / "tracked", track_deviation=True, **common), tmp_path / "t_run", env=env)
+    """The fused token mean under data parallelism: the Trainer counts tokens across processes, scales back by P.
+
+    Against stock sft on one process with both processes' rows (stock sft's own data parallelism gives that update).
+    """
+    common = dict(stage="sft", learning_rate=0.5)
+    run_cli(base_config(tiny, tmp_path / "stock", per_device_train_batch_size=4, **common), tmp_path / "stock_run")
+    run_cli(
+        base_config(tiny, tmp_path / "tracked", track_deviation=True, per_device_train_batch_size=2, **common),
+        tmp_path / "t_run",
+        env=cli_env(FORCE_TORCHRUN="1", NPROC_PER_NODE="2"),
+    )
     assert_same_weights(tmp_path / "stock", tmp_path / "tracked", rtol=1e-4, atol=1e-6)
     stock, tracked = step_logs(tmp_path / "stock")[0], step_logs(tmp_path / "tracked")[0]
     assert tracked["loss"] == pytest.approx(stock["loss"], rel=1e-5) and tracked["deviation"] == 0

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import cli_env
+from conftest import cli_env, warm_tool_env
 from llamafactory_minorsft.tools.tiny import make_mc_questions
 
 
@@ -18,7 +18,8 @@ TOOL = str(Path(sys.executable).parent / "llamafactory-minorsft")
 
 
 def tool(*args, cwd, check=True):
-    proc = subprocess.run([TOOL, *map(str, args)], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=900)
+    env = warm_tool_env()  # the grid's trainings fork from a warm CLI (the stopped-grid test starts the real one)
+    proc = subprocess.run([TOOL, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(proc.stdout[-3000:] + proc.stderr[-5000:])
     return proc
@@ -328,3 +329,50 @@ def test_a_stopped_grid_stops_its_training(tiny, tmp_path):
     assert not alive, alive
     status = json.loads((tmp_path / "grid_out" / "grid_status.json").read_text())
     assert status["runs"][0]["status"] == "interrupted" and status["running"] is None
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["tiny", "out", "--hidden-size", "0"], "--hidden-size: must be a whole number of at least 1, got '0'"),
+        (["tiny", "out", "--hidden-size", "20"], "tiny --hidden-size: must be a multiple of 8"),
+        (["tiny", "out", "--num-samples", "-3"], "--num-samples: must be a whole number of at least 1, got '-3'"),
+        (["tiny", "out", "--num-layers", "two"], "--num-layers: must be a whole number of at least 1, got 'two'"),
+        (["eval-mc", "--model", "m", "--template", "qwen", "--batch-size", "0", "q.jsonl"], "--batch-size: must be"),
+    ],
+    ids=["hidden-zero", "hidden-heads", "samples", "layers", "batch-size"],
+)
+def test_tool_sizes_are_checked_before_anything_is_written(tmp_path, monkeypatch, capsys, argv, message):
+    from llamafactory_minorsft.tools.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fig1_without_any_deviation_says_why(tmp_path, capsys):
+    """Runs of plain sft without `track_deviation` log no deviation: the chart says so instead of being empty."""
+    from llamafactory_minorsft.tools.figures import NO_DEVIATION, plot_deviation_curves
+
+    for name, extra in (("plain", {}), ("tracked", {"deviation": 0.25})):
+        (tmp_path / name).mkdir()
+        history = [{"step": step, "loss": 1.0 / step, **extra} for step in (1, 2)]
+        (tmp_path / name / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    path = plot_deviation_curves({"sft": str(tmp_path / "plain")}, str(tmp_path / "empty.png"))
+    assert NO_DEVIATION in capsys.readouterr().err and Path(path).stat().st_size > 0
+    plot_deviation_curves(
+        {"sft": str(tmp_path / "plain"), "minorsft": str(tmp_path / "tracked")}, str(tmp_path / "a.png")
+    )
+    assert NO_DEVIATION not in capsys.readouterr().err
+
+
+def test_the_training_command_can_be_a_wrapper(monkeypatch):
+    """`LLAMAFACTORY_MINORSFT_CLI` stands for `llamafactory-cli` in the tools' trainings, split as a shell would."""
+    from llamafactory_minorsft.tools.runs import CLI_ENV, train_command
+
+    monkeypatch.delenv(CLI_ENV, raising=False)
+    assert train_command("c.yaml") == [str(Path(sys.executable).parent / "llamafactory-cli"), "train", "c.yaml"]
+    monkeypatch.setenv(CLI_ENV, "nice -n 10 'my cli'")
+    assert train_command("c.yaml", "seed=2") == ["nice", "-n", "10", "my cli", "train", "c.yaml", "seed=2"]

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import cli_env
+from conftest import cli_env, warm_tool_env
 
 
 REPRODUCTION = Path(__file__).resolve().parents[1] / "reproduction"
 sys.path.insert(0, str(REPRODUCTION))
 
-from report import RunResult, accuracy_difference, value_difference  # noqa: E402
+from report import RunResult, accuracy_difference, load_runs, value_difference  # noqa: E402
 from reproduce import as_sft, mc_set  # noqa: E402
 
 
@@ -75,6 +75,22 @@ def test_paired_value_interval_is_the_paired_t_interval():
     assert same.mean == pytest.approx(0.5) and same.verdict == "inconclusive" and "no interval" in str(same)
 
 
+def test_the_report_reads_only_the_runs_of_its_grid(tmp_path):
+    """A run directory that the grid's status does not list as finished (an earlier grid's) stays out of the report."""
+    for name, lr in (("minorsft-a", 1e-3), ("minorsft-stray", 5e-3), ("minorsft-failed", 2e-3)):
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        hits = {"domain_mc": "10", "general_mc": "01"}
+        (run / "grid_status.json").write_text(json.dumps(dict(loss=1.0, eval={"domain_mc": 0.5}, eval_hits=hits)))
+        (run / "grid_config.yaml").write_text(f"learning_rate: {lr}\npref_beta: 0.04\nseed: 1\n")
+        (run / "trainer_state.json").write_text(json.dumps(dict(log_history=[dict(step=1, loss=1.0, deviation=0.1)])))
+    states = [dict(name="minorsft-a", status="done"), dict(name="minorsft-failed", status="failed")]
+    (tmp_path / "grid_status.json").write_text(json.dumps(dict(runs=states)))
+    runs = load_runs(str(tmp_path))
+    assert [(r.method, r.lr, r.beta, r.seed) for r in runs] == [("minorsft", 1e-3, 0.04, 1)]
+    assert runs[0].hits.tolist() == [1, 0, 0, 1]
+
+
 def test_answers_start_with_the_letter_and_vary_in_length():
     questions = mc_set("domain", 64, seed=1)
     samples = as_sft(questions)
@@ -108,7 +124,7 @@ def test_smoke_run_writes_the_report(tmp_path):
     proc = subprocess.run(
         [sys.executable, "reproduce.py", "--smoke", "--cache", str(cache), "--docs", str(docs)],
         cwd=REPRODUCTION,
-        env=cli_env(),
+        env=warm_tool_env(),  # its trainings fork from a warm CLI (see conftest)
         capture_output=True,
         text=True,
         timeout=900,

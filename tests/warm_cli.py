@@ -18,35 +18,69 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 
-#: the server: import what a CLI run imports, then fork one child per request (a JSON line on stdin); replies go
-#: to the file descriptor in argv[1], which the children close, so nothing a run prints can reach them
+#: the server: import what a CLI run imports, then fork one child per request; replies go to the file descriptor in
+#: argv[1], which the children close, so nothing a run prints can reach them. Requests come as JSON lines on stdin
+#: (``WarmCLI.run``: output into files), or, with a socket path in argv[2], from ``warm_client.py`` processes, each
+#: passing its own stdin, stdout and stderr along (``WarmCLI.socket``); the server ends when its stdin closes.
 SERVER = r"""
-import json, os, random, sys
+import json, os, random, select, socket, sys
 import datasets.fingerprint, numpy
 import llamafactory.cli, llamafactory.launcher, llamafactory.train.tuner  # noqa: F401 (a CLI run's own imports)
 
 replies = os.fdopen(int(sys.argv[1]), "w")
+listener = None
+if len(sys.argv) > 2:
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(sys.argv[2])
+    listener.listen()
 # no fork after a thread has started, but for pyarrow's jemalloc background thread (jemalloc handles a fork itself)
 others = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task") if int(t) != os.getpid()]
 assert set(others) <= {"jemalloc_bg_thd"}, others
 print(json.dumps({"ready": True}), file=replies, flush=True)
-for line in sys.stdin:
-    request = json.loads(line)
+
+
+def fork_run(request, fds, closing):
     sys.stdout.flush(), sys.stderr.flush()
     pid = os.fork()
     if pid == 0:  # the run: nothing below returns to the loop
-        replies.close()
+        for f in closing:
+            f.close()
         datasets.fingerprint.fingerprint_rng.seed(), numpy.random.seed(), random.seed()  # as a new process's
         os.chdir(request["cwd"])
-        for fd, name in ((0, os.devnull), (1, request["stdout"]), (2, request["stderr"])):
-            os.dup2(os.open(name, os.O_RDONLY if fd == 0 else os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        for fd, new in zip((0, 1, 2), fds):
+            os.dup2(new, fd)
         sys.argv = request["argv"]
         sys.exit(llamafactory.cli.main())
-    print(json.dumps({"pid": pid}), file=replies, flush=True)
+    for new in fds:
+        os.close(new)
+    return pid
+
+
+def request_fds(request):
+    return [os.open(name, os.O_RDONLY if fd == 0 else os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            for fd, name in enumerate((os.devnull, request["stdout"], request["stderr"]))]
+
+
+if listener is None:
+    for line in sys.stdin:
+        request = json.loads(line)
+        pid = fork_run(request, request_fds(request), [replies])
+        print(json.dumps({"pid": pid}), file=replies, flush=True)
+        _, status = os.waitpid(pid, 0)
+        print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), file=replies, flush=True)
+while listener is not None:  # one client at a time: the others wait in the listen queue
+    if sys.stdin in select.select([listener, sys.stdin], [], [])[0] and not sys.stdin.buffer.read1(1):
+        break
+    connection, _ = listener.accept()
+    message, fds, _, _ = socket.recv_fds(connection, 65536, 3)
+    pid = fork_run(json.loads(message), fds, [replies, listener, connection])
+    connection.sendall((json.dumps({"pid": pid}) + "\n").encode())
     _, status = os.waitpid(pid, 0)
-    print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), file=replies, flush=True)
+    connection.sendall((json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n").encode())
+    connection.close()
 """
 
 
@@ -56,13 +90,13 @@ class WarmCLI:
     A run that is interrupted (timeout, Ctrl-C, a failed reply) kills the server: ``broken`` says to start another.
     """
 
-    def __init__(self, env: dict, log: Path) -> None:
-        self.log, self.buffer, self.broken = log, b"", False
+    def __init__(self, env: dict, log: Path, socket: Optional[str] = None) -> None:
+        self.log, self.buffer, self.broken, self.socket = log, b"", False, socket
         read, write = os.pipe()
         with open(log, "wb") as output:  # the server's own output (import-time warnings, a failed start)
             self.process = subprocess.Popen(
                 # -P: no working directory on sys.path, as the console script
-                [sys.executable, "-P", "-c", SERVER, str(write)],
+                [sys.executable, "-P", "-c", SERVER, str(write), *([socket] if socket else [])],
                 env=env,
                 stdin=subprocess.PIPE,
                 stdout=output,

@@ -55,6 +55,11 @@ def _main(argv=None) -> int:
     mc.add_argument("--output", help="write the results as JSON here")
     mc.add_argument("files", nargs="+")
     args = parser.parse_args(argv)
+    # the tiny model has 4 attention heads, and rotary embeddings need an even head size
+    if args.command == "tiny" and args.hidden_size % 8:
+        parser.error(
+            f"tiny --hidden-size: must be a multiple of 8 (4 attention heads of an even size), got {args.hidden_size}"
+        )
 
     if args.command == "grid":
         from .grid import run_grid

@@ -6,8 +6,12 @@
 """
 
 import statistics
+import sys
 
 from .runs import Run, log_history, step_values
+
+
+NO_DEVIATION = "no run logged a deviation: stages sft and sft_go log it with `track_deviation: true`"
 
 
 def _pyplot():
@@ -37,7 +41,11 @@ def plot_deviation_curves(runs: dict[str, str], path: str) -> str:
     ax.set_xlabel("step")
     ax.set_ylabel("deviation  (1/N) Σ (1/m) log πθ/πref   (Eq. 8)")
     ax.set_title("Deviation from the reference model")
-    ax.legend()
+    if ax.lines:
+        ax.legend()
+    else:  # an empty chart would look like a plotting bug: say why, on it and on the console
+        ax.text(0.5, 0.5, NO_DEVIATION.replace(": ", ":\n"), ha="center", va="center", transform=ax.transAxes)
+        print(f"{path}: {NO_DEVIATION}", file=sys.stderr)
     return _save(fig, path)
 
 

@@ -38,7 +38,6 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import fields
@@ -48,7 +47,7 @@ from typing import Any, Optional
 import yaml
 from tqdm import tqdm
 
-from .runs import Run, final_value, log_history, step_values
+from .runs import Run, final_value, log_history, step_values, train_command
 
 
 TOP_KEYS = {"base", "output_dir", "set", "eval", "blocks"}
@@ -241,11 +240,10 @@ def train_watched(config_path: str, run_dir: str, log_path: str, desc: str) -> i
     for name in ("trainer_log.jsonl", "trainer_deviation.jsonl"):  # an earlier, unfinished attempt's
         if os.path.exists(os.path.join(run_dir, name)):
             os.remove(os.path.join(run_dir, name))
-    cli = os.path.join(os.path.dirname(sys.executable), "llamafactory-cli")
     with open(log_path, "w", encoding="utf-8") as log, tqdm(desc=desc, unit="step", dynamic_ncols=True) as bar:
         # its own process group (torchrun's workers included), stopped with the grid (`stop_group`)
         process = subprocess.Popen(
-            [cli, "train", config_path], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            train_command(config_path), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         try:
             return watch(process, run_dir, bar)
@@ -286,7 +284,10 @@ def watch(process: subprocess.Popen, run_dir: str, bar: tqdm) -> int:
             bar.refresh()
         if returncode is not None:
             return returncode
-        time.sleep(1)
+        try:  # a second between updates, and none after the training ends
+            process.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def last_entry(path: str, key: str) -> dict[str, Any]:

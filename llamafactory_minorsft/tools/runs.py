@@ -6,6 +6,7 @@ What the tools share about LLaMA-Factory runs: a grid run's record, training thr
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -28,11 +29,26 @@ class Run:
         return tuple(sorted((k, v) for k, v in self.values.items() if k != "seed"))
 
 
+#: a command that stands for ``llamafactory-cli`` in the tools' trainings, e.g. a wrapper that prefixes it
+CLI_ENV = "LLAMAFACTORY_MINORSFT_CLI"
+
+
+def train_command(config_path: str, *overrides: str) -> list[str]:
+    """``llamafactory-cli train CONFIG [key=value ...]``: this environment's console script, or ``$CLI_ENV``.
+
+    ``LLAMAFACTORY_MINORSFT_CLI="nice -n 10 llamafactory-cli"`` (split as a shell would) starts every training of
+    the demo, the grid and the reproduction through that command instead.
+    """
+    command = shlex.split(os.getenv(CLI_ENV, ""))
+    if not command:
+        command = [os.path.join(os.path.dirname(sys.executable), "llamafactory-cli")]
+    return [*command, "train", config_path, *overrides]
+
+
 def train(config_path: str, log_path: str, overrides: tuple[str, ...] = ()) -> int:
-    """``llamafactory-cli train CONFIG [key=value ...]`` of this environment, output into ``log_path``."""
-    cli = os.path.join(os.path.dirname(sys.executable), "llamafactory-cli")
+    """``train_command`` with its output into ``log_path``; its return code."""
     with open(log_path, "w", encoding="utf-8") as log:
-        return subprocess.run([cli, "train", config_path, *overrides], stdout=log, stderr=subprocess.STDOUT).returncode
+        return subprocess.run(train_command(config_path, *overrides), stdout=log, stderr=subprocess.STDOUT).returncode
 
 
 def log_history(output_dir: str) -> list[dict[str, Any]]:
