@@ -21,11 +21,19 @@ if ! command -v chromium >/dev/null 2>&1; then
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
 fi
 
-# DeepSpeed on the CPU JIT-builds its shared-memory collectives op at its first distributed start (50 s measured
-# here, once per machine, into ~/.cache/torch_extensions): built now with DeepSpeed's own builder, as set-up, not
-# inside whichever DeepSpeed test comes first
-echo "[setup] DeepSpeed's CPU shm op: $(.venv/bin/python -c 'from deepspeed.comm.torch import build_shm_op
+# DeepSpeed on the CPU JIT-builds its shared-memory collectives op at its first distributed start (about 30 s, and
+# 90 s inside a busy test run). Each environment gets its own build directory, built now with DeepSpeed's own builder
+# and the PATH its tests run with: torch rebuilds the op whenever the include paths (another environment's DeepSpeed)
+# or the ninja binary (the system's or the environment's own) differ from the last build in that directory.
+in_venv() {  # in_venv VENV COMMAND...: COMMAND with the PATH and the op build directory of VENV's runs
+  local venv="$1"; shift
+  env PATH="$PWD/$venv/bin:$PATH" TORCH_EXTENSIONS_DIR="$PWD/$venv/torch_extensions" "$@"
+}
+for venv in .venv ${COMPAT_VERSIONS:+$(printf ' .venv-lf-%s' $COMPAT_VERSIONS)}; do
+  echo "[setup] $venv: DeepSpeed's CPU shm op: $(in_venv "$venv" "$venv/bin/python" -c '
+from deepspeed.comm.torch import build_shm_op
 print("ready" if build_shm_op() is not None else "not available")' 2>/dev/null | tail -1)"
+done
 
 run_pytest() {  # run_pytest VENV [pytest args...]
   local venv="$1"; shift
@@ -35,7 +43,7 @@ run_pytest() {  # run_pytest VENV [pytest args...]
   # threads each on two cores ran the in-process tests 1.45x slower; loadgroup runs the torchrun tests on one
   # worker, one at a time (conftest.TORCHRUN)
   if [ "$workers" != 0 ]; then parallel=(--dist loadgroup); threads=("OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}"); fi
-  env PATH="$PWD/$venv/bin:$PATH" HF_HUB_OFFLINE=1 "${threads[@]}" "$venv/bin/python" -m pytest -n "$workers" \
+  in_venv "$venv" env HF_HUB_OFFLINE=1 "${threads[@]}" "$venv/bin/python" -m pytest -n "$workers" \
     "${parallel[@]}" "$@"
 }
 
