@@ -29,7 +29,9 @@ in_venv() {  # in_venv VENV COMMAND...: COMMAND with the PATH and the op build d
   local venv="$1"; shift
   env PATH="$PWD/$venv/bin:$PATH" TORCH_EXTENSIONS_DIR="$PWD/$venv/torch_extensions" "$@"
 }
-for venv in .venv ${COMPAT_VERSIONS:+$(printf ' .venv-lf-%s' $COMPAT_VERSIONS)}; do
+venvs=(.venv)
+for version in $COMPAT_VERSIONS; do venvs+=(".venv-lf-$version"); done
+for venv in "${venvs[@]}"; do
   echo "[setup] $venv: DeepSpeed's CPU shm op: $(in_venv "$venv" "$venv/bin/python" -c '
 from deepspeed.comm.torch import build_shm_op
 print("ready" if build_shm_op() is not None else "not available")' 2>/dev/null | tail -1)"

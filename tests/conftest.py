@@ -4,6 +4,7 @@ import atexit
 import functools
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -178,7 +179,7 @@ _warm_cli: WarmCLI | None = None
 _warm_socket: WarmCLI | None = None
 
 
-def warm_tool_env(**extra) -> dict:
+def warm_tool_env() -> dict:
     """``cli_env`` for a tool (demo, grid, reproduction) whose trainings fork from this pytest process's warm CLI.
 
     The tools start ``$LLAMAFACTORY_MINORSFT_CLI`` for ``llamafactory-cli`` (``runs.train_command``): here the
@@ -187,14 +188,15 @@ def warm_tool_env(**extra) -> dict:
     """
     global _warm_socket
     if torch.cuda.is_available():
-        return cli_env(**extra)
+        return cli_env()
     if _warm_socket is None or _warm_socket.process.poll() is not None:
         socket = os.path.join(tempfile.mkdtemp(prefix="mw"), "s")  # short: a socket path has at most 107 bytes
         _warm_socket = WarmCLI(cli_env(), Path(socket).with_name("server.log"), socket=socket)
         atexit.register(_warm_socket.close)
     client = Path(__file__).with_name("warm_client.py")
+    # the runs fork from the server, with its environment: this one reaches only the client
     return cli_env(
-        LLAMAFACTORY_MINORSFT_CLI=f"{sys.executable} {client}", WARM_CLI_SOCKET=_warm_socket.socket, **extra
+        LLAMAFACTORY_MINORSFT_CLI=shlex.join([sys.executable, str(client)]), WARM_CLI_SOCKET=_warm_socket.socket
     )
 
 

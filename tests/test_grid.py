@@ -2,9 +2,14 @@
 
 import csv
 import json
+import os
 import re
+import shlex
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -354,7 +359,7 @@ def test_tool_sizes_are_checked_before_anything_is_written(tmp_path, monkeypatch
 
 def test_fig1_without_any_deviation_says_why(tmp_path, capsys):
     """Runs of plain sft without `track_deviation` log no deviation: the chart says so instead of being empty."""
-    from llamafactory_minorsft.tools.figures import NO_DEVIATION, plot_deviation_curves
+    from llamafactory_minorsft.tools.figures import NO_DEVIATION, NO_RUNS, plot_deviation_curves
 
     for name, extra in (("plain", {}), ("tracked", {"deviation": 0.25})):
         (tmp_path / name).mkdir()
@@ -366,6 +371,8 @@ def test_fig1_without_any_deviation_says_why(tmp_path, capsys):
         {"sft": str(tmp_path / "plain"), "minorsft": str(tmp_path / "tracked")}, str(tmp_path / "a.png")
     )
     assert NO_DEVIATION not in capsys.readouterr().err
+    plot_deviation_curves({}, str(tmp_path / "none.png"))  # no finished run: that, not `track_deviation`, is why
+    assert capsys.readouterr().err.endswith(f"{NO_RUNS}\n")
 
 
 def test_the_training_command_can_be_a_wrapper(monkeypatch):
@@ -376,3 +383,38 @@ def test_the_training_command_can_be_a_wrapper(monkeypatch):
     assert train_command("c.yaml") == [str(Path(sys.executable).parent / "llamafactory-cli"), "train", "c.yaml"]
     monkeypatch.setenv(CLI_ENV, "nice -n 10 'my cli'")
     assert train_command("c.yaml", "seed=2") == ["nice", "-n", "10", "my cli", "train", "c.yaml", "seed=2"]
+
+
+def test_the_tests_stand_in_cli_ends_as_its_run_ends(tmp_path):
+    """The tests' stand-in for `llamafactory-cli` (`tests/warm_client.py`) ends as its run ends.
+
+    It exits with the run's status, a signal sent to it reaches the run and kills it with that signal, and a client
+    that breaks off a request leaves the server serving the next one.
+    """
+    env = warm_tool_env()
+    if "WARM_CLI_SOCKET" not in env:
+        pytest.skip("the warm CLI serves CPU runs only")
+    client = [*shlex.split(env["LLAMAFACTORY_MINORSFT_CLI"]), "train"]
+    with socket.socket(socket.AF_UNIX) as broken:  # a request without its stdin, stdout and stderr
+        broken.connect(env["WARM_CLI_SOCKET"])
+        broken.sendall(b"{}")
+    missing = subprocess.run([*client, "missing.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert missing.returncode == 1 and "missing.yaml" in missing.stderr  # the run's traceback, on the client's stderr
+
+    os.mkfifo(tmp_path / "blocked.yaml")  # the run waits on reading its config until this test writes it
+    proc = subprocess.Popen([*client, "blocked.yaml"], cwd=tmp_path, env=env)
+    writer = None
+    try:
+        deadline = time.monotonic() + 60
+        while writer is None and time.monotonic() < deadline:  # a writer can open a FIFO once a reader waits on it
+            try:
+                writer = os.open(tmp_path / "blocked.yaml", os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                time.sleep(0.1)
+        assert writer is not None, "the run never opened its config"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == -signal.SIGTERM
+    finally:
+        proc.kill()
+        if writer is not None:
+            os.close(writer)

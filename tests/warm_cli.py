@@ -26,7 +26,7 @@ from typing import Optional
 #: (``WarmCLI.run``: output into files), or, with a socket path in argv[2], from ``warm_client.py`` processes, each
 #: passing its own stdin, stdout and stderr along (``WarmCLI.socket``); the server ends when its stdin closes.
 SERVER = r"""
-import json, os, random, select, socket, sys
+import contextlib, json, os, random, select, socket, sys
 import datasets.fingerprint, numpy
 import llamafactory.cli, llamafactory.launcher, llamafactory.train.tuner  # noqa: F401 (a CLI run's own imports)
 
@@ -52,6 +52,8 @@ def fork_run(request, fds, closing):
         os.chdir(request["cwd"])
         for fd, new in zip((0, 1, 2), fds):
             os.dup2(new, fd)
+        for new in set(fds) - {0, 1, 2}:  # the run holds its stdio once, as a new process would
+            os.close(new)
         sys.argv = request["argv"]
         sys.exit(llamafactory.cli.main())
     for new in fds:
@@ -75,11 +77,24 @@ while listener is not None:  # one client at a time: the others wait in the list
     if sys.stdin in select.select([listener, sys.stdin], [], [])[0] and not sys.stdin.buffer.read1(1):
         break
     connection, _ = listener.accept()
-    message, fds, _, _ = socket.recv_fds(connection, 65536, 3)
-    pid = fork_run(json.loads(message), fds, [replies, listener, connection])
-    connection.sendall((json.dumps({"pid": pid}) + "\n").encode())
+    fds = []
+    try:  # a client that sends garbage or goes away loses its run, not the server
+        message, fds, _, _ = socket.recv_fds(connection, 65536, 3)
+        request = json.loads(message)
+        if len(fds) != 3:
+            raise ValueError(f"a request passes stdin, stdout and stderr, not {len(fds)} file descriptors")
+    except (OSError, ValueError) as error:
+        print(f"warm CLI: request dropped: {error!r}", file=sys.stderr, flush=True)
+        for new in fds:
+            os.close(new)
+        connection.close()
+        continue
+    pid = fork_run(request, fds, [replies, listener, connection])  # the run never comes back here
+    with contextlib.suppress(OSError):
+        connection.sendall((json.dumps({"pid": pid}) + "\n").encode())
     _, status = os.waitpid(pid, 0)
-    connection.sendall((json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n").encode())
+    with contextlib.suppress(OSError):
+        connection.sendall((json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n").encode())
     connection.close()
 """
 
@@ -128,6 +143,8 @@ class WarmCLI:
         return json.loads(line)
 
     def run(self, argv: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+        if self.socket is not None:
+            raise RuntimeError("this warm CLI serves warm_client.py over its socket: it takes no requests on stdin")
         stdout, stderr = cwd / "cli.stdout", cwd / "cli.stderr"
         for path in (stdout, stderr):  # never the files of an earlier run in the same directory
             path.unlink(missing_ok=True)

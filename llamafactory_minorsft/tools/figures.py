@@ -12,6 +12,7 @@ from .runs import Run, log_history, step_values
 
 
 NO_DEVIATION = "no run logged a deviation: stages sft and sft_go log it with `track_deviation: true`"
+NO_RUNS = "no finished run to plot: every run failed or is still to train (a grid lists them in grid_status.json)"
 
 
 def _pyplot():
@@ -44,8 +45,9 @@ def plot_deviation_curves(runs: dict[str, str], path: str) -> str:
     if ax.lines:
         ax.legend()
     else:  # an empty chart would look like a plotting bug: say why, on it and on the console
-        ax.text(0.5, 0.5, NO_DEVIATION.replace(": ", ":\n"), ha="center", va="center", transform=ax.transAxes)
-        print(f"{path}: {NO_DEVIATION}", file=sys.stderr)
+        why = NO_DEVIATION if runs else NO_RUNS
+        ax.text(0.5, 0.5, why.replace(": ", ":\n"), ha="center", va="center", transform=ax.transAxes)
+        print(f"{path}: {why}", file=sys.stderr)
     return _save(fig, path)
 
 
