@@ -186,6 +186,26 @@ def test_mini_grid_trains_evaluates_plots_shows_progress_and_resumes(tiny, tmp_p
     assert re.search(rf"run 4/4 {bad}: training \(1 done, 2 skipped, 0 failed; grid ETA 0:\d\d:\d\d\)", again.stdout)
     assert "[grid] finished: 1 done, 2 skipped, 1 failed" in again.stdout
 
+    # started with another evaluation: the finished runs are evaluated again, not trained again
+    spec["eval"]["files"] = ["domain_mc.jsonl"]
+    grid.write_text(yaml.safe_dump(spec))
+    model = out / "runs" / names[1] / "model.safetensors"
+    trained_at, duration = model.stat().st_mtime_ns, run_status["duration_s"]
+    third = tool("grid", grid, cwd=tmp_path, check=False)
+    assert f"{names[1]}: its evaluation changed since it finished: evaluated again" in third.stdout
+    assert f"run 2/4 {names[1]}: evaluating (1 done, 0 skipped, 0 failed" in third.stdout
+    assert (
+        f"run 4/4 {bad}: training" in third.stdout and "[grid] finished: 3 done, 0 skipped, 1 failed" in third.stdout
+    )
+    assert model.stat().st_mtime_ns == trained_at
+    evaluated = json.loads((out / "runs" / names[1] / "grid_status.json").read_text())
+    assert (
+        list(evaluated["eval"]) == ["domain_mc"] and evaluated["eval"]["domain_mc"] == run_status["eval"]["domain_mc"]
+    )
+    assert evaluated["duration_s"] == duration  # the training's, for the ETA
+    with open(out / "results.csv") as f:
+        assert "acc_general_mc" not in next(csv.reader(f))
+
 
 @pytest.mark.parametrize(
     "extra, message",

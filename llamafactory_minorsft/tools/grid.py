@@ -180,6 +180,11 @@ def fingerprint(run: Run, eval_settings: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def train_fingerprint(run: Run) -> str:
+    """What a run's trained model depends on: its whole train config (but where it lies)."""
+    return fingerprint(run, {})
+
+
 def finished_status(run: Run, eval_settings: dict[str, Any]) -> Optional[dict[str, Any]]:
     """The recorded result of a run that finished before with the same settings, else None (the run is redone).
 
@@ -203,9 +208,28 @@ def finished_status(run: Run, eval_settings: dict[str, Any]) -> Optional[dict[st
         status["fingerprint"] = fingerprint(run, eval_settings)
         write_json(status_path, status)
     if status.get("fingerprint") != fingerprint(run, eval_settings):
-        print(f"[grid] {run.name}: its config or evaluation changed since it finished: redone", flush=True)
+        if status.get("train_fingerprint") == train_fingerprint(run):
+            print(f"[grid] {run.name}: its evaluation changed since it finished: evaluated again", flush=True)
+        else:
+            print(f"[grid] {run.name}: its config or evaluation changed since it finished: redone", flush=True)
         return None
     return status
+
+
+def trained_status(run: Run) -> Optional[dict[str, Any]]:
+    """The record of a run that finished before with this train config, whatever its evaluation, else None.
+
+    Such a run is evaluated again, not trained again (``evaluate_again``): only its evaluation changed.
+    """
+    try:
+        with open(os.path.join(run.config["output_dir"], STATUS_FILE), encoding="utf-8") as f:
+            status = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if isinstance(status, dict) and status.get("status") == "done":
+        if status.get("train_fingerprint") == train_fingerprint(run):
+            return status
+    return None
 
 
 def recorded_with(run: Run, status: dict[str, Any], eval_settings: dict[str, Any]) -> bool:
@@ -319,17 +343,39 @@ def run_one(run: Run, settings: dict[str, Any], desc: str) -> dict[str, Any]:
         yaml.safe_dump(run.config, f)
     log_path = os.path.join(run_dir, "grid_train.log")
     start = time.time()
-
-    def failed(why: str) -> dict[str, Any]:
-        print(f"[grid] {run.name}: {why}, see {log_path}", flush=True)
-        return {"status": "failed", "log": log_path, "duration_s": round(time.time() - start, 1)}
-
     if train_watched(config_path, run_dir, log_path, desc) != 0:
-        return failed("training failed")
+        return failed_status(run, "training failed", log_path, start)
+    return record_result(run, settings, log_path, start)
+
+
+def evaluate_again(run: Run, settings: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
+    """A run trained before with its config, whose evaluation changed: evaluated and recorded anew, not retrained.
+
+    Its earlier record stays until the new one replaces it, so a failed evaluation is tried again on the next start.
+    """
+    log_path = trained.get("log") or os.path.join(run.config["output_dir"], "grid_train.log")
+    return record_result(run, settings, log_path, time.time(), trained.get("duration_s"))
+
+
+def failed_status(run: Run, why: str, log_path: str, start: float) -> dict[str, Any]:
+    print(f"[grid] {run.name}: {why}, see {log_path}", flush=True)
+    return {"status": "failed", "log": log_path, "duration_s": round(time.time() - start, 1)}
+
+
+def record_result(
+    run: Run, settings: dict[str, Any], log_path: str, start: float, train_s: Optional[float] = None
+) -> dict[str, Any]:
+    """Read a trained run's logs, evaluate it, and write its record (``STATUS_FILE``), last: "finished".
+
+    ``train_s``: the training's duration, for a run trained before (the grid's ETA counts trainings, not evaluations).
+    """
+    run_dir = run.config["output_dir"]
     try:
         history = log_history(run_dir)
     except (OSError, ValueError, KeyError):
-        return failed(f"training wrote no trainer_state.json into {run_dir} (did it train? `do_train`)")
+        return failed_status(
+            run, f"training wrote no trainer_state.json into {run_dir} (did it train? `do_train`)", log_path, start
+        )
 
     status = {"status": "done", "eval": {}}
     status.update(loss=final_value(history, "loss"), deviation=final_value(history, "deviation"))
@@ -343,14 +389,17 @@ def run_one(run: Run, settings: dict[str, Any], desc: str) -> dict[str, Any]:
         except Exception as err:  # one run's evaluation does not stop the grid
             with open(log_path, "a", encoding="utf-8") as log:
                 log.write(f"\n[grid] evaluation failed: {err!r}\n")
-            return failed(f"evaluation failed ({err})")
+            return failed_status(run, f"evaluation failed ({err})", log_path, start)
         status["eval"] = {name: result["accuracy"] for name, result in results.items()}
         status["eval_hits"] = {name: result["hits"] for name, result in results.items()}  # per question, paired
 
     status.update(
-        log=log_path, duration_s=round(time.time() - start, 1), fingerprint=fingerprint(run, settings["eval"])
+        log=log_path,
+        duration_s=round(time.time() - start, 1) if train_s is None else train_s,
+        fingerprint=fingerprint(run, settings["eval"]),
+        train_fingerprint=train_fingerprint(run),
     )
-    write_json(os.path.join(run_dir, STATUS_FILE), status)  # written last: "finished"
+    write_json(os.path.join(run_dir, STATUS_FILE), status)
     return status
 
 
@@ -532,10 +581,14 @@ def train_runs(runs: list[Run], settings: dict[str, Any], progress: GridProgress
             progress.update(index, "skipped", {"duration_s": done_before.get("duration_s")})
             print(f"[grid] {head}: done before, skipped ({progress.summary()})", flush=True)
             continue
+        trained = trained_status(run)
         progress.update(index, "running")
-        print(f"[grid] {head}: training ({progress.summary()})", flush=True)
+        print(f"[grid] {head}: {'evaluating' if trained else 'training'} ({progress.summary()})", flush=True)
         try:
-            run.result = run_one(run, settings, desc=f"run {index}/{len(runs)}")
+            if trained is not None:
+                run.result = evaluate_again(run, settings, trained)
+            else:
+                run.result = run_one(run, settings, desc=f"run {index}/{len(runs)}")
         except KeyboardInterrupt:
             progress.update(index, "interrupted")
             print(f"\n[grid] interrupted during {run.name}; start the grid again to redo it", flush=True)
