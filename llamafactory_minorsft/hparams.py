@@ -227,6 +227,14 @@ class PluginFinetuningArguments(FinetuningArguments, ReferenceArguments, SFTGOAr
 
         self._check_sft_go()
         self._check_dpo_options()
+        if self.is_plugin_run and not self.uses_reference:  # stock DPO's reference options, silently unused here
+            for name in ("ref_model", "ref_model_adapters", "ref_model_quantization_bit"):
+                if getattr(self, name, None) is not None:
+                    raise ValueError(
+                        f"`{name}` sets the reference model, which {_run_label(self)} does not use: set "
+                        "`track_deviation: true` to log the deviation from it (or, with `stage: sft_go`, "
+                        f"`sft_go_grouping: rho1` to group tokens by it), or remove `{name}`."
+                    )
         if self.precompute_ref_logps and self.ref_logps_cache_dir:  # the cache is written after the reference pass
             _check_writable_dir("ref_logps_cache_dir", self.ref_logps_cache_dir)
 
@@ -508,6 +516,26 @@ def verify_plugin_args(model_args, data_args, training_args, finetuning_args, da
             "Predict with a separate `stage: sft` run (`do_train: false`) on the trained model."
         )
 
+    new_tokens = [name for name in NEW_TOKEN_OPTIONS if getattr(model_args, name, None)]
+    if (
+        new_tokens
+        and finetuning_args.uses_reference
+        and (finetuning_args.ref_model is not None or finetuning_args.finetuning_type != "lora")
+    ):
+        raise ValueError(
+            f"`{new_tokens[0]}` cannot be used with {run} and a reference model loaded apart from the policy "
+            "(`ref_model`, or full/freeze tuning): the new tokens' embeddings are initialised anew in each model "
+            "load, so the reference would not be the initial model (and LLaMA-Factory's `create_ref_model` cannot "
+            "copy a parsed token list). Add the tokens in a stock `stage: sft` run first and train from its output, "
+            f"or use `finetuning_type: lora` without `ref_model`, or remove `{new_tokens[0]}`."
+        )
+
+    if getattr(finetuning_args, "sft_go_grouping", None) == "tfidf" and stage == SFT_GO_STAGE and data_args.streaming:
+        raise ValueError(
+            "`sft_go_grouping: tfidf` needs the IDF of every training answer before training, which `streaming: "
+            "true` never has. Set `streaming: false`, or use `sft_go_grouping: rho1` or `llmlingua2`."
+        )
+
     if finetuning_args.precompute_ref_logps and data_args.streaming:
         raise ValueError(
             "`precompute_ref_logps` needs the whole data set before training, which `streaming: true` never has. "
@@ -524,6 +552,9 @@ def verify_plugin_args(model_args, data_args, training_args, finetuning_args, da
             "trainers, which have no reference model. Remove it."
         )
 
+
+#: LLaMA-Factory's options that add tokens to the vocabulary (0.9.4 lacks some)
+NEW_TOKEN_OPTIONS = ("add_tokens", "add_special_tokens", "new_special_tokens_config")
 
 #: LLaMA-Factory's options that replace stock sft's token cross-entropy (0.9.4 has only the first)
 LOSS_OPTIONS = ("use_dft_loss", "use_eaft_loss", "use_asft_loss")

@@ -86,6 +86,24 @@ CASES = {
         dict(finetuning_type="lora", lora_target="all", do_train=False, do_eval=True, eval_dataset="four"),
         "with `finetuning_type: lora` and `do_train: false` needs `ref_model`",
     ),
+    # reference options on runs that use no reference would be ignored
+    "ref_model_on_sft_go_tfidf": (
+        dict(stage="sft_go", ref_model="REF"),
+        "`ref_model` sets the reference model, which `stage: sft_go` does not use",
+    ),
+    "ref_model_on_sft_sample": (
+        dict(stage="sft", sft_loss_reduction="sample", ref_model="REF"),
+        "`ref_model` sets the reference model, which `stage: sft` + `sft_loss_reduction: sample` does not use",
+    ),
+    # new tokens start random in each load: a reference loaded apart would not be the initial model
+    "new_tokens_with_a_reference_copy": (
+        dict(add_special_tokens="<a>,<b>", resize_vocab=True),
+        "`add_special_tokens` cannot be used with `stage: minorsft` and a reference model loaded apart",
+    ),
+    "tfidf_streaming": (
+        dict(stage="sft_go", streaming=True, max_steps=1),
+        "`sft_go_grouping: tfidf` needs the IDF of every training answer",
+    ),
     "unsloth_tracked_sft": (
         dict(stage="sft", track_deviation=True, use_unsloth=True),
         "`use_unsloth` cannot be used with `stage: sft` + `track_deviation`",
@@ -115,6 +133,8 @@ def test_bad_input_fails_early_and_clearly(tiny, tmp_path, case, request):
         message = "`neat_packing` cannot be used with"
     if overrides.get("ref_model") == "OTHER_TOKENIZER":
         overrides = dict(overrides, ref_model=request.getfixturevalue("other_tokenizer_model"))
+    if overrides.get("ref_model") == "REF":
+        overrides = dict(overrides, ref_model=tiny.ref_model)
     out = tmp_path / "out"
     proc = run_cli(base_config(tiny, out, **overrides), tmp_path / "run", check=False)
     output = proc.stdout + proc.stderr

@@ -192,3 +192,53 @@ def test_a_cache_dir_under_home_is_expanded(tiny, tmp_path, monkeypatch):
     )
     entries = look_up(*args, {"train_dataset": data})
     assert entries["train"].path.startswith(str(tmp_path / "home" / "cache")), entries["train"].path
+
+
+def test_the_cache_key_sees_every_file_and_loading_option_of_the_reference(tiny, tmp_path):
+    """A cache made before the reference changed never serves it.
+
+    The reference may be a run's `checkpoint-N` (its own checkpoints inside a model directory are not the model),
+    `ref_model_adapters` may list several adapters (`a,b`), and LLaMA-Factory's loading options (`resize_vocab`)
+    change the reference's forward.
+    """
+    import os
+    import shutil
+
+    from llamafactory.hparams import DataArguments, ModelArguments
+    from transformers import Seq2SeqTrainingArguments
+
+    from llamafactory_minorsft.hparams import PluginFinetuningArguments
+    from llamafactory_minorsft.train.reference_cache import reference_identity
+
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    shutil.copytree(tiny.model, checkpoint)
+    adapters = [tmp_path / "a", tmp_path / "b"]
+    for adapter in adapters:
+        adapter.mkdir()
+        (adapter / "adapter_model.safetensors").write_bytes(b"0")
+
+    def identity(model_options=(), **finetuning) -> str:
+        args = (
+            ModelArguments(model_name_or_path=tiny.model, **dict(model_options)),
+            DataArguments(template="qwen"),
+            Seq2SeqTrainingArguments(output_dir=str(tmp_path / "out"), report_to="none"),
+            PluginFinetuningArguments(stage="minorsft", **finetuning),
+        )
+        return json.dumps(reference_identity(*args), sort_keys=True)
+
+    def retrained(path: Path) -> None:  # same size, a newer file
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+    reference = dict(ref_model=str(checkpoint), ref_model_adapters=f"{adapters[0]},{adapters[1]}")
+    before = identity(**reference)
+    retrained(checkpoint / "model.safetensors")
+    assert identity(**reference) != before
+    before = identity(**reference)
+    retrained(adapters[1] / "adapter_model.safetensors")
+    assert identity(**reference) != before
+    # checkpoints saved inside the model directory are not the model
+    before = identity(ref_model=str(tmp_path / "run"))
+    retrained(checkpoint / "model.safetensors")
+    assert identity(ref_model=str(tmp_path / "run")) == before
+    assert identity(model_options={"resize_vocab": True}) != identity()

@@ -238,6 +238,7 @@ def test_llmlingua2_grouping_with_a_tiny_token_classifier_and_track_deviation(ti
     # track_deviation loads the initial model as reference: 0 at the first step, then the policy moves away
     assert logs[0]["deviation"] == 0.0 and logs[-1]["deviation"] > 0 and "coef" not in logs[0]
     assert (out / "training_loss.png").exists() and (out / "training_group_loss_important.png").exists()
+    assert (out / "training_sft_go_lambda.png").exists()
 
 
 def test_llmlingua2_scores_land_on_the_right_tokens(tiny, tmp_path):
@@ -276,6 +277,14 @@ def test_llmlingua2_scores_land_on_the_right_tokens(tiny, tmp_path):
             keep = torch.softmax(classifier(input_ids=torch.tensor([answer])).logits[0], -1)[:, 1]
         assert len(values) == len(answer)
         torch.testing.assert_close(torch.tensor(values), keep, rtol=1e-4, atol=1e-6)
+
+
+def test_a_checkpoint_without_a_token_classification_head_is_no_classifier(tiny):
+    """A causal LM (or a bare encoder) loads as a token classifier with a random head: refused, not noise groups."""
+    from llamafactory_minorsft.train.sft_go.importance import KeepProbabilityScorer
+
+    with pytest.raises(ValueError, match=r"`sft_go_classifier` .* is not a trained token classifier: .*score\."):
+        KeepProbabilityScorer(tiny.model)
 
 
 CHINESE = ["净利润增长了百分之十", "营收 rose 12% 同比, ça va 🙂", "Revenue grew; 利润率 stayed flat."]

@@ -31,6 +31,28 @@ CACHE_ENV = "LLAMAFACTORY_MINORSFT_CACHE"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".model", ".txt", ".tiktoken")
 
 
+_FORWARD_OPTIONS = (
+    "model_revision",
+    "resize_vocab",
+    "add_tokens",
+    "add_special_tokens",
+    "new_special_tokens_config",
+    "init_special_tokens",
+    "rope_scaling",
+    "flash_attn",
+    "shift_attn",
+    "mixture_of_depths",
+    "use_unsloth",
+    "enable_liger_kernel",
+    "upcast_layernorm",
+    "upcast_lmhead_output",
+    "train_from_scratch",
+    "quantization_method",
+    "quantization_type",
+    "double_quantization",
+)
+
+
 def default_cache_dir() -> str:
     return os.getenv(CACHE_ENV) or os.path.join(
         os.path.expanduser("~"), ".cache", "llamafactory_minorsft", "ref_logps"
@@ -47,11 +69,10 @@ def path_fingerprint(name_or_path: Optional[str]) -> Any:
         return name_or_path  # a hub id: resolved by revision-less name, as LLaMA-Factory loads it
 
     files = []
-    for root, _, names in sorted(os.walk(path)):
-        if os.path.basename(root).startswith("checkpoint-"):
-            continue  # checkpoints of a run saved into the model directory are not the model
-
-        for name in sorted(names):
+    for root, dirs, names in os.walk(path):
+        # checkpoints of a run saved into the model directory are not the model (a `checkpoint-N` model itself is)
+        dirs[:] = [name for name in dirs if not name.startswith("checkpoint-")]
+        for name in names:
             if name.endswith(_WEIGHT_SUFFIXES):
                 full = os.path.join(root, name)
                 stat = os.stat(full)
@@ -60,7 +81,7 @@ def path_fingerprint(name_or_path: Optional[str]) -> Any:
                     with open(full, "rb") as f:
                         entry.append(hashlib.sha256(f.read()).hexdigest())
                 files.append(entry)
-    return {"path": os.path.abspath(path), "files": files}
+    return {"path": os.path.abspath(path), "files": sorted(files)}
 
 
 def row_media(dataset) -> Optional[list[str]]:
@@ -188,7 +209,8 @@ def reference_identity(model_args, data_args, training_args, finetuning_args) ->
             adapters = merged_adapters(adapters, model_args, finetuning_args)
         model, quantization = model_args.model_name_or_path, model_args.quantization_bit
 
-    adapters = adapters if isinstance(adapters, list) or adapters is None else [adapters]
+    if isinstance(adapters, str):  # `ref_model_adapters: a,b`, split as LLaMA-Factory splits it
+        adapters = [adapter.strip() for adapter in adapters.split(",")]
     return {
         "model": path_fingerprint(model),
         "adapters": [path_fingerprint(a) for a in adapters or []],
@@ -199,6 +221,9 @@ def reference_identity(model_args, data_args, training_args, finetuning_args) ->
         "deepspeed": bool(training_args.deepspeed),
         "template": data_args.template,  # the cutoff is in the tokenized samples (packing lowers `cutoff_len` by 1)
         "per_token": needs_token_ref_logps(finetuning_args),
+        # the options of LLaMA-Factory's model loading that change the reference's forward (a copy of these model
+        # arguments loads it), where this version has them; not those set from the data (`block_diag_attn`)
+        "loading": {name: str(getattr(model_args, name)) for name in _FORWARD_OPTIONS if hasattr(model_args, name)},
     }
 
 

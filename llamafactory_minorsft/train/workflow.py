@@ -128,7 +128,8 @@ def run_workflow(
         trainer.save_state()
         if trainer.is_world_process_zero() and finetuning_args.plot_loss:
             # training_loss.png as stock sft, plus training_deviation.png (the paper's Fig. 1) and the stage's own
-            keys = ["loss", "eval_loss", "deviation", "eval_deviation", *plot_keys]
+            deviation = ["deviation", "eval_deviation"] if finetuning_args.uses_reference else []
+            keys = ["loss", "eval_loss", *deviation, *plot_keys]
             plot_loss(training_args.output_dir, keys=keys)
 
     if training_args.do_eval:

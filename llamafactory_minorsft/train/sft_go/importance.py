@@ -56,7 +56,15 @@ class KeepProbabilityScorer:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if not self.tokenizer.is_fast:
             raise ValueError(f"`sft_go_classifier` {path!r} needs a fast tokenizer: its character offsets map scores.")
-        self.model = AutoModelForTokenClassification.from_pretrained(path).eval()
+        self.model, loading = AutoModelForTokenClassification.from_pretrained(path, output_loading_info=True)
+        self.model.eval()
+        if loading["missing_keys"]:  # transformers initialises them at random: the groups would be noise
+            missing = sorted(loading["missing_keys"])
+            raise ValueError(
+                f"`sft_go_classifier` {path!r} is not a trained token classifier: its checkpoint lacks "
+                f"{', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}, which would start random. Point it at "
+                "a token-classification model trained to keep/drop tokens (as LLMLingua-2's)."
+            )
         if self.model.config.num_labels != 2:
             raise ValueError(
                 f"`sft_go_classifier` {path!r} has {self.model.config.num_labels} labels; a keep/drop classifier "

@@ -31,5 +31,12 @@ def prepare_sft_go(tokenizer, dataset_module: dict, finetuning_args) -> dict:
 
 def run_sft_go(model_args, data_args, training_args, finetuning_args, callbacks=None) -> None:
     run_workflow(
-        model_args, data_args, training_args, finetuning_args, callbacks, SFTGOTrainer, prepare_sft_go, GROUP_METRICS
+        model_args,
+        data_args,
+        training_args,
+        finetuning_args,
+        callbacks,
+        SFTGOTrainer,
+        prepare_sft_go,
+        (*GROUP_METRICS, "sft_go_lambda"),  # λ's schedule, next to the group losses it weighs
     )
