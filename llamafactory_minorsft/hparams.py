@@ -452,6 +452,7 @@ def verify_plugin_args(model_args, data_args, training_args, finetuning_args, da
     """
     import transformers
     from llamafactory.extras.misc import is_env_enabled
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     stage = finetuning_args.stage
     check_flash_attention(model_args.flash_attn, transformers.__version__)
@@ -490,8 +491,6 @@ def verify_plugin_args(model_args, data_args, training_args, finetuning_args, da
             "`ignore_pad_token_for_loss` (its default is true)."
         )
 
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
     if finetuning_args.uses_reference and is_deepspeed_zero3_enabled():
         from importlib.metadata import version
 
@@ -517,23 +516,29 @@ def verify_plugin_args(model_args, data_args, training_args, finetuning_args, da
         )
 
     new_tokens = [name for name in NEW_TOKEN_OPTIONS if getattr(model_args, name, None)]
-    if (
-        new_tokens
-        and finetuning_args.uses_reference
-        and (finetuning_args.ref_model is not None or finetuning_args.finetuning_type != "lora")
-    ):
+    # the reference is loaded apart from the policy: `ref_model`, full/freeze tuning, or LoRA's precompute pass
+    # under ZeRO-3 (which loads the base again, ``workflow.load_base_model``)
+    loaded_apart = (
+        finetuning_args.ref_model is not None
+        or finetuning_args.finetuning_type != "lora"
+        or (finetuning_args.precompute_ref_logps and is_deepspeed_zero3_enabled())
+    )
+    if new_tokens and finetuning_args.uses_reference and loaded_apart:
         raise ValueError(
             f"`{new_tokens[0]}` cannot be used with {run} and a reference model loaded apart from the policy "
-            "(`ref_model`, or full/freeze tuning): the new tokens' embeddings are initialised anew in each model "
-            "load, so the reference would not be the initial model (and LLaMA-Factory's `create_ref_model` cannot "
-            "copy a parsed token list). Add the tokens in a stock `stage: sft` run first and train from its output, "
-            f"or use `finetuning_type: lora` without `ref_model`, or remove `{new_tokens[0]}`."
+            "(`ref_model`, full/freeze tuning, or LoRA's reference pass under ZeRO-3): the new tokens' embeddings "
+            "are initialised anew in each model load, so the reference would not be the initial model (and "
+            "LLaMA-Factory cannot copy a parsed token list into a second model's arguments). Add the tokens in a "
+            "stock `stage: sft` run first and train from its output, or use `finetuning_type: lora` without "
+            f"`ref_model`, or remove `{new_tokens[0]}`."
         )
 
-    if getattr(finetuning_args, "sft_go_grouping", None) == "tfidf" and stage == SFT_GO_STAGE and data_args.streaming:
+    grouping = getattr(finetuning_args, "sft_go_grouping", None)
+    if stage == SFT_GO_STAGE and grouping in ("tfidf", "llmlingua2") and data_args.streaming:
         raise ValueError(
-            "`sft_go_grouping: tfidf` needs the IDF of every training answer before training, which `streaming: "
-            "true` never has. Set `streaming: false`, or use `sft_go_grouping: rho1` or `llmlingua2`."
+            f"`sft_go_grouping: {grouping}` scores every training answer before training (the IDF over all of them, "
+            "or the classifier's pass), which `streaming: true` never allows. Set `streaming: false`, or use "
+            "`sft_go_grouping: rho1`, which groups by the reference during training."
         )
 
     if finetuning_args.precompute_ref_logps and data_args.streaming:

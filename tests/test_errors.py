@@ -102,7 +102,7 @@ CASES = {
     ),
     "tfidf_streaming": (
         dict(stage="sft_go", streaming=True, max_steps=1),
-        "`sft_go_grouping: tfidf` needs the IDF of every training answer",
+        "`sft_go_grouping: tfidf` scores every training answer before training",
     ),
     "unsloth_tracked_sft": (
         dict(stage="sft", track_deviation=True, use_unsloth=True),
@@ -254,3 +254,33 @@ def test_zero3_reference_checks_read_the_raw_config_and_the_version(tmp_path, mo
         checked.clear()
         hparams.check_zero3_reference_early(SimpleNamespace(stage=stage, deepspeed=config, track_deviation=False))
         assert bool(checked) == refused, config
+
+
+def test_new_tokens_with_lora_are_refused_only_where_the_reference_is_loaded_again(tiny, tmp_path):
+    """New tokens with LoRA: refused only where the reference is loaded again.
+
+    LoRA's reference is the adapter-disabled policy, new embedding rows included; under ZeRO-3 its precompute pass
+    loads the base again (fresh random rows), which is refused. Checked in process, with ZeRO-3 enabled the way
+    transformers knows it (a live `HfDeepSpeedConfig`).
+    """
+    from llamafactory.hparams import DataArguments, ModelArguments
+    from transformers import Seq2SeqTrainingArguments
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from llamafactory_minorsft.hparams import PluginFinetuningArguments, verify_plugin_args
+
+    def verify(**finetuning):
+        verify_plugin_args(
+            ModelArguments(model_name_or_path=tiny.model, add_special_tokens="<a>,<b>", resize_vocab=True),
+            DataArguments(template="qwen"),
+            Seq2SeqTrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", do_train=True),
+            PluginFinetuningArguments(stage="minorsft", finetuning_type="lora", **finetuning),
+            [],
+        )
+
+    verify(precompute_ref_logps=True)  # no ZeRO-3: the reference pass disables the adapters
+    zero3 = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    verify()  # online: the adapter-disabled policy, under ZeRO-3 too
+    with pytest.raises(ValueError, match="`add_special_tokens` cannot be used with `stage: minorsft` and a reference"):
+        verify(precompute_ref_logps=True)
+    del zero3

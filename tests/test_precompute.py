@@ -217,11 +217,13 @@ def test_the_cache_key_sees_every_file_and_loading_option_of_the_reference(tiny,
         adapter.mkdir()
         (adapter / "adapter_model.safetensors").write_bytes(b"0")
 
-    def identity(model_options=(), **finetuning) -> str:
+    def identity(model_options=(), seed=42, cutoff_len=None, **finetuning) -> str:
+        model_args = ModelArguments(model_name_or_path=tiny.model, **dict(model_options))
+        model_args.model_max_length = cutoff_len  # as LLaMA-Factory's parser sets it
         args = (
-            ModelArguments(model_name_or_path=tiny.model, **dict(model_options)),
+            model_args,
             DataArguments(template="qwen"),
-            Seq2SeqTrainingArguments(output_dir=str(tmp_path / "out"), report_to="none"),
+            Seq2SeqTrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", seed=seed),
             PluginFinetuningArguments(stage="minorsft", **finetuning),
         )
         return json.dumps(reference_identity(*args), sort_keys=True)
@@ -242,3 +244,9 @@ def test_the_cache_key_sees_every_file_and_loading_option_of_the_reference(tiny,
     retrained(checkpoint / "model.safetensors")
     assert identity(ref_model=str(tmp_path / "run")) == before
     assert identity(model_options={"resize_vocab": True}) != identity()
+    assert identity(model_options={"flash_attn": "auto"}) == identity()  # YAML's string, or the default's enum
+    assert identity(seed=1) == identity(seed=2)  # a grid's seeds share the reference pass …
+    new_tokens = {"add_special_tokens": "<a>", "resize_vocab": True}
+    assert identity(new_tokens, seed=1) != identity(new_tokens, seed=2)  # … unless its new rows start at random
+    assert identity({"rope_scaling": "linear"}, cutoff_len=64) != identity({"rope_scaling": "linear"}, cutoff_len=4096)
+    assert identity(cutoff_len=64) == identity(cutoff_len=4096)  # without RoPE scaling, the tokens say it all

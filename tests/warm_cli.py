@@ -78,8 +78,10 @@ while listener is not None:  # one client at a time: the others wait in the list
         break
     connection, _ = listener.accept()
     fds = []
-    try:  # a client that sends garbage or goes away loses its run, not the server
+    try:  # a client that sends garbage, nothing, or goes away loses its run, not the server
+        connection.settimeout(60)
         message, fds, _, _ = socket.recv_fds(connection, 65536, 3)
+        connection.settimeout(None)
         request = json.loads(message)
         if len(fds) != 3:
             raise ValueError(f"a request passes stdin, stdout and stderr, not {len(fds)} file descriptors")
@@ -90,8 +92,10 @@ while listener is not None:  # one client at a time: the others wait in the list
         connection.close()
         continue
     pid = fork_run(request, fds, [replies, listener, connection])  # the run never comes back here
-    with contextlib.suppress(OSError):
+    try:
         connection.sendall((json.dumps({"pid": pid}) + "\n").encode())
+    except OSError:  # its client is gone: nobody would stop the run, or wait for it
+        os.kill(pid, 9)
     _, status = os.waitpid(pid, 0)
     with contextlib.suppress(OSError):
         connection.sendall((json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n").encode())

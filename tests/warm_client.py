@@ -36,7 +36,8 @@ def main() -> int:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
     returncode = json.loads(replies.readline())["returncode"]
     if returncode < 0:  # killed by a signal: die of it too, so that the caller sees what the run saw
-        signal.signal(-returncode, signal.SIG_DFL)
+        with contextlib.suppress(OSError):  # SIGKILL's action cannot be set (it is the default)
+            signal.signal(-returncode, signal.SIG_DFL)
         os.kill(os.getpid(), -returncode)
     return returncode
 

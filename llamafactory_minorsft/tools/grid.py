@@ -353,7 +353,7 @@ def evaluate_again(run: Run, settings: dict[str, Any], trained: dict[str, Any]) 
 
     Its earlier record stays until the new one replaces it, so a failed evaluation is tried again on the next start.
     """
-    log_path = trained.get("log") or os.path.join(run.config["output_dir"], "grid_train.log")
+    log_path = os.path.join(run.config["output_dir"], "grid_train.log")  # here, even if the grid has moved
     return record_result(run, settings, log_path, time.time(), trained.get("duration_s"))
 
 

@@ -221,10 +221,30 @@ def reference_identity(model_args, data_args, training_args, finetuning_args) ->
         "deepspeed": bool(training_args.deepspeed),
         "template": data_args.template,  # the cutoff is in the tokenized samples (packing lowers `cutoff_len` by 1)
         "per_token": needs_token_ref_logps(finetuning_args),
-        # the options of LLaMA-Factory's model loading that change the reference's forward (a copy of these model
-        # arguments loads it), where this version has them; not those set from the data (`block_diag_attn`)
-        "loading": {name: str(getattr(model_args, name)) for name in _FORWARD_OPTIONS if hasattr(model_args, name)},
+        "loading": loading_options(model_args, training_args),
     }
+
+
+def loading_options(model_args, training_args) -> dict[str, str]:
+    """LLaMA-Factory's model-loading options that change the reference's forward, where this version has them.
+
+    A copy of these model arguments loads the reference. Not those set from the data (`block_diag_attn` follows
+    `neat_packing`, which must share the cache), but what an option itself depends on: RoPE scaling's factor on
+    `cutoff_len` (`model_max_length`), new tokens' random embeddings on the seed and the tokens' descriptions.
+    """
+    options = {name: getattr(model_args, name) for name in _FORWARD_OPTIONS if hasattr(model_args, name)}
+    options = {name: str(getattr(value, "value", value)) for name, value in options.items()}  # enums as their values
+    if getattr(model_args, "rope_scaling", None) is not None:
+        options["model_max_length"] = str(getattr(model_args, "model_max_length", None))
+    if any(
+        getattr(model_args, name, None) for name in ("add_tokens", "add_special_tokens", "new_special_tokens_config")
+    ):
+        options["seed"] = str(training_args.seed)
+        config = getattr(model_args, "new_special_tokens_config", None)
+        if config and os.path.isfile(config):
+            with open(config, "rb") as f:
+                options["new_special_tokens_config"] = hashlib.sha256(f.read()).hexdigest()
+    return options
 
 
 def dataset_splits(train_dataset, eval_dataset) -> dict[str, Any]:
