@@ -271,7 +271,14 @@ def test_grid_files_of_the_wrong_shape_are_refused_with_the_key(tiny, tmp_path, 
 
 def test_a_finished_run_is_kept_only_with_the_settings_it_finished_with(tiny, tmp_path, capsys):
     """A rerun after the base, a block's `set` or the evaluation changed redoes the run; a corrupt record too."""
-    from llamafactory_minorsft.tools.grid import STATUS_FILE, fingerprint, finished_status, load_grid
+    from llamafactory_minorsft.tools.grid import (
+        STATUS_FILE,
+        fingerprint,
+        finished_status,
+        load_grid,
+        train_fingerprint,
+        trained_status,
+    )
 
     write_mc(tmp_path)
     runs, settings = load_grid(str(write_grid(tiny, tmp_path)))
@@ -295,6 +302,14 @@ def test_a_finished_run_is_kept_only_with_the_settings_it_finished_with(tiny, tm
     assert json.loads(record.read_text())["fingerprint"] == fingerprint(run, settings["eval"])
     record.write_text(json.dumps({"status": "done", "eval": {"domain_mc": 0.5, "general_mc": 0.25}}))
     assert finished_status(changed[0], settings["eval"]) is None  # trained with another config
+    assert trained_status(changed[0]) is None and trained_status(run) is not None
+    record.write_text(json.dumps({"status": "done", "eval": {"domain_mc": 0.5}}))  # … or evaluated on fewer sets
+    assert finished_status(run, settings["eval"]) is None and trained_status(run)["eval"] == {"domain_mc": 0.5}
+    assert "its evaluation changed since it finished: evaluated again" in capsys.readouterr().out
+    # trained, but its evaluation failed: evaluated again, and only with this config
+    record.write_text(json.dumps({"status": "trained", "train_fingerprint": train_fingerprint(run)}))
+    assert finished_status(run, settings["eval"]) is None and trained_status(run)["status"] == "trained"
+    assert trained_status(changed[0]) is None
     record.write_text('{"status": "do')  # cut off
     assert finished_status(run, settings["eval"]) is None
     assert f"its record {record} cannot be read" in capsys.readouterr().out

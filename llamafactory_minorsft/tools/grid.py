@@ -208,7 +208,7 @@ def finished_status(run: Run, eval_settings: dict[str, Any]) -> Optional[dict[st
         status["fingerprint"] = fingerprint(run, eval_settings)
         write_json(status_path, status)
     if status.get("fingerprint") != fingerprint(run, eval_settings):
-        if status.get("train_fingerprint") == train_fingerprint(run):
+        if trained_status(run) is not None:
             print(f"[grid] {run.name}: its evaluation changed since it finished: evaluated again", flush=True)
         else:
             print(f"[grid] {run.name}: its config or evaluation changed since it finished: redone", flush=True)
@@ -217,26 +217,26 @@ def finished_status(run: Run, eval_settings: dict[str, Any]) -> Optional[dict[st
 
 
 def trained_status(run: Run) -> Optional[dict[str, Any]]:
-    """The record of a run that finished before with this train config, whatever its evaluation, else None.
+    """The record of a run trained before with this train config, whatever its evaluation, else None.
 
-    Such a run is evaluated again, not trained again (``evaluate_again``): only its evaluation changed.
+    Such a run is evaluated again, not trained again (``evaluate_again``): only its evaluation changed, or its
+    evaluation failed (its record then says ``trained``). A record of an earlier version, which has no train
+    fingerprint, counts where its run directory's ``grid_config.yaml`` is this run's config.
     """
     try:
         with open(os.path.join(run.config["output_dir"], STATUS_FILE), encoding="utf-8") as f:
             status = json.load(f)
     except (OSError, ValueError):
         return None
-    if isinstance(status, dict) and status.get("status") == "done":
-        if status.get("train_fingerprint") == train_fingerprint(run):
-            return status
-    return None
+    if not isinstance(status, dict) or status.get("status") not in ("done", "trained"):
+        return None
+    if "train_fingerprint" in status:
+        return status if status["train_fingerprint"] == train_fingerprint(run) else None
+    return status if status["status"] == "done" and trained_with(run) else None
 
 
-def recorded_with(run: Run, status: dict[str, Any], eval_settings: dict[str, Any]) -> bool:
-    """A record without a fingerprint (an earlier version's) was made with this config and these eval sets.
-
-    Its run directory keeps the config it trained with (``grid_config.yaml``); the eval sets are its record's.
-    """
+def trained_with(run: Run) -> bool:
+    """The run directory keeps the config it trained with (``grid_config.yaml``), and it is this run's."""
     try:
         with open(os.path.join(run.config["output_dir"], "grid_config.yaml"), encoding="utf-8") as f:
             trained = yaml.safe_load(f)
@@ -244,11 +244,15 @@ def recorded_with(run: Run, status: dict[str, Any], eval_settings: dict[str, Any
         return False
     if not isinstance(trained, dict):
         return False
-    names = {os.path.splitext(os.path.basename(entry["path"]))[0] for entry in eval_settings.get("files", [])}
-    same_config = {k: v for k, v in trained.items() if k != "output_dir"} == {
+    return {k: v for k, v in trained.items() if k != "output_dir"} == {
         k: v for k, v in yaml.safe_load(yaml.safe_dump(run.config)).items() if k != "output_dir"
     }
-    return same_config and set(status.get("eval") or {}) == names
+
+
+def recorded_with(run: Run, status: dict[str, Any], eval_settings: dict[str, Any]) -> bool:
+    """A record without a fingerprint (an earlier version's) was made with this config and these eval sets."""
+    names = {os.path.splitext(os.path.basename(entry["path"]))[0] for entry in eval_settings.get("files", [])}
+    return trained_with(run) and set(status.get("eval") or {}) == names
 
 
 def write_json(path: str, data: Any) -> None:
@@ -377,6 +381,14 @@ def record_result(
             run, f"training wrote no trainer_state.json into {run_dir} (did it train? `do_train`)", log_path, start
         )
 
+    status_path = os.path.join(run_dir, STATUS_FILE)
+    if train_s is None:  # trained now: recorded as such first, so that a failed evaluation is redone alone
+        train_s = round(time.time() - start, 1)
+        write_json(
+            status_path,
+            dict(status="trained", log=log_path, duration_s=train_s, train_fingerprint=train_fingerprint(run)),
+        )
+
     status = {"status": "done", "eval": {}}
     status.update(loss=final_value(history, "loss"), deviation=final_value(history, "deviation"))
     diverged = diverged_metric(history)
@@ -395,11 +407,11 @@ def record_result(
 
     status.update(
         log=log_path,
-        duration_s=round(time.time() - start, 1) if train_s is None else train_s,
+        duration_s=train_s,
         fingerprint=fingerprint(run, settings["eval"]),
         train_fingerprint=train_fingerprint(run),
     )
-    write_json(os.path.join(run_dir, STATUS_FILE), status)
+    write_json(status_path, status)  # "done": the last write
     return status
 
 
