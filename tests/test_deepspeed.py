@@ -7,12 +7,14 @@ sharded updates). Measured here over three SGD steps: at most 4e-6 relative (ZeR
 the normalisation (a factor of the world size or of the accumulation steps).
 """
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from conftest import base_config, deepspeed_env, log_history, run_cli, step_logs
+from llamafactory_minorsft.tools.tiny import build_token_classifier
 from llamafactory_minorsft.train.metrics import COEF_METRICS, DEVIATION_METRICS, GROUP_METRICS
 
 
@@ -48,6 +50,17 @@ CASES = {
             precompute_ref_logps=True,
         ),
     ),
+    # SFT-GO LLMLingua-2: under ZeRO-3 transformers loads the classifier partitioned, and scoring gathers it
+    "zero3-sft_go-llmlingua2": (
+        "ds_z3_config.json",
+        dict(
+            stage="sft_go",
+            sft_go_grouping="llmlingua2",
+            sft_go_classifier="CLASSIFIER",
+            sft_go_group_reduction="sample",
+            track_deviation=True,
+        ),
+    ),
 }
 SFT_KEYS = ("loss", *DEVIATION_METRICS)  # no dynamic coefficient
 GO_KEYS = ("loss", "deviation", *GROUP_METRICS)
@@ -64,6 +77,10 @@ def test_deepspeed_two_processes_match_one(tiny, tmp_path, case):
     if VERSION == "0.9.4" and overrides.get("neat_packing"):
         pytest.skip("LLaMA-Factory 0.9.4 refuses neat_packing with its transformers")
     overrides = {k: (tiny.ref_model if v == "REF" else v) for k, v in overrides.items()}
+    if overrides.get("sft_go_classifier") == "CLASSIFIER":
+        texts = [sample["output"] for sample in json.loads(Path(tiny.data, "minorsft_demo.json").read_text())]
+        build_token_classifier(texts, str(tmp_path / "classifier"))
+        overrides["sft_go_classifier"] = str(tmp_path / "classifier")
     rows = 1 if overrides.get("neat_packing") else 2  # per process; one process takes twice as many
     common = {
         "dataset": "minorsft_demo",

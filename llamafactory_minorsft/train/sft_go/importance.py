@@ -1,5 +1,6 @@
 """SFT-GO token importance that is fixed before training: TF-IDF statistics and LLMLingua-2 keep-probabilities."""
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import torch
@@ -73,6 +74,20 @@ class KeepProbabilityScorer:
         limit = getattr(self.model.config, "max_position_embeddings", 512) or 512
         self.max_length = min(512, limit)
         self.batch_size = batch_size
+
+    def gathered(self):
+        """The context to score in: the classifier's whole weights on every process.
+
+        Under DeepSpeed ZeRO-3 transformers loads the classifier partitioned across the processes (`zero.Init`), so
+        each process gathers its weights for the scoring pass (once, on every process together: it is a
+        collective), and they are partitioned again after it.
+        """
+        parameters = [p for p in self.model.parameters() if hasattr(p, "ds_id")]  # ZeRO-3's partitioned ones
+        if not parameters:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(parameters, modifier_rank=None)
 
     @torch.no_grad()
     def __call__(self, texts: list[str]) -> list[tuple[list[tuple[int, int]], list[float]]]:

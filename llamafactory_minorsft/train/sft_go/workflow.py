@@ -16,15 +16,16 @@ def prepare_sft_go(tokenizer, dataset_module: dict, finetuning_args) -> dict:
 
     if grouping == "llmlingua2":
         scorer = KeepProbabilityScorer(finetuning_args.sft_go_classifier)
-        for key in ("train_dataset", "eval_dataset"):
-            split = dataset_module.get(key)
-            if isinstance(split, dict):
-                dataset_module[key] = {
-                    name: add_llmlingua2_importance(data, tokenizer, scorer, f"LLMLingua-2 ({name})")
-                    for name, data in split.items()
-                }
-            elif split is not None:
-                dataset_module[key] = add_llmlingua2_importance(split, tokenizer, scorer, f"LLMLingua-2 ({key})")
+        with scorer.gathered():
+            for key in ("train_dataset", "eval_dataset"):
+                split = dataset_module.get(key)
+                if isinstance(split, dict):
+                    dataset_module[key] = {
+                        name: add_llmlingua2_importance(data, tokenizer, scorer, f"LLMLingua-2 ({name})")
+                        for name, data in split.items()
+                    }
+                elif split is not None:
+                    dataset_module[key] = add_llmlingua2_importance(split, tokenizer, scorer, f"LLMLingua-2 ({key})")
 
     return {}
 
