@@ -515,6 +515,8 @@ def verify_plugin_args(model_args, data_args, training_args, finetuning_args, da
             "Predict with a separate `stage: sft` run (`do_train: false`) on the trained model."
         )
 
+    from .train.reference_cache import NEW_TOKEN_OPTIONS
+
     new_tokens = [name for name in NEW_TOKEN_OPTIONS if getattr(model_args, name, None)]
     # the reference is loaded apart from the policy: `ref_model`, full/freeze tuning, or LoRA's precompute pass
     # under ZeRO-3 (which loads the base again, ``workflow.load_base_model``)
@@ -557,9 +559,6 @@ def verify_plugin_args(model_args, data_args, training_args, finetuning_args, da
             "trainers, which have no reference model. Remove it."
         )
 
-
-#: LLaMA-Factory's options that add tokens to the vocabulary (0.9.4 lacks some)
-NEW_TOKEN_OPTIONS = ("add_tokens", "add_special_tokens", "new_special_tokens_config")
 
 #: LLaMA-Factory's options that replace stock sft's token cross-entropy (0.9.4 has only the first)
 LOSS_OPTIONS = ("use_dft_loss", "use_eaft_loss", "use_asft_loss")

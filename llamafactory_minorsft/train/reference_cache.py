@@ -31,6 +31,9 @@ CACHE_ENV = "LLAMAFACTORY_MINORSFT_CACHE"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".model", ".txt", ".tiktoken")
 
 
+#: LLaMA-Factory's options that add tokens to the vocabulary (their new embedding rows start random in each load)
+NEW_TOKEN_OPTIONS = ("add_tokens", "add_special_tokens", "new_special_tokens_config")
+
 _FORWARD_OPTIONS = (
     "model_revision",
     "resize_vocab",
@@ -236,9 +239,7 @@ def loading_options(model_args, training_args) -> dict[str, str]:
     options = {name: str(getattr(value, "value", value)) for name, value in options.items()}  # enums as their values
     if getattr(model_args, "rope_scaling", None) is not None:
         options["model_max_length"] = str(getattr(model_args, "model_max_length", None))
-    if any(
-        getattr(model_args, name, None) for name in ("add_tokens", "add_special_tokens", "new_special_tokens_config")
-    ):
+    if any(getattr(model_args, name, None) for name in NEW_TOKEN_OPTIONS):
         options["seed"] = str(training_args.seed)
         config = getattr(model_args, "new_special_tokens_config", None)
         if config and os.path.isfile(config):
