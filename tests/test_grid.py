@@ -203,6 +203,7 @@ def test_mini_grid_trains_evaluates_plots_shows_progress_and_resumes(tiny, tmp_p
         list(evaluated["eval"]) == ["domain_mc"] and evaluated["eval"]["domain_mc"] == run_status["eval"]["domain_mc"]
     )
     assert evaluated["duration_s"] == duration  # the training's, for the ETA
+    assert 0 < evaluated["eval_s"] < duration  # the evaluation's, for the ETA of runs evaluated again
     with open(out / "results.csv") as f:
         assert "acc_general_mc" not in next(csv.reader(f))
 
@@ -326,6 +327,30 @@ def test_a_training_that_ends_with_non_finite_metrics_is_diverged():
     assert diverged_metric([steps[1], steps[0]]) is None
     assert diverged_metric([{"loss": 1.0, "deviation": float("inf"), "step": 3}]) == "deviation at step 3"
     assert diverged_metric([{"loss": 1.0, "grad_norm": 0.5, "deviation": -0.1, "step": 1}]) is None
+
+
+def test_the_grid_eta_prices_each_run_left_by_its_work(tmp_path):
+    """A run left to train costs a training and an evaluation; one trained before, an evaluation alone."""
+    from llamafactory_minorsft.tools.grid import GridProgress
+    from llamafactory_minorsft.tools.runs import Run
+
+    runs = [Run(f"r{i}", "m", {}, {"output_dir": str(tmp_path / f"r{i}")}) for i in range(5)]
+    progress = GridProgress(runs, str(tmp_path), "grid.yaml")
+    for state, work in zip(progress.states, [None, "train", "train", "evaluate", "train"]):
+        state["work"] = work
+    assert progress.eta_seconds() is None  # nothing finished yet: no price
+    progress.update(1, "skipped", {"duration_s": 100.0})  # an old record: no evaluation time
+    assert progress.eta_seconds() is None  # an evaluation is left, and none was timed
+    progress.update(2, "running")
+    progress.update(2, "done", {"duration_s": 200.0, "eval_s": 10.0})
+    assert progress.eta_seconds() == pytest.approx(2 * (150.0 + 10.0) + 10.0)
+    progress.update(4, "running")
+    progress.update(4, "done", {"duration_s": 150.0, "eval_s": 20.0})  # re-evaluated: its training's duration
+    assert progress.eta_seconds() == pytest.approx(2 * (150.0 + 15.0))
+    assert json.loads((tmp_path / "grid_status.json").read_text())["eta_seconds"] == pytest.approx(330.0)
+    for index in (3, 5):
+        progress.update(index, "failed", {"duration_s": 1.0})
+    assert progress.eta_seconds() == 0.0 and "ETA" not in progress.summary()
 
 
 def test_a_diverged_setting_is_never_the_best():

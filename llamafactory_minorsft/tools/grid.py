@@ -396,6 +396,7 @@ def record_result(
         status["diverged"] = diverged
         print(f"[grid] {run.name}: diverged ({diverged} is not finite)", flush=True)
     if settings["eval"].get("files"):
+        evaluated_at = time.time()
         try:
             results = evaluate_run(run, settings["eval"])
         except Exception as err:  # one run's evaluation does not stop the grid
@@ -404,6 +405,7 @@ def record_result(
             return failed_status(run, f"evaluation failed ({err})", log_path, start)
         status["eval"] = {name: result["accuracy"] for name, result in results.items()}
         status["eval_hits"] = {name: result["hits"] for name, result in results.items()}  # per question, paired
+        status["eval_s"] = round(time.time() - evaluated_at, 1)
 
     status.update(
         log=log_path,
@@ -433,16 +435,26 @@ class GridProgress:
 
     def __init__(self, runs: list[Run], output_dir: str, grid_file: str) -> None:
         self.runs, self.path, self.grid_file = runs, os.path.join(output_dir, STATUS_FILE), os.path.abspath(grid_file)
-        self.states = [{"index": i, "name": run.name, "status": "pending"} for i, run in enumerate(runs, start=1)]
+        self.states = [
+            {"index": i, "name": run.name, "status": "pending", "work": "train"} for i, run in enumerate(runs, start=1)
+        ]  # work: "train" (and evaluate), "evaluate" (trained before), None (done before)
 
     def count(self, status: str) -> int:
         return sum(state["status"] == status for state in self.states)
 
+    def mean_seconds(self, key: str) -> Optional[float]:
+        """The mean ``key`` (``duration_s``: a training, ``eval_s``: an evaluation) of the runs finished, if any."""
+        seconds = [state.get(key) for state in self.states if state["status"] in ("done", "skipped")]
+        seconds = [s for s in seconds if s is not None]
+        return statistics.mean(seconds) if seconds else None
+
     def eta_seconds(self) -> Optional[float]:
-        durations = [state["duration_s"] for state in self.states if state["status"] in ("done", "skipped")]
-        durations = [d for d in durations if d is not None]
-        left = self.count("pending") + self.count("running")
-        return statistics.mean(durations) * left if durations and left else (0.0 if not left else None)
+        """The runs left, each priced by its work: a training and its evaluation, or an evaluation alone."""
+        left = [state["work"] for state in self.states if state["status"] in ("pending", "running") and state["work"]]
+        train, evaluate = self.mean_seconds("duration_s"), self.mean_seconds("eval_s")
+        if ("evaluate" in left and evaluate is None) or ("train" in left and train is None):
+            return None
+        return sum((evaluate if work == "evaluate" else train + (evaluate or 0.0) for work in left), 0.0)
 
     def summary(self) -> str:
         eta = self.eta_seconds()
@@ -455,7 +467,7 @@ class GridProgress:
         state["status"] = status
         now = datetime.now(UTC).isoformat(timespec="seconds")
         state["started" if status == "running" else "ended"] = now
-        for key in ("duration_s", "log"):
+        for key in ("duration_s", "eval_s", "log"):
             if result and key in result:
                 state[key] = result[key]
         state.setdefault("log", os.path.join(self.runs[index - 1].config["output_dir"], "grid_train.log"))
@@ -585,15 +597,19 @@ def best_runs(runs: list[Run], eval_sets: list[str]) -> dict[str, Optional[Run]]
 
 def train_runs(runs: list[Run], settings: dict[str, Any], progress: GridProgress) -> Optional[int]:
     """Train and evaluate every run not finished before; 130 if interrupted, else None."""
+    plans = []  # all first, so that the ETA prices each run left by its work
     for index, run in enumerate(runs, start=1):
         done_before = finished_status(run, settings["eval"])
+        trained = trained_status(run) if done_before is None else None
+        plans.append((done_before, trained))
+        progress.states[index - 1]["work"] = None if done_before else "evaluate" if trained else "train"
+    for index, (run, (done_before, trained)) in enumerate(zip(runs, plans), start=1):
         head = f"run {index}/{len(runs)} {run.name}"
         if done_before is not None:
             run.result = done_before
-            progress.update(index, "skipped", {"duration_s": done_before.get("duration_s")})
+            progress.update(index, "skipped", {key: done_before.get(key) for key in ("duration_s", "eval_s")})
             print(f"[grid] {head}: done before, skipped ({progress.summary()})", flush=True)
             continue
-        trained = trained_status(run)
         progress.update(index, "running")
         print(f"[grid] {head}: {'evaluating' if trained else 'training'} ({progress.summary()})", flush=True)
         try:
