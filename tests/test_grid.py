@@ -22,8 +22,10 @@ from llamafactory_minorsft.tools.tiny import make_mc_questions
 TOOL = str(Path(sys.executable).parent / "llamafactory-minorsft")
 
 
-def tool(*args, cwd, check=True):
-    env = warm_tool_env()  # the grid's trainings fork from a warm CLI (the stopped-grid test starts the real one)
+def tool(*args, cwd, check=True, env=None):
+    env = (
+        env or warm_tool_env()
+    )  # the grid's trainings fork from a warm CLI (the stopped-grid test starts the real one)
     proc = subprocess.run([TOOL, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(proc.stdout[-3000:] + proc.stderr[-5000:])
@@ -206,6 +208,36 @@ def test_mini_grid_trains_evaluates_plots_shows_progress_and_resumes(tiny, tmp_p
     assert 0 < evaluated["eval_s"] < duration  # the evaluation's, for the ETA of runs evaluated again
     with open(out / "results.csv") as f:
         assert "acc_general_mc" not in next(csv.reader(f))
+
+
+def test_a_run_whose_evaluation_failed_is_evaluated_again_not_trained_again(tiny, tmp_path):
+    """The record says `trained` before the evaluation starts: a failed evaluation is redone alone on the next start."""
+    jsonl, _ = write_mc(tmp_path)
+    grid = write_grid(tiny, tmp_path)
+    spec = yaml.safe_load(grid.read_text())
+    spec["eval"]["files"], spec["blocks"] = [jsonl.name], spec["blocks"][1:2]
+    grid.write_text(yaml.safe_dump(spec))
+    questions = jsonl.read_text()
+    env = warm_tool_env()
+    # the training command, wrapped: once the training has ended, the evaluation file breaks
+    wrapper = tmp_path / "train_then_break_eval.sh"
+    cli = env.get("LLAMAFACTORY_MINORSFT_CLI") or shlex.quote(str(Path(sys.executable).parent / "llamafactory-cli"))
+    wrapper.write_text(f'{cli} "$@" || exit $?\nprintf "not json" > {shlex.quote(str(jsonl))}\n')
+    broken = tool("grid", grid, cwd=tmp_path, check=False, env={**env, "LLAMAFACTORY_MINORSFT_CLI": f"sh {wrapper}"})
+    name = "minorsft-learning_rate=0.002-pref_beta=0.04"
+    assert broken.returncode == 1 and f"{name}: evaluation failed" in broken.stdout, broken.stdout[-3000:]
+    record = json.loads((tmp_path / "grid_out" / "runs" / name / "grid_status.json").read_text())
+    assert record["status"] == "trained" and record["duration_s"] > 0 and "train_fingerprint" in record
+
+    jsonl.write_text(questions)
+    model = tmp_path / "grid_out" / "runs" / name / "model.safetensors"
+    trained_at = model.stat().st_mtime_ns
+    again = tool("grid", grid, cwd=tmp_path)
+    assert f"run 1/1 {name}: evaluating (0 done, 0 skipped, 0 failed)" in again.stdout, again.stdout[-3000:]
+    assert "[grid] finished: 1 done, 0 skipped, 0 failed" in again.stdout
+    assert model.stat().st_mtime_ns == trained_at
+    done = json.loads((tmp_path / "grid_out" / "runs" / name / "grid_status.json").read_text())
+    assert done["status"] == "done" and done["duration_s"] == record["duration_s"] and "domain_mc" in done["eval"]
 
 
 @pytest.mark.parametrize(
