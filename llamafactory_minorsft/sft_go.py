@@ -16,6 +16,7 @@ Tensors are laid out as ``answer_token_logps`` returns them: (batch, length) wit
 
 import math
 from collections.abc import Sequence
+from fractions import Fraction
 from typing import NamedTuple
 
 import torch
@@ -39,7 +40,9 @@ def top_fraction_mask(scores: torch.Tensor, mask: torch.Tensor, eta: float) -> t
     ranks = torch.empty_like(order).scatter_(
         -1, order, torch.arange(order.size(-1), device=order.device).expand_as(order)
     )
-    num_important = torch.ceil(eta * mask.sum(-1, keepdim=True).float()).long()
+    # ceil(η·m) in integers, η as the decimal it was written as: in floating point 0.3 · 100 is 30.000000000000004
+    eta = Fraction(repr(float(eta)))
+    num_important = -((-eta.numerator * mask.sum(-1, keepdim=True).long()) // eta.denominator)
     return (ranks < num_important) & mask
 
 

@@ -60,6 +60,15 @@ def test_smooth_idf_and_tfidf_scores_known_values():
     assert idf.min() >= 1 and torch.isfinite(idf).all()
 
 
+def test_the_important_group_is_ceil_eta_m_tokens_exactly():
+    """⌈η·m⌉ of the decimal η, where float arithmetic overshoots an exact product (0.3 · 100 = 30.000000000000004)."""
+    for eta, m, expected in [(0.3, 100, 30), (0.6, 25, 15), (0.7, 10, 7), (0.3, 101, 31), (0.5, 1, 1), (0.05, 7, 1)]:
+        mask = torch.ones(1, m, dtype=torch.bool)
+        assert top_fraction_mask(torch.arange(m, dtype=torch.float32)[None], mask, eta).sum().item() == expected
+    mask = torch.tensor([[True] * 20 + [False] * 5, [True] * 25])  # per row: its own m
+    assert top_fraction_mask(torch.zeros(2, 25), mask, 0.6).sum(-1).tolist() == [12, 15]
+
+
 def test_rho1_scores_are_the_excess_loss():
     policy = torch.tensor([[-1.0, -3.0, -0.5]])
     ref = torch.tensor([[-2.0, -1.0, -0.5]])
