@@ -14,18 +14,15 @@ METRICS = ("loss", "deviation", "rewards", "coef", "logps/policy", "logps/ref")
 
 
 def run(tiny, tmp_path, name, cache_dir, **overrides):
-    config = base_config(
-        tiny,
-        tmp_path / name,
+    defaults = dict(
         optim="adamw_torch",
         learning_rate=1e-2,
         max_steps=3,
         dataset="minorsft_demo",
         per_device_train_batch_size=2,
         gradient_accumulation_steps=2,
-        ref_logps_cache_dir=str(cache_dir),
-        **overrides,
     )
+    config = base_config(tiny, tmp_path / name, ref_logps_cache_dir=str(cache_dir), **{**defaults, **overrides})
     proc = run_cli(config, tmp_path / f"{name}_run")
     results = json.loads((tmp_path / name / "all_results.json").read_text())
     return step_logs(tmp_path / name), results, proc.stdout + proc.stderr
@@ -63,6 +60,39 @@ def test_precomputed_equals_online_and_is_cached(tiny, tmp_path, overrides):
     _, third_results, _ = run(tiny, tmp_path, "third", cache, precompute_ref_logps=True, cutoff_len=32, **overrides)
     assert "ref_precompute_train_runtime" in third_results
     assert len(list(cache.glob("*.pt"))) == 2
+
+
+@pytest.mark.compat
+def test_the_reference_pass_goes_in_data_set_order_whatever_the_samplers_and_drop_last(tiny, tmp_path):
+    """The pass attaches its values by position: length-grouped sampling and `dataloader_drop_last` must not matter.
+
+    Step 1 has policy = reference (full tuning, no `ref_model`), so each sample's log-ratio is 0 only if it got its
+    own reference log-prob. 32 samples in eval batches of 5: a dropped last batch would leave 2 without one.
+    """
+    import transformers
+
+    grouped = (
+        dict(train_sampling_strategy="group_by_length")
+        if int(transformers.__version__.split(".")[0]) >= 5
+        else dict(group_by_length=True)
+    )
+    options = dict(stage="minorsft", dataset="minorsft_demo_eval", per_device_eval_batch_size=5, max_steps=1)
+    steps, results, _ = run(
+        tiny,
+        tmp_path,
+        "grouped",
+        tmp_path / "cache",
+        precompute_ref_logps=True,
+        dataloader_drop_last=True,
+        **grouped,
+        **options,
+    )
+    assert "ref_precompute_train_runtime" in results
+    assert steps[0]["deviation"] == pytest.approx(0.0, abs=1e-6)
+    assert steps[0]["logps/ref"] == pytest.approx(steps[0]["logps/policy"], rel=1e-6)
+    # the cached values serve a run without those options
+    plain, results, _ = run(tiny, tmp_path, "plain", tmp_path / "cache", precompute_ref_logps=True, **options)
+    assert "ref_precompute_train_runtime" not in results and plain[0]["deviation"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_adapters_merged_into_the_base_are_part_of_the_reference(tiny, tmp_path):

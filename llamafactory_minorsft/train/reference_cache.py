@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from ..losses import IGNORE_INDEX
 from ..stages import needs_token_ref_logps
 from .packing import dataset_samples
 
@@ -26,7 +27,7 @@ from .packing import dataset_samples
 #: bump when the stored values or their meaning change (2: the pass runs under training's autocast; 3: one entry per
 #: sample, keyed by the set of samples and stored in the order of their digests, so packed and unpacked runs share it;
 #: 4: a LoRA run's key lists the adapters merged into its base)
-CACHE_FORMAT = 4
+CACHE_FORMAT = 5
 CACHE_ENV = "LLAMAFACTORY_MINORSFT_CACHE"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".model", ".txt", ".tiktoken")
 
@@ -96,12 +97,12 @@ def row_media(dataset) -> Optional[list[str]]:
     return [json.dumps(row, sort_keys=True, default=str) for row in rows]
 
 
-def sample_digests(dataset) -> list[bytes]:
+def sample_digests(dataset, samples: list[tuple[list[int], list[int]]]) -> list[bytes]:
     """A digest of every sample's input_ids, labels (after the first) and media, in order.
 
-    A packed row gives one digest per sample it holds.
+    ``samples``: the data set's ``dataset_samples``; a packed row gives one digest per sample it holds.
     """
-    samples, media = dataset_samples(dataset), row_media(dataset)
+    media = row_media(dataset)
     if media is not None and len(samples) != len(media):
         raise ValueError(
             "`precompute_ref_logps` with `neat_packing` is not supported for data with images, videos or audios: the "
@@ -279,9 +280,19 @@ class CachedSplit:
     path: str
     values: Optional[dict[str, torch.Tensor]]
     order: list[int]
+    num_tokens: list[int]  # each sample's answer length, from its labels
 
     def save(self, values: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
         save(self.path, permuted(values, self.order), info)
+
+    def check(self, values: dict[str, torch.Tensor]) -> None:
+        """A reference pass gave each sample its own values: their answer lengths are the labels'."""
+        if values["num_tokens"].tolist() != self.num_tokens:
+            raise RuntimeError(
+                "precompute_ref_logps: the reference pass returned values whose answer lengths are not those of the "
+                "data set's samples in order, so they would be attached to the wrong samples. Please report this "
+                "with your config; `precompute_ref_logps: false` computes the reference online meanwhile."
+            )
 
 
 def look_up(
@@ -294,13 +305,18 @@ def look_up(
     entries = {}
     splits = dataset_splits(dataset_module.get("train_dataset"), dataset_module.get("eval_dataset"))
     for split, dataset in splits.items():
-        digests = sample_digests(dataset)
+        samples = dataset_samples(dataset)
+        digests = sample_digests(dataset, samples)
+        num_tokens = [sum(label != IGNORE_INDEX for label in labels[1:]) for _, labels in samples]
         order = sorted(range(len(digests)), key=digests.__getitem__)
         path = os.path.join(cache_dir, f"{cache_key(identity, digests)}.pt")
         cached = load(path, len(digests), per_token=per_token)
         if cached is not None:  # file order → sample order
             inverse = sorted(range(len(order)), key=order.__getitem__)
             cached = permuted(cached, inverse)
-        entries[split] = CachedSplit(path, cached if _all_processes_agree(cached is not None) else None, order)
+            if cached["num_tokens"].tolist() != num_tokens:  # a file of values out of order: made anew
+                cached = None
+        agreed = _all_processes_agree(cached is not None)
+        entries[split] = CachedSplit(path, cached if agreed else None, order, num_tokens)
 
     return entries

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from llamafactory.extras import logging
 from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
+from torch.utils.data import DataLoader, SequentialSampler
 from tqdm import tqdm
 from typing_extensions import override
 
@@ -209,6 +210,21 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
                 token_logps = ref_model(**model_inputs, use_cache=False).logits  # the head's answer log-probs
             return token_logps, labels[:, 1:] != IGNORE_INDEX
 
+    def in_order_loader(self, dataset) -> DataLoader:
+        """The trainer's eval loader over ``dataset``, in the data set's order and with every sample.
+
+        The reference pass attaches its values by position: a length-grouped sampler (``group_by_length``) or
+        ``dataloader_drop_last`` must not reach it.
+        """
+        drop_last = self.args.dataloader_drop_last
+        self._get_eval_sampler = SequentialSampler  # an instance attribute shadows the method, for this loader only
+        self.args.dataloader_drop_last = False
+        try:
+            return self.get_eval_dataloader(dataset)
+        finally:
+            del self._get_eval_sampler
+            self.args.dataloader_drop_last = drop_last
+
     @torch.no_grad()
     def compute_reference_logps(self, dataset, desc: str) -> dict[str, torch.Tensor]:
         """One no-grad pass of the reference over ``dataset`` in order.
@@ -223,7 +239,7 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
         # pass must neither get an earlier split's loader nor leave its own for the evaluation
         cached = getattr(self, "_eval_dataloaders", {})
         cached.pop("eval", None)
-        loader = self.get_eval_dataloader(dataset)
+        loader = self.in_order_loader(dataset)
         cached.pop("eval", None)
         for batch in tqdm(loader, desc=desc, disable=not self.is_local_process_zero()):
             batch = self._prepare_inputs(batch)
@@ -260,6 +276,7 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
                 samples = unpacked(dataset) if self.packed else dataset
                 values = self.compute_reference_logps(samples, desc=f"Reference log-probs ({split})")
                 metrics[f"ref_precompute_{split}_runtime"] = round(time.perf_counter() - start, 4)
+                cache[split].check(values)
                 if self.is_world_process_zero():
                     cache[split].save(values, {"split": split})
 
