@@ -398,6 +398,21 @@ def test_a_diverged_setting_is_never_the_best():
     assert best_runs(runs[2:], ["mc"])["m"] is None
 
 
+def test_without_evaluation_the_best_setting_has_the_highest_likelihood_not_the_lowest_loss():
+    """MinorSFT's loss shrinks as β grows (its coefficient 2σ(−βr) does): the log-likelihood is the fair score."""
+    from llamafactory_minorsft.tools.grid import best_runs
+    from llamafactory_minorsft.tools.runs import Run
+
+    def run(beta, loss, logps=None):
+        result = {"status": "done", "eval": {}, "loss": loss, "logps/policy": logps}
+        return Run(f"m-{beta}", "m", {"pref_beta": beta}, {}, result)
+
+    runs = [run(0.02, 2.0, logps=-30.0), run(0.04, 1.5, logps=-35.0)]
+    assert best_runs(runs, [])["m"].values["pref_beta"] == 0.02
+    runs.append(run(0.08, 1.0))  # a run that logged no likelihood (plain sft, an earlier record): the method's loss
+    assert best_runs(runs, [])["m"].values["pref_beta"] == 0.08
+
+
 def test_a_stopped_grid_stops_its_training(tiny, tmp_path):
     """`kill` (SIGTERM) of the grid stops the training it runs, as Ctrl-C does, and the status says so."""
     import signal

@@ -390,7 +390,7 @@ def record_result(
         )
 
     status = {"status": "done", "eval": {}}
-    status.update(loss=final_value(history, "loss"), deviation=final_value(history, "deviation"))
+    status.update({key: final_value(history, key) for key in ("loss", "deviation", "logps/policy")})
     diverged = diverged_metric(history)
     if diverged is not None:  # evaluated as any run (its seeds stay paired), but its setting is never the best
         status["diverged"] = diverged
@@ -560,16 +560,22 @@ def summarize(runs: list[Run], output_dir: str) -> dict[str, Optional[Run]]:
 
 
 def setting_scores(runs: list[Run], eval_sets: list[str]) -> dict[tuple, list[float]]:
-    """Per (method, setting): the score of each seed (mean eval accuracy, or −final loss without evaluation)."""
+    """Per (method, setting): the score of each seed, the mean eval accuracy.
+
+    Without evaluation, the final ``logps/policy`` (the training answers' log-likelihood, which no β or λ scales)
+    where every run of the method logged it, else −final loss (β scales MinorSFT's and SFT-DPO's, λ SFT-GO's).
+    """
+    done = [run for run in runs if run.result.get("status") == "done"]
+    likelihood = {run.method for run in done} - {run.method for run in done if run.result.get("logps/policy") is None}
     scores: dict[tuple, list[float]] = {}
-    for run in runs:
+    for run in done:
         r = run.result
-        if r.get("status") != "done":
-            continue
         if r.get("diverged"):  # a setting where any seed diverged is never the best
             score = -math.inf
         elif eval_sets:
             score = statistics.mean(r["eval"][e] for e in eval_sets)
+        elif run.method in likelihood:
+            score = r["logps/policy"]
         else:
             score = -r["loss"] if r.get("loss") is not None else -math.inf
         scores.setdefault((run.method, run.setting), []).append(score)
