@@ -125,6 +125,25 @@ def test_eval_mc_rejects_a_file_missing_columns(tiny, tmp_path):
     assert proc.returncode == 2 and "lacks the column(s) C, D" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_eval_files_with_a_byte_order_mark_are_read_and_broken_ones_are_named(tmp_path):
+    from llamafactory_minorsft.tools.eval_mc import load_questions
+
+    _, general = write_mc(tmp_path)
+    bom = tmp_path / "excel.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + general.read_bytes())  # as Excel saves "CSV UTF-8"
+    assert load_questions(str(bom)) == load_questions(str(general))
+    for name, text, message in [
+        ("broken.jsonl", '{"question": "q"', "cannot be read as UTF-8 jsonl"),
+        ("latin1.csv", "question,A,B,C,D,answer\nd\xe9j\xe0,1,2,3,4,A", "cannot be read as UTF-8 csv"),
+        ("mapping.json", json.dumps({"question": "q"}), "must hold a list of questions"),
+    ]:
+        path = tmp_path / name
+        path.write_bytes(text.encode("latin-1"))
+        with pytest.raises(ValueError, match=message) as err:
+            load_questions(str(path))
+        assert name in str(err.value)
+
+
 def test_mini_grid_trains_evaluates_plots_shows_progress_and_resumes(tiny, tmp_path):
     """Three runs and a fourth made to fail (`pref_beta: 0` is refused before its model loads), then a rerun."""
     write_mc(tmp_path)
@@ -326,6 +345,15 @@ def test_a_finished_run_is_kept_only_with_the_settings_it_finished_with(tiny, tm
     assert "changed since it finished" in capsys.readouterr().out
     assert finished_status(run, {**settings["eval"], "batch_size": 4}) is None
     assert finished_status(run, {**settings["eval"], "files": settings["eval"]["files"][:1]}) is None
+    # an edited eval file (another answer key) is another evaluation: evaluated again, not trained again
+    mc = Path(settings["eval"]["files"][0]["path"])
+    train_before, kept = train_fingerprint(run), mc.read_text()
+    questions = [json.loads(line) for line in kept.splitlines()]
+    questions[0]["answer"] = "D" if questions[0]["answer"] != "D" else "A"
+    mc.write_text("\n".join(json.dumps(q) for q in questions))
+    assert finished_status(run, settings["eval"]) is None and train_fingerprint(run) == train_before
+    mc.write_text(kept)
+    assert finished_status(run, settings["eval"])["status"] == "done"
     record.write_text(json.dumps({"status": "done"}))  # recorded by an earlier version: no fingerprint
     assert finished_status(run, settings["eval"]) is None  # … and no config it trained with
     # an earlier version's record next to the config it trained with, and the same eval sets: kept, and fingerprinted

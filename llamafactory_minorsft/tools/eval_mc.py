@@ -39,18 +39,26 @@ def load_questions(path: str) -> list[dict[str, str]]:
     if not os.path.isfile(path):
         raise ValueError(f"Evaluation file {path!r} does not exist.")
 
-    if path.endswith(".csv"):
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f))
-    elif path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    elif path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            rows = json.load(f)
-    else:
-        raise ValueError(f"Evaluation file {path!r}: use .csv, .json or .jsonl.")
+    # utf-8-sig: a byte-order mark (a CSV saved by Excel) would otherwise become part of the first column's name
+    try:
+        if path.endswith(".csv"):
+            with open(path, encoding="utf-8-sig", newline="") as f:
+                rows = list(csv.DictReader(f))
+        elif path.endswith(".jsonl"):
+            with open(path, encoding="utf-8-sig") as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+        elif path.endswith(".json"):
+            with open(path, encoding="utf-8-sig") as f:
+                rows = json.load(f)
+        else:
+            raise ValueError(f"Evaluation file {path!r}: use .csv, .json or .jsonl.")
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"Evaluation file {path!r} cannot be read as UTF-8 {path.rsplit('.', 1)[-1]}: {err}"
+        ) from None
 
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise ValueError(f"Evaluation file {path!r}: must hold a list of questions, each a mapping of column: value.")
     if not rows:
         raise ValueError(f"Evaluation file {path!r} has no questions.")
 

@@ -30,6 +30,7 @@ end, for ``cat`` from another shell or node.
 """
 
 import csv
+import functools
 import hashlib
 import itertools
 import json
@@ -174,10 +175,30 @@ def expect(path: str, spec: dict[str, Any], types: dict[str, type], prefix: str 
 
 
 def fingerprint(run: Run, eval_settings: dict[str, Any]) -> str:
-    """What a run's result depends on: its whole train config (but where it lies) and the evaluation settings."""
+    """What a run's result depends on: its train config (but where it lies), and the evaluation's settings and files.
+
+    The files by their contents: an edited answer key is another evaluation.
+    """
     config = {key: value for key, value in run.config.items() if key != "output_dir"}
-    text = json.dumps({"config": config, "eval": eval_settings}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    payload = {"config": config, "eval": eval_settings}
+    if eval_settings.get("files"):  # only then: a train fingerprint (no eval) stays as earlier versions made it
+        payload["contents"] = [file_digest(entry["path"]) for entry in eval_settings["files"]]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_digest(path: str) -> Optional[str]:
+    """The SHA-256 of a file's bytes (None if it cannot be read), read once per version of the file."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return _file_digest(os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: str, mtime_ns: int, size: int) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def train_fingerprint(run: Run) -> str:
