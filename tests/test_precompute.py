@@ -90,6 +90,9 @@ def test_the_reference_pass_goes_in_data_set_order_whatever_the_samplers_and_dro
     assert "ref_precompute_train_runtime" in results
     assert steps[0]["deviation"] == pytest.approx(0.0, abs=1e-6)
     assert steps[0]["logps/ref"] == pytest.approx(steps[0]["logps/policy"], rel=1e-6)
+    # the pass left the RNG alone: the length-grouped sampler drew the online run's batches
+    online, _, _ = run(tiny, tmp_path, "online", tmp_path / "cache", dataloader_drop_last=True, **grouped, **options)
+    assert steps[0]["loss"] == pytest.approx(online[0]["loss"], rel=1e-6)
     # the cached values serve a run without those options
     plain, results, _ = run(tiny, tmp_path, "plain", tmp_path / "cache", precompute_ref_logps=True, **options)
     assert "ref_precompute_train_runtime" not in results and plain[0]["deviation"] == pytest.approx(0.0, abs=1e-6)
@@ -142,6 +145,8 @@ def test_the_reference_never_uses_dropout(tiny, tmp_path):
     assert online[0]["logps/ref"] == pytest.approx(minorsft[0]["logps/ref"], rel=1e-6)
     for step_online, step_first in zip(online, first, strict=True):
         assert step_first["logps/ref"] == pytest.approx(step_online["logps/ref"], rel=1e-6)
+        # the pass left the RNG alone: the policy drew the same dropout masks after it
+        assert step_first["loss"] == pytest.approx(step_online["loss"], rel=1e-6)
     assert online[0]["logps/policy"] != online[0]["logps/ref"]  # the policy did use dropout: the test has teeth
 
 

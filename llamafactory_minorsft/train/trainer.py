@@ -259,6 +259,17 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
             values["token_logps"] = torch.cat(token_logps[: len(dataset)]) if token_logps else torch.zeros(0)
         return values
 
+    def rng_kept(self):
+        """A context that leaves the global RNG as it found it (on the CPU and the trainer's device).
+
+        A pass's loader draws its seed from the global RNG: without this, the training after a cache miss would
+        shuffle and drop out otherwise than after a cache hit, or with the online reference.
+        """
+        device = self.accelerator.device
+        if device.type == "cpu":
+            return torch.random.fork_rng(devices=[])
+        return torch.random.fork_rng(devices=[device.index or 0], device_type=device.type)
+
     def precompute_reference(self, cache: dict[str, reference_cache.CachedSplit]) -> dict[str, float]:
         """Attach precomputed reference log-probs and free the reference model.
 
@@ -274,7 +285,8 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
             if values is None:
                 start = time.perf_counter()
                 samples = unpacked(dataset) if self.packed else dataset
-                values = self.compute_reference_logps(samples, desc=f"Reference log-probs ({split})")
+                with self.rng_kept():
+                    values = self.compute_reference_logps(samples, desc=f"Reference log-probs ({split})")
                 metrics[f"ref_precompute_{split}_runtime"] = round(time.perf_counter() - start, 4)
                 cache[split].check(values)
                 if self.is_world_process_zero():
