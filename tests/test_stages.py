@@ -123,6 +123,10 @@ def test_sft_track_deviation_keeps_llamafactory_loss_functions(tiny, tmp_path, o
     assert_same_weights(tmp_path / "stock", tmp_path / "tracked", rtol=0, atol=0)
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def test_minorsft_outputs_match_the_sft_workflow_and_eval_metrics(tiny, tmp_path):
     out = tmp_path / "out"
     config = base_config(
@@ -160,6 +164,22 @@ def test_minorsft_outputs_match_the_sft_workflow_and_eval_metrics(tiny, tmp_path
     for key in METRICS:
         assert all(math.isfinite(entry[f"eval_{key}"]) for entry in evals), key
     assert evals[0]["eval_deviation"] != 0  # two steps in, the policy has moved
+    assert [e["current_steps"] for e in read_jsonl(out / "trainer_deviation.jsonl") if "eval_deviation" in e] == [
+        2,
+        4,
+        4,
+    ]
+
+    # evaluated alone into the same folder: its deviation log starts anew, as trainer_log.jsonl does
+    evaluate = dict(config, do_train=False, eval_dataset="four,minorsft_demo_eval", eval_on_each_dataset=True)
+    run_cli(evaluate, tmp_path / "evaluate")
+    entries = read_jsonl(out / "trainer_deviation.jsonl")  # one per eval set
+    assert [e["current_steps"] for e in entries] == [0, 0]
+    assert {key for e in entries for key in e} == {
+        "current_steps",
+        "eval_four_deviation",
+        "eval_minorsft_demo_eval_deviation",
+    }
 
 
 def test_zero_answer_tokens_after_truncation_give_no_nan(tiny, tmp_path):

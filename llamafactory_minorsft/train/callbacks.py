@@ -10,19 +10,32 @@ DEVIATION_LOG = "trainer_deviation.jsonl"  # beside LLaMA-Factory's trainer_log.
 
 
 class DeviationLogCallback(TrainerCallback):
-    r"""Append ``deviation``/``eval_deviation`` of every log to ``trainer_deviation.jsonl`` (main process).
+    r"""Append the deviations of every log to ``trainer_deviation.jsonl`` (main process).
 
-    LLaMA-Factory's ``trainer_log.jsonl`` holds a fixed set of keys; this file beside it feeds LLaMA-Board's
-    live deviation plot.
+    ``deviation``, ``eval_deviation`` and, with ``eval_on_each_dataset``, ``eval_<name>_deviation``. LLaMA-Factory's
+    ``trainer_log.jsonl`` holds a fixed set of keys; this file beside it feeds LLaMA-Board's live deviation plot.
     """
 
+    def on_init_end(self, args, state, control, **kwargs):
+        if args.should_save and getattr(args, "overwrite_output_dir", False):
+            self.remove(args)  # as LLaMA-Factory's LogCallback does with trainer_log.jsonl (an eval-only run too)
+
     def on_train_begin(self, args, state, control, **kwargs):
+        if args.should_save and state.global_step == 0:
+            self.remove(args)  # a fresh run; a resumed one keeps appending, like trainer_log.jsonl
+
+    @staticmethod
+    def remove(args) -> None:
         path = os.path.join(args.output_dir, DEVIATION_LOG)
-        if args.should_save and state.global_step == 0 and os.path.exists(path):
-            os.remove(path)  # a fresh run; a resumed one keeps appending, like trainer_log.jsonl
+        if os.path.exists(path):
+            os.remove(path)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        entry = {key: logs[key] for key in ("deviation", "eval_deviation") if key in (logs or {})}
+        entry = {
+            key: value
+            for key, value in (logs or {}).items()
+            if key == "deviation" or (key.startswith("eval_") and key.endswith("deviation"))
+        }
         if args.should_save and entry:
             os.makedirs(args.output_dir, exist_ok=True)
             with open(os.path.join(args.output_dir, DEVIATION_LOG), "a", encoding="utf-8") as f:
