@@ -199,6 +199,9 @@ class PluginFinetuningArguments(FinetuningArguments, ReferenceArguments, SFTGOAr
             raise ValueError(f"Unknown `stage: {self.stage}`. Choose one of: {', '.join(ALL_STAGES)}.")
 
         super().__post_init__()
+        for name in ("ref_model", "sft_go_classifier"):  # checked as local paths below, so loaded as those
+            if isinstance(getattr(self, name, None), str) and getattr(self, name).startswith("~"):
+                setattr(self, name, os.path.expanduser(getattr(self, name)))
 
         if self.track_deviation and self.stage not in DEVIATION_STAGES:
             raise ValueError(

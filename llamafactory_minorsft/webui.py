@@ -274,8 +274,16 @@ def read_deviation_log(output_dir: str) -> list[dict[str, Any]]:
     if not os.path.isfile(path):
         return []
 
+    entries = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:  # a line being written (or a damaged one): it must not stop the monitor
+                continue
+            if isinstance(entry, dict) and "current_steps" in entry:
+                entries.append(entry)
+    return entries
 
 
 def loss_and_deviation_plot(trainer_log: list[dict[str, Any]], deviation_log: list[dict[str, Any]]):

@@ -510,6 +510,26 @@ def test_fig1_without_any_deviation_says_why(tmp_path, capsys):
     assert capsys.readouterr().err.endswith(f"{NO_RUNS}\n")
 
 
+def test_fig2a_reads_a_default_or_string_learning_rate(tmp_path):
+    """A base config without `learning_rate` (the Trainer's default), or YAML's "2e-5" (a string)."""
+    from llamafactory_minorsft.tools.figures import learning_rate, plot_accuracy_heatmaps
+    from llamafactory_minorsft.tools.runs import Run
+
+    runs = [
+        Run("a", "sft", {}, {"stage": "sft"}, {"status": "done", "eval": {"mc": 0.5}}),
+        Run("b", "sft", {}, {"stage": "sft", "learning_rate": "2e-5"}, {"status": "done", "eval": {"mc": 0.25}}),
+    ]
+    assert [learning_rate(run) for run in runs] == [5e-5, 2e-5]
+    assert os.path.isfile(plot_accuracy_heatmaps(runs, ["mc"], str(tmp_path / "fig2a.png")))
+
+
+def test_the_web_uis_deviation_reader_skips_a_line_being_written(tmp_path):
+    from llamafactory_minorsft.webui import read_deviation_log
+
+    (tmp_path / "trainer_deviation.jsonl").write_text('{"current_steps": 1, "deviation": 0.5}\n[1]\n{"curr')
+    assert read_deviation_log(str(tmp_path)) == [{"current_steps": 1, "deviation": 0.5}]
+
+
 def test_the_training_command_can_be_a_wrapper(monkeypatch):
     """`LLAMAFACTORY_MINORSFT_CLI` stands for `llamafactory-cli` in the tools' trainings, split as a shell would."""
     from llamafactory_minorsft.tools.runs import CLI_ENV, train_command

@@ -227,6 +227,8 @@ def test_a_cache_dir_under_home_is_expanded(tiny, tmp_path, monkeypatch):
     )
     entries = look_up(*args, {"train_dataset": data})
     assert entries["train"].path.startswith(str(tmp_path / "home" / "cache")), entries["train"].path
+    # a reference model under home is loaded from there, as it was checked (not as a hub id "~/…")
+    assert PluginFinetuningArguments(stage="minorsft", ref_model="~/ref").ref_model == str(tmp_path / "home" / "ref")
 
 
 def test_the_cache_key_sees_every_file_and_loading_option_of_the_reference(tiny, tmp_path):

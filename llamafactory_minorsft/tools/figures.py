@@ -5,6 +5,7 @@
 - Fig. 2b: best accuracy per method on each eval set.
 """
 
+import dataclasses
 import statistics
 import sys
 
@@ -69,6 +70,16 @@ def plot_best_accuracy(runs: list[Run], best: dict[str, Run], eval_sets: list[st
     return _save(fig, path)
 
 
+def learning_rate(run: Run) -> float:
+    """A run's learning rate: its config's (YAML may give "2e-5" as a string), else the Trainer's default."""
+    value = run.config.get("learning_rate")
+    if value is None:
+        from transformers import TrainingArguments
+
+        value = next(f.default for f in dataclasses.fields(TrainingArguments) if f.name == "learning_rate")
+    return float(value)
+
+
 def plot_accuracy_heatmaps(runs: list[Run], eval_sets: list[str], path: str) -> str:
     """Fig. 2a: mean accuracy (over eval sets and seeds) on learning rate × β, one panel per method."""
     plt = _pyplot()
@@ -76,7 +87,7 @@ def plot_accuracy_heatmaps(runs: list[Run], eval_sets: list[str], path: str) -> 
     fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.6), squeeze=False)
     for ax, method in zip(axes[0], methods):
         done = [r for r in runs if r.method == method and r.result.get("eval")]
-        lrs = sorted({r.config.get("learning_rate") for r in done}, key=float)
+        lrs = sorted({learning_rate(r) for r in done})
         betas = sorted(
             {r.config.get("pref_beta") for r in done if r.config.get("stage") != "sft"} or {None}, key=lambda b: b or 0
         )
@@ -86,7 +97,7 @@ def plot_accuracy_heatmaps(runs: list[Run], eval_sets: list[str], path: str) -> 
                 cell = [
                     statistics.mean(r.result["eval"][e] for e in eval_sets)
                     for r in done
-                    if r.config.get("learning_rate") == lr and (beta is None or r.config.get("pref_beta") == beta)
+                    if learning_rate(r) == lr and (beta is None or r.config.get("pref_beta") == beta)
                 ]
                 if cell:
                     grid[bi][li] = statistics.mean(cell)
