@@ -40,9 +40,11 @@ def top_fraction_mask(scores: torch.Tensor, mask: torch.Tensor, eta: float) -> t
     ranks = torch.empty_like(order).scatter_(
         -1, order, torch.arange(order.size(-1), device=order.device).expand_as(order)
     )
-    # ceil(η·m) in integers, η as the decimal it was written as: in floating point 0.3 · 100 is 30.000000000000004
+    # ceil(η·m) in Python integers (exact, unbounded), η as the decimal it was written as: in floating point
+    # 0.3 · 100 is 30.000000000000004, and η = 0.3333333333333333 times m overflows int64 as a fraction
     eta = Fraction(repr(float(eta)))
-    num_important = -((-eta.numerator * mask.sum(-1, keepdim=True).long()) // eta.denominator)
+    counts = [math.ceil(eta * m) for m in mask.sum(-1).tolist()]
+    num_important = torch.tensor(counts, dtype=torch.long, device=mask.device).unsqueeze(-1)
     return (ranks < num_important) & mask
 
 

@@ -62,7 +62,10 @@ def test_smooth_idf_and_tfidf_scores_known_values():
 
 def test_the_important_group_is_ceil_eta_m_tokens_exactly():
     """⌈η·m⌉ of the decimal η, where float arithmetic overshoots an exact product (0.3 · 100 = 30.000000000000004)."""
-    for eta, m, expected in [(0.3, 100, 30), (0.6, 25, 15), (0.7, 10, 7), (0.3, 101, 31), (0.5, 1, 1), (0.05, 7, 1)]:
+    cases = [(0.3, 100, 30), (0.6, 25, 15), (0.7, 10, 7), (0.3, 101, 31), (0.5, 1, 1), (0.05, 7, 1)]
+    # η that are no short decimal (1/3, np.linspace's 0.30000000000000004): exact products of 17-digit fractions
+    cases += [(1 / 3, 4096, 1366), (0.30000000000000004, 4096, 1229), (1e-30, 4096, 1)]
+    for eta, m, expected in cases:
         mask = torch.ones(1, m, dtype=torch.bool)
         assert top_fraction_mask(torch.arange(m, dtype=torch.float32)[None], mask, eta).sum().item() == expected
     mask = torch.tensor([[True] * 20 + [False] * 5, [True] * 25])  # per row: its own m

@@ -266,8 +266,8 @@ class BaseSFTTrainer(CustomSeq2SeqTrainer):
         shuffle and drop out otherwise than after a cache hit, or with the online reference.
         """
         device = self.accelerator.device
-        if device.type == "cpu":
-            return torch.random.fork_rng(devices=[])
+        if device.type == "cpu" or not hasattr(getattr(torch, device.type, None), "get_rng_state"):
+            return torch.random.fork_rng(devices=[])  # the CPU's (a device without a torch RNG module: its own)
         return torch.random.fork_rng(devices=[device.index or 0], device_type=device.type)
 
     def precompute_reference(self, cache: dict[str, reference_cache.CachedSplit]) -> dict[str, float]:
