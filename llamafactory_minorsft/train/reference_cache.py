@@ -26,7 +26,8 @@ from .packing import dataset_samples
 
 #: bump when the stored values or their meaning change (2: the pass runs under training's autocast; 3: one entry per
 #: sample, keyed by the set of samples and stored in the order of their digests, so packed and unpacked runs share it;
-#: 4: a LoRA run's key lists the adapters merged into its base)
+#: 4: a LoRA run's key lists the adapters merged into its base; 5: files of format 4 may hold the values of a
+#: length-grouped pass, attached to other samples)
 CACHE_FORMAT = 5
 CACHE_ENV = "LLAMAFACTORY_MINORSFT_CACHE"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".model", ".txt", ".tiktoken")
