@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
+from . import DISABLE_ENV
 from .stages import NEW_STAGES, is_plugin_run
 
 
@@ -83,7 +84,7 @@ def layout() -> Layout:
         raise UnsupportedLlamaFactoryError(
             f"llamafactory-minorsft does not support LLaMA-Factory {VERSION}; it supports {supported}. Install one "
             f"of those, or set {ALLOW_UNTESTED_ENV}=1 to try this version anyway "
-            "(every patch target is still checked)."
+            f"(every patch target is still checked), or set {DISABLE_ENV}=1 to run LLaMA-Factory without the plugin."
         )
 
     # the newest tested layout not newer than the installed version (else the oldest)
@@ -148,8 +149,15 @@ def patch_parser(parser) -> None:
 
     lists = [getattr(parser, name) for name in layout().parser_lists]
     lists += [parser._TRAIN_MCA_ARGS] if getattr(parser, "_TRAIN_MCA_ARGS", None) else []  # empty without mcore
+    if all(PluginFinetuningArguments in arg_list for arg_list in lists):  # a fork (patches/) has the stages natively
+        parser._minorsft_patched = parser._minorsft_fork = True
+        return
+
     if not all(FinetuningArguments in arg_list for arg_list in lists):
-        raise UnsupportedLlamaFactoryError(f"{parser.__name__}: FinetuningArguments not found in its parser lists.")
+        raise UnsupportedLlamaFactoryError(
+            f"{parser.__name__}: FinetuningArguments not found in its parser lists, so llamafactory-minorsft cannot "
+            f"add its stages. Set {DISABLE_ENV}=1 to run this LLaMA-Factory without the plugin's hooks."
+        )
 
     for arg_list in lists:
         arg_list[arg_list.index(FinetuningArguments)] = PluginFinetuningArguments
@@ -315,6 +323,9 @@ def patch_tuner(tuner) -> None:
     """Route this package's runs of ``tuner._training_function`` to their workflows."""
     profilers = ("TorchProfilerCallback", "ModuleProfilerCallback") if layout().profiler_callbacks else ()
     if not _should_patch(tuner, "_training_function", "get_train_args", "LogCallback", "ReporterCallback", *profilers):
+        return
+    if "is_plugin_run" in tuner._training_function.__code__.co_names:  # a fork (patches/) dispatches the runs itself
+        tuner._minorsft_patched = tuner._minorsft_fork = True
         return
     stock_training_function = tuner._training_function
 

@@ -48,21 +48,24 @@ def patched_tree(tmp_path_factory) -> Path:
     return root
 
 
-def fork_env(tree: Path) -> dict:
-    env = cli_env(LLAMAFACTORY_MINORSFT_DISABLE="1")
+def fork_env(tree: Path, hooks: bool = False) -> dict:
+    env = cli_env(LLAMAFACTORY_MINORSFT_DISABLE="0" if hooks else "1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree / "src"), env.get("PYTHONPATH")]))
     return env
 
 
 @pytest.mark.compat
-def test_patched_tree_runs_minorsft_with_the_plugin_hooks_off(tiny, tmp_path, patched_tree):
-    env = fork_env(patched_tree)
+@pytest.mark.parametrize("hooks", [False, True], ids=["hooks_off", "hooks_on"])
+def test_patched_tree_runs_minorsft_with_the_plugin_hooks_off_or_on(tiny, tmp_path, patched_tree, hooks):
+    """Hooks off is the documented way; with them on, the plugin sees the fork and leaves its parser and tuner be."""
+    env = fork_env(patched_tree, hooks)
     probe = subprocess.run(
         [
             sys.executable,
             "-c",
-            "import llamafactory.train.tuner as t, llamafactory.extras.constants as c; "
-            "print(t.__file__); print(getattr(t, '_minorsft_patched', False)); print(c.TRAINING_STAGES['MinorSFT'])",
+            "import llamafactory.train.tuner as t, llamafactory.hparams.parser as p, llamafactory.extras.constants as c;"
+            " print(t.__file__); print(getattr(t, '_minorsft_fork', False) and getattr(p, '_minorsft_fork', False));"
+            " print(hasattr(t._training_function, '__wrapped__')); print(c.TRAINING_STAGES['MinorSFT'])",
         ],
         env=env,
         capture_output=True,
@@ -70,8 +73,9 @@ def test_patched_tree_runs_minorsft_with_the_plugin_hooks_off(tiny, tmp_path, pa
         cwd=tmp_path,
     )
     assert probe.returncode == 0, probe.stderr[-3000:]
-    tuner_file, hooked, stage = probe.stdout.split()
-    assert tuner_file.startswith(str(patched_tree)) and hooked == "False" and stage == "minorsft"
+    tuner_file, fork_seen, wrapped, stage = probe.stdout.split()
+    assert tuner_file.startswith(str(patched_tree)) and stage == "minorsft"
+    assert (fork_seen, wrapped) == (str(hooks), "False")  # the fork's own tuner runs either way
 
     out = tmp_path / "out"
     config = base_config(tiny, out, dataset="minorsft_demo", cutoff_len=128, max_steps=2, learning_rate=1e-2)
