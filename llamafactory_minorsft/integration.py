@@ -430,7 +430,7 @@ def patch_webui_control(control) -> None:
     if not _should_patch(control, "get_trainer_info", "gr", "TRAINER_LOG"):
         return
 
-    from .webui import loss_and_deviation_plot, read_deviation_log
+    from .webui import deviation_log_is_current, loss_and_deviation_plot, read_deviation_log
 
     stock_get_trainer_info = control.get_trainer_info
 
@@ -441,7 +441,8 @@ def patch_webui_control(control) -> None:
         if deviation_log:
             with open(os.path.join(output_path, control.TRAINER_LOG), encoding="utf-8") as f:
                 trainer_log = [json.loads(line) for line in f if line.strip()]
-            running_info["loss_viewer"] = control.gr.Plot(loss_and_deviation_plot(trainer_log, deviation_log))
+            if deviation_log_is_current(output_path, trainer_log):  # not one a finished run left in the folder
+                running_info["loss_viewer"] = control.gr.Plot(loss_and_deviation_plot(trainer_log, deviation_log))
 
         return running_log, running_progress, running_info
 

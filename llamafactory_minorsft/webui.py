@@ -286,6 +286,33 @@ def read_deviation_log(output_dir: str) -> list[dict[str, Any]]:
     return entries
 
 
+#: seconds of slack in ``deviation_log_is_current``: the elapsed time is whole seconds, and a thread writes the log
+START_SLACK_S = 2.0
+
+
+def _seconds(elapsed: str) -> float:
+    """``str(timedelta)`` back to seconds: "0:01:05", "2 days, 3:04:05"."""
+    days, _, clock = elapsed.rpartition(", ")
+    hours, minutes, seconds = (float(part) for part in clock.split(":"))
+    return (int(days.split()[0]) if days else 0) * 86400 + hours * 3600 + minutes * 60 + seconds
+
+
+def deviation_log_is_current(output_dir: str, trainer_log: list[dict[str, Any]]) -> bool:
+    """Whether ``trainer_deviation.jsonl`` was written by the run that writes ``trainer_log`` now.
+
+    A stock run (no deviation) in a folder where a plugin run left its deviation log does not touch that file, so
+    its last write precedes the running run's start: the trainer log's last write less its last elapsed time.
+    """
+    from llamafactory.extras.constants import TRAINER_LOG
+
+    try:
+        started = os.path.getmtime(os.path.join(output_dir, TRAINER_LOG)) - _seconds(trainer_log[-1]["elapsed_time"])
+        written = os.path.getmtime(os.path.join(output_dir, DEVIATION_LOG))
+    except (OSError, IndexError, KeyError, TypeError, ValueError):  # no log yet, or one this check cannot read
+        return False
+    return written >= started - START_SLACK_S
+
+
 def loss_and_deviation_plot(trainer_log: list[dict[str, Any]], deviation_log: list[dict[str, Any]]):
     """LLaMA-Board's live loss plot, with the deviation (Eq. 8) in a second panel below it."""
     import matplotlib.pyplot as plt

@@ -530,6 +530,37 @@ def test_the_web_uis_deviation_reader_skips_a_line_being_written(tmp_path):
     assert read_deviation_log(str(tmp_path)) == [{"current_steps": 1, "deviation": 0.5}]
 
 
+def test_the_web_ui_plots_no_deviation_a_finished_run_left_in_the_folder(tmp_path):
+    """A stock run written where a plugin run logged the deviation leaves that log as it was: it is not plotted."""
+    import llamafactory.webui.control as control
+    import matplotlib.pyplot as plt
+
+    from llamafactory_minorsft.webui import deviation_log_is_current
+
+    trainer_log = [
+        {"current_steps": 3, "total_steps": 9, "loss": 1.0, "percentage": 33.3, "remaining_time": "0:01:00"}
+    ]
+    (tmp_path / "trainer_log.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in trainer_log))
+    (tmp_path / "trainer_deviation.jsonl").write_text('{"current_steps": 1, "deviation": 0.5}\n')
+    now = time.time()
+    os.utime(tmp_path / "trainer_log.jsonl", (now, now))
+    for elapsed, written, current in [
+        ("0:00:30", now - 20, True),
+        ("0:00:30", now - 600, False),
+        ("1 day, 0:00:30", now - 600, True),
+    ]:
+        os.utime(tmp_path / "trainer_deviation.jsonl", (written, written))
+        for entry in trainer_log:
+            entry["elapsed_time"] = elapsed
+        assert deviation_log_is_current(str(tmp_path), trainer_log) is current
+        (tmp_path / "trainer_log.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in trainer_log))
+        os.utime(tmp_path / "trainer_log.jsonl", (now, now))
+        assert "loss_viewer" in control.get_trainer_info("en", str(tmp_path), True)[2]
+        assert len(plt.gcf().axes) == (2 if current else 1)  # the last plot drawn: the stock one has the loss alone
+
+    assert not deviation_log_is_current(str(tmp_path), [{"current_steps": 1}])  # an older LLaMA-Factory's log
+
+
 def test_the_training_command_can_be_a_wrapper(monkeypatch):
     """`LLAMAFACTORY_MINORSFT_CLI` stands for `llamafactory-cli` in the tools' trainings, split as a shell would."""
     from llamafactory_minorsft.tools.runs import CLI_ENV, train_command
