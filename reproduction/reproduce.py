@@ -332,6 +332,14 @@ def token_mean_block(grid_dir: str, design: dict) -> list[dict]:
 
 
 def main() -> None:
+    try:
+        _main()
+    except (OSError, ValueError) as err:  # a directory that cannot be made or written, a bad grid: one line
+        print(f"reproduce.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", default=None, help="default: .cache/reproduction (--smoke: .cache/repro_smoke)")
     parser.add_argument("--output-dir", default=None, help="default: <cache>_grid")
@@ -359,6 +367,10 @@ def main() -> None:
             summary = json.load(f)
         write_report(methods_dir, token_dir, docs, summary)
         return
+
+    for option, path in (("--cache", cache), ("--output-dir", output_dir)):  # before the general model trains
+        if os.path.lexists(path) and not os.path.isdir(path):
+            raise SystemExit(f"reproduce.py: {option} {path!r} is not a directory. Point {option} at a directory.")
 
     start = time.time()
     paths = prepare(cache, design, output_dir)

@@ -269,16 +269,64 @@ def test_a_run_whose_evaluation_failed_is_evaluated_again_not_trained_again(tiny
             "learning_rte are not LLaMA-Factory train options",
         ),
         (dict(blocks=[dict(name="x", grid=dict(learning_rate=[]))]), "non-empty lists"),
+        (dict(set=dict(pref_beta="high")), "`set` sets `pref_beta` to 'high'; it must be a float"),
+        (
+            dict(blocks=[dict(name="x", set=dict(track_deviation="yes"), grid=dict(learning_rate=["2e-5"]))]),
+            "block 'x' `set` sets `track_deviation` to 'yes'; it must be a bool",
+        ),
+        (dict(blocks=[dict(name="x", grid=dict(max_steps=[2, 2.5]))]), "sets `max_steps` to 2.5; it must be a int"),
+        (
+            dict(blocks=[dict(name="x", grid=dict(learning_rate=[1e-3, 1e-3]))]),
+            "`grid.learning_rate` lists 0.001 twice",
+        ),
+        (
+            dict(blocks=[dict(name="x", grid=dict(learning_rate=[1e-3, 1.0000001e-3]))]),
+            "grid values that print alike",
+        ),
     ],
-    ids=["unknown-top-key", "empty", "unknown-grid-key", "empty-values"],
+    ids=[
+        "unknown-top-key",
+        "empty",
+        "unknown-grid-key",
+        "empty-values",
+        "set-type",
+        "block-set-type",
+        "grid-type",
+        "repeated-value",
+        "values-alike",
+    ],
 )
 def test_bad_grid_files_fail_clearly_before_any_run(tiny, tmp_path, extra, message):
     grid = write_grid(tiny, tmp_path)
     spec = {**yaml.safe_load(grid.read_text()), **extra}
     grid.write_text(yaml.safe_dump(spec))
-    proc = tool("grid", grid, cwd=tmp_path, check=False)
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
-    assert not (tmp_path / "grid_out").exists()
+    for dry_run in ([], ["--dry-run"]):
+        proc = tool("grid", grid, *dry_run, cwd=tmp_path, check=False)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert not (tmp_path / "grid_out").exists()
+
+
+def test_tool_paths_that_cannot_be_used_fail_in_one_line_before_any_work(tiny, tmp_path):
+    """Exit 2 and one line naming the option, before a training starts (the template's check needs the model)."""
+    questions, _ = write_mc(tmp_path)
+    (tmp_path / "a_file").write_text("")
+    cases = [
+        (["eval-mc", "--model", tiny.model, "--template", "qwen", "--output", tmp_path, questions], "is a directory"),
+        (["eval-mc", "--model", tmp_path / "nowhere", "--template", "qwen", questions], "--model"),
+        (["eval-mc", "--model", tiny.model, "--template", "llama3", questions], "--template llama3: adds"),
+        (["tiny", tmp_path / "a_file" / "tiny"], "Not a directory"),
+        (["grid", write_grid(tiny, tmp_path), "--output-dir", tmp_path / "a_file"], "a_file"),
+        (["demo", "--examples-dir", tmp_path / "nowhere", "--output-dir", tmp_path / "demo"], "--examples-dir"),
+    ]
+    for args, message in cases:
+        proc = tool(*args, cwd=tmp_path, check=False)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and last.startswith("llamafactory-minorsft: error: ") and message in last, (
+            args,
+            last,
+        )
+        assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "demo").exists() and not (tmp_path / "a_file").read_text()
 
 
 def test_paper_grid_lists_the_paper_setup(tmp_path):
@@ -387,6 +435,7 @@ def test_a_training_that_ends_with_non_finite_metrics_is_diverged():
     assert diverged_metric([steps[1], steps[0]]) is None
     assert diverged_metric([{"loss": 1.0, "deviation": float("inf"), "step": 3}]) == "deviation at step 3"
     assert diverged_metric([{"loss": 1.0, "grad_norm": 0.5, "deviation": -0.1, "step": 1}]) is None
+    assert diverged_metric(steps[1:2]) == "grad_norm at step 2"  # its only logged step: nothing else to show
 
 
 def test_the_grid_eta_prices_each_run_left_by_its_work(tmp_path):
@@ -424,6 +473,18 @@ def test_a_diverged_setting_is_never_the_best():
     runs = [run(1, 1, 0.5), run(1, 2, 0.5), run(9, 1, 0.9), run(9, 2, 0.25, diverged="grad_norm at step 3")]
     assert best_runs(runs, ["mc"])["m"].values["learning_rate"] == 1
     assert best_runs(runs[2:], ["mc"])["m"] is None
+
+
+def test_a_nan_score_is_never_the_best_wherever_it_stands():
+    """`max` with a NaN key depends on the order; a setting whose likelihood is NaN loses in every order."""
+    from llamafactory_minorsft.tools.grid import best_runs
+    from llamafactory_minorsft.tools.runs import Run
+
+    def run(beta, logps):
+        return Run(f"m-{beta}", "m", {"pref_beta": beta}, {}, {"status": "done", "loss": 1.0, "logps/policy": logps})
+
+    for runs in ([run(0.1, float("nan")), run(0.2, -30.0)], [run(0.2, -30.0), run(0.1, float("nan"))]):
+        assert best_runs(runs, [])["m"].values["pref_beta"] == 0.2
 
 
 def test_without_evaluation_the_best_setting_has_the_highest_likelihood_not_the_lowest_loss():

@@ -100,9 +100,26 @@ def test_answers_start_with_the_letter_and_vary_in_length():
 
 
 @pytest.mark.parametrize("option", ["--cache", "--output-dir"])
-def test_directories_it_did_not_make_are_never_deleted(tmp_path, option):
+@pytest.mark.parametrize("kind", ["directory", "file"])
+def test_directories_it_did_not_make_are_never_deleted(tmp_path, option, kind):
     """The script rebuilds its cache and output directory from scratch, but only where it made them."""
     theirs = tmp_path / "theirs"
+    if kind == "file":  # refused at once, in one line
+        theirs.write_text("precious")
+        proc = subprocess.run(
+            [sys.executable, "reproduce.py", "--smoke", "--cache", str(tmp_path / "c"), option, str(theirs)],
+            cwd=REPRODUCTION,
+            env=cli_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode != 0 and proc.stderr.strip() == (
+            f"reproduce.py: {option} {str(theirs)!r} is not a directory. Point {option} at a directory."
+        )
+        assert theirs.read_text() == "precious" and not (tmp_path / "c").exists()
+        return
+
     theirs.mkdir()
     (theirs / "thesis.tex").write_text("precious")
     dirs = {"--cache": str(tmp_path / "cache"), "--output-dir": str(tmp_path / "out"), option: str(theirs)}

@@ -8,7 +8,7 @@ import sys
 def main(argv=None) -> int:
     try:
         return _main(argv)
-    except ValueError as err:  # bad input: one clear line, no traceback
+    except (ValueError, OSError) as err:  # bad input (a path that cannot be read or written): one line, no traceback
         print(f"llamafactory-minorsft: error: {err}", file=sys.stderr)
         return 2
 
@@ -24,6 +24,11 @@ def positive_int(text: str) -> int:
     return value
 
 
+def looks_local(path: str) -> bool:
+    """A path, not a hub id ("org/name"): absolute, relative to . or ~, or of more than two parts."""
+    return path.startswith((os.sep, ".", "~")) or path.count("/") > 1
+
+
 def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="llamafactory-minorsft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -36,7 +41,9 @@ def _main(argv=None) -> int:
     tiny.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the saved weights' dtype")
     demo = sub.add_parser("demo", help="train SFT, MinorSFT and SFT-using-DPO on the tiny model and compare")
     demo.add_argument("--output-dir", default="demo_output")
-    demo.add_argument("--examples-dir", default="examples_yaml/tiny")
+    demo.add_argument(
+        "--examples-dir", default="examples_yaml/tiny", help="the tiny configs (from the repository root)"
+    )
     grid = sub.add_parser("grid", help="run a hyperparameter grid of LLaMA-Factory trainings, evaluate, plot")
     grid.add_argument("grid_file")
     grid.add_argument("--output-dir", help="overrides the grid file's output_dir")
@@ -76,9 +83,19 @@ def _main(argv=None) -> int:
         stems = [os.path.splitext(os.path.basename(path))[0] for path in args.files]
         if len(set(stems)) != len(stems):
             raise ValueError("eval-mc: two files of one name; their results are keyed by name. Rename one.")
+        if args.output and os.path.isdir(args.output):
+            raise ValueError(f"eval-mc --output {args.output}: is a directory. Name the JSON file to write.")
         if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
             raise ValueError(f"eval-mc --output {args.output}: its directory does not exist. Create it first.")
-        scorer = MultipleChoiceScorer(args.model, args.template, args.adapter, args.batch_size)
+        for option, path in (("--model", args.model), ("--adapter", args.adapter)):
+            if path and looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
+                raise ValueError(f"eval-mc {option} {path}: no such directory.")
+        scorer = MultipleChoiceScorer(
+            os.path.expanduser(args.model),
+            args.template,
+            args.adapter and os.path.expanduser(args.adapter),
+            args.batch_size,
+        )
         results = evaluate_files(scorer, args.files, args.prompt)
         print(format_table(results))
         if args.output:

@@ -18,6 +18,14 @@ def run_demo(output_dir: str = "demo_output", examples_dir: str = "examples_yaml
     from .figures import plot_deviation_curves
     from .tiny import build_tiny_setup
 
+    configs = {stage: os.path.join(examples_dir, f"qwen2_{stage}_tiny.yaml") for stage, _ in RUNS}
+    missing = [path for path in configs.values() if not os.path.isfile(path)]
+    if missing:  # before anything is built
+        raise ValueError(
+            f"demo --examples-dir {examples_dir}: {', '.join(map(os.path.basename, missing))} not found there. Run the "
+            "demo from the repository root, or point --examples-dir at its examples_yaml/tiny."
+        )
+
     tiny_dir = os.path.join(output_dir, "tiny")
     if not os.path.exists(os.path.join(tiny_dir, "model", "config.json")):
         shutil.rmtree(tiny_dir, ignore_errors=True)
@@ -31,7 +39,7 @@ def run_demo(output_dir: str = "demo_output", examples_dir: str = "examples_yaml
             f"dataset_dir={tiny_dir}/data",
             f"output_dir={run_dir}",
         ]
-        config = os.path.join(examples_dir, f"qwen2_{stage}_tiny.yaml")
+        config = configs[stage]
         print(f"[demo] training {label}: llamafactory-cli train {config} {' '.join(overrides)}", flush=True)
         log_path = os.path.join(output_dir, f"{stage}.log")
         returncode = train(config, log_path, tuple(overrides))

@@ -96,9 +96,15 @@ class MultipleChoiceScorer:
         tokenizer_module = load_tokenizer(model_args)
         self.tokenizer = tokenizer_module["tokenizer"]
         self.tokenizer.padding_side = "left"
+        own_tokens = len(self.tokenizer)
         self.template = get_template_and_fix_tokenizer(self.tokenizer, data_args)
         self.model = load_model(self.tokenizer, model_args, finetuning_args, is_trainable=False).eval()
         rows = self.model.get_input_embeddings().num_embeddings
+        if own_tokens <= rows < len(self.tokenizer):  # the template added special tokens the model has no rows for
+            raise ValueError(
+                f"eval-mc --template {template}: adds {len(self.tokenizer) - own_tokens} special token(s) that the "
+                f"vocabulary of {model} lacks. Use the template the model was trained with."
+            )
         if len(self.tokenizer) > rows:  # its ids past the embedding would fail deep in the forward
             raise ValueError(
                 f"eval-mc: the tokenizer of {model} has {len(self.tokenizer)} tokens, the model's embedding only {rows} "

@@ -41,6 +41,8 @@ import statistics
 import subprocess
 import threading
 import time
+import types
+import typing
 from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, Optional
@@ -57,14 +59,53 @@ EVAL_KEYS = {"files", "prompt", "template", "batch_size"}
 STATUS_FILE = "grid_status.json"
 
 
-def train_option_names() -> set[str]:
-    """Every option LLaMA-Factory's train parser accepts (with the plugin's options)."""
+def train_option_classes() -> tuple[type, ...]:
     from llamafactory.hparams import DataArguments, GeneratingArguments, ModelArguments, TrainingArguments
 
     from ..hparams import PluginFinetuningArguments
 
-    classes = (ModelArguments, DataArguments, TrainingArguments, PluginFinetuningArguments, GeneratingArguments)
-    return {f.name for cls in classes for f in fields(cls) if f.init}
+    return ModelArguments, DataArguments, TrainingArguments, PluginFinetuningArguments, GeneratingArguments
+
+
+def train_option_names() -> set[str]:
+    """Every option LLaMA-Factory's train parser accepts (with the plugin's options)."""
+    return {f.name for cls in train_option_classes() for f in fields(cls) if f.init}
+
+
+def scalar_option_types() -> dict[str, tuple[type, bool]]:
+    """The options of type bool, int or float: name → (type, whether None is allowed)."""
+    kinds = {}
+    for cls in train_option_classes():
+        try:
+            hints = typing.get_type_hints(cls)
+        except Exception:  # an annotation this interpreter cannot resolve: those options go unchecked
+            continue
+        for f in fields(cls):
+            hint = hints.get(f.name)
+            args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+            kind = [arg for arg in args if arg is not type(None)]
+            if len(kind) == 1 and kind[0] in (bool, int, float):
+                kinds[f.name] = (kind[0], type(None) in args)
+    return kinds
+
+
+def fits(value: Any, kind: type, optional: bool) -> bool:
+    """Whether the train parser takes ``value`` for an option of ``kind`` (it converts no types of a config's values).
+
+    A float may be a string: YAML reads ``2e-5`` (no dot) as one, and the Trainer converts it.
+    """
+    if value is None:
+        return optional
+    if isinstance(value, bool) or kind is bool:
+        return isinstance(value, bool) and kind is bool
+    if kind is int:
+        return isinstance(value, int)
+    if isinstance(value, str):
+        try:
+            return math.isfinite(float(value))
+        except ValueError:
+            return False
+    return isinstance(value, (int, float))
 
 
 def _format_value(value: Any) -> str:
@@ -116,7 +157,19 @@ def load_grid(path: str, output_dir: Optional[str] = None) -> tuple[list[Run], d
         if bad:
             raise ValueError(f"Grid file {path}: {what} key(s) {', '.join(bad)} are not LLaMA-Factory train options.")
 
+    kinds = scalar_option_types()
+
+    def check_types(values, what):  # the values the grid file adds; `base` is the user's LLaMA-Factory config
+        for key, value in values.items():
+            if key in kinds and not fits(value, *kinds[key]):
+                kind, optional = kinds[key]
+                raise ValueError(
+                    f"Grid file {path}: {what} sets `{key}` to {value!r}; it must be a {kind.__name__}"
+                    f"{' or null' if optional else ''}."
+                )
+
     check(spec.get("set") or {}, "`set`")
+    check_types(spec.get("set") or {}, "`set`")
     # LLaMA-Factory's own switch for keys its parser does not know
     if os.getenv("ALLOW_EXTRA_ARGS", "0").lower() not in ("true", "y", "1"):
         check(base, f"`base` ({spec['base']})")
@@ -134,12 +187,22 @@ def load_grid(path: str, output_dir: Optional[str] = None) -> tuple[list[Run], d
         check(grid, f"block {method!r} `grid`")
         if not grid or any(not isinstance(v, list) or not v for v in grid.values()):
             raise ValueError(f"Grid file {path}: block {method!r} needs a `grid` of non-empty lists of values.")
+        check_types(block.get("set") or {}, f"block {method!r} `set`")
+        for key, values in grid.items():
+            for value in values:
+                check_types({key: value}, f"block {method!r} `grid`")
+            repeated = [value for i, value in enumerate(values) if value in values[:i]]
+            if repeated:
+                raise ValueError(f"Grid file {path}: block {method!r} `grid.{key}` lists {repeated[0]!r} twice.")
 
         for combination in itertools.product(*grid.values()):
             values = dict(zip(grid, combination))
             name = "-".join([method] + [f"{k}={_format_value(v)}" for k, v in values.items()])
             if name in names:
-                raise ValueError(f"Grid file {path}: two runs are named {name!r}; give the blocks distinct names.")
+                raise ValueError(
+                    f"Grid file {path}: two runs are named {name!r}: two blocks of one name, or grid values that print "
+                    "alike. Give the blocks distinct names, or the values distinct digits."
+                )
             names.add(name)
             config = {**base, **(spec.get("set") or {}), **(block.get("set") or {}), **values}
             config.update(output_dir=os.path.join(out, "runs", name), overwrite_output_dir=True)
@@ -441,12 +504,13 @@ def record_result(
 def diverged_metric(history: list[dict[str, Any]]) -> Optional[str]:
     """Why a training ended diverged, else None: its last `deviation`, or its last two `grad_norm`, not finite.
 
-    One non-finite gradient norm is no divergence: fp16 loss scaling skips a step whose gradients overflowed, often
-    in the first steps. The Trainer logs a NaN loss as the running mean, so the loss tells nothing.
+    One non-finite gradient norm among others is no divergence: fp16 loss scaling skips a step whose gradients
+    overflowed, often in the first steps. A run that logged a single one has nothing else to show, so it counts.
+    The Trainer logs a NaN loss as the running mean, so the loss tells nothing.
     """
     for key, last in (("deviation", 1), ("grad_norm", 2)):
         values = step_values(history, key)[-last:]
-        if len(values) == last and not any(isinstance(v, (int, float)) and math.isfinite(v) for _, v in values):
+        if values and not any(isinstance(v, (int, float)) and math.isfinite(v) for _, v in values):
             return f"{key} at step {values[-1][0]}"
     return None
 
@@ -599,6 +663,7 @@ def setting_scores(runs: list[Run], eval_sets: list[str]) -> dict[tuple, list[fl
             score = r["logps/policy"]
         else:
             score = -r["loss"] if r.get("loss") is not None else -math.inf
+        score = -math.inf if score is None or math.isnan(score) else score  # NaN would win or lose by its place
         scores.setdefault((run.method, run.setting), []).append(score)
     return scores
 
