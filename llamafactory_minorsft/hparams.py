@@ -106,7 +106,12 @@ class SFTGOArguments:
     )
     sft_go_lambda_min: float = field(
         default=0.0,
-        metadata={"help": "The final λ of a `linear`/`cosine` schedule, in [0, `sft_go_lambda`]. Default 0."},
+        metadata={
+            "help": (
+                "Where a `linear`/`cosine` schedule ends, in [0, `sft_go_lambda`]. Default 0. Step k of T uses the "
+                "schedule at (k - 1)/T, as learning-rate schedules do."
+            )
+        },
     )
     sft_go_group_reduction: Literal["batch", "sample"] = field(
         default="batch",

@@ -325,8 +325,9 @@ def loss_and_deviation_plot(trainer_log: list[dict[str, Any]], deviation_log: li
         points = [(entry["current_steps"], entry[key]) for entry in log if entry.get(key) is not None]
         if points:
             steps, values = zip(*points)
-            ax.plot(steps, values, color="#1f77b4", alpha=0.4, label="original")
-            ax.plot(steps, smooth(list(values)), color="#1f77b4", label="smoothed")
+            marker = "o" if len(steps) == 1 else None  # the first log of a run: a point, not a line
+            ax.plot(steps, values, color="#1f77b4", alpha=0.4, label="original", marker=marker)
+            ax.plot(steps, smooth(list(values)), color="#1f77b4", label="smoothed", marker=marker)
             ax.legend()
         ax.set_ylabel(key)
     deviation_ax.set_xlabel("step")

@@ -571,6 +571,28 @@ def test_fig1_without_any_deviation_says_why(tmp_path, capsys):
     assert capsys.readouterr().err.endswith(f"{NO_RUNS}\n")
 
 
+def test_fig1_and_the_live_plot_show_a_run_of_one_logged_step(tmp_path):
+    """One point draws no line: it gets a marker, so the chart is not blank."""
+    import matplotlib.image
+    import numpy as np
+
+    from llamafactory_minorsft.tools.figures import plot_deviation_curves
+    from llamafactory_minorsft.webui import loss_and_deviation_plot
+
+    def drawn(png) -> int:  # pixels of the curves' colour, matplotlib's first (#1f77b4): the legend's line has 58
+        rgb = matplotlib.image.imread(png)[..., :3]
+        return int((np.abs(rgb - np.array([0x1F, 0x77, 0xB4]) / 255).max(-1) < 0.1).sum())
+
+    (tmp_path / "run").mkdir()
+    history = [{"step": 1, "loss": 2.0, "deviation": 0.25}]
+    (tmp_path / "run" / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    assert drawn(plot_deviation_curves({"minorsft": str(tmp_path / "run")}, str(tmp_path / "fig1.png"))) > 100
+    log = [{"current_steps": 1, "loss": 2.0, "deviation": 0.25}]
+    fig = loss_and_deviation_plot(log, log)
+    fig.savefig(tmp_path / "live.png")
+    assert drawn(tmp_path / "live.png") > 200  # both panels; their legends have 116
+
+
 def test_fig2a_reads_a_default_or_string_learning_rate(tmp_path):
     """A base config without `learning_rate` (the Trainer's default), or YAML's "2e-5" (a string)."""
     from llamafactory_minorsft.tools.figures import learning_rate, plot_accuracy_heatmaps

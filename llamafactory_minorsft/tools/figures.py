@@ -38,8 +38,8 @@ def plot_deviation_curves(runs: dict[str, str], path: str) -> str:
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for label, output_dir in runs.items():
         points = step_values(log_history(output_dir), "deviation")
-        if points:
-            ax.plot(*zip(*points), label=label)
+        if points:  # a single point is no line: it gets a marker
+            ax.plot(*zip(*points), label=label, marker="o" if len(points) == 1 else None)
     ax.set_xlabel("step")
     ax.set_ylabel("deviation  (1/N) Σ (1/m) log πθ/πref   (Eq. 8)")
     ax.set_title("Deviation from the reference model")
