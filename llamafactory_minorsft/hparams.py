@@ -194,6 +194,11 @@ class PluginFinetuningArguments(FinetuningArguments, ReferenceArguments, SFTGOAr
         """A reference model is involved (see ``stages``)."""
         return uses_reference(self)
 
+    def _beta_use(self) -> str:
+        """What β scales in this run, for the messages."""
+        uses = {"minorsft": "the coefficient 2σ(−β·r)", "sft_dpo": "the loss −log σ(β·r)"}
+        return f"`stage: {self.stage}` ({uses.get(self.stage, 'its logged `rewards`, β·r')})"
+
     @property
     def needs_token_ref_logps(self) -> bool:
         """Per-token reference log-probs are needed: SFT-GO's Rho-1 grouping."""
@@ -256,9 +261,8 @@ class PluginFinetuningArguments(FinetuningArguments, ReferenceArguments, SFTGOAr
                 )
             if not (isinstance(self.pref_beta, (int, float)) and math.isfinite(self.pref_beta) and self.pref_beta > 0):
                 raise ValueError(
-                    f"`pref_beta` is β of the log-ratio r of `stage: {self.stage}` (MinorSFT, SFT using DPO, SFT-GO "
-                    f"with Rho-1, the deviation metric) and must be a positive number, got {self.pref_beta}. "
-                    "The MinorSFT paper uses `pref_beta: 0.04`."
+                    f"`pref_beta` is β of the log-ratio r of {self._beta_use()} and must be a positive number, got "
+                    f"{self.pref_beta}. The MinorSFT paper uses `pref_beta: 0.04`."
                 )
 
             if self.pissa_init:

@@ -12,8 +12,8 @@ from llamafactory_minorsft.tools.tiny import build_model, build_tokenizer
 
 DEEPSPEED_Z3 = Path(__file__).resolve().parents[1] / "examples_yaml" / "deepspeed" / "ds_z3_config.json"
 CASES = {
-    "zero_beta": (dict(pref_beta=0.0), "`pref_beta`"),
-    "negative_beta": (dict(stage="sft_dpo", pref_beta=-0.1), "`pref_beta`"),
+    "zero_beta": (dict(pref_beta=0.0), "`pref_beta` is β of the log-ratio r of `stage: minorsft` (the coefficient"),
+    "negative_beta": (dict(stage="sft_dpo", pref_beta=-0.1), "of `stage: sft_dpo` (the loss −log σ(β·r))"),
     "ranking_dataset": (dict(dataset="pairs"), "ranking"),
     "missing_ref_model": (dict(ref_model="/nonexistent/reference-model"), "`ref_model` path"),
     "unknown_stage": (dict(stage="minor_sft"), "Unknown `stage: minor_sft`"),
