@@ -301,7 +301,8 @@ def deviation_log_is_current(output_dir: str, trainer_log: list[dict[str, Any]])
     """Whether ``trainer_deviation.jsonl`` was written by the run that writes ``trainer_log`` now.
 
     A stock run (no deviation) in a folder where a plugin run left its deviation log does not touch that file, so
-    its last write precedes the running run's start: the trainer log's last write less its last elapsed time.
+    its last write precedes the running run's start: the trainer log's last write less its last elapsed time. A
+    resumed plugin run touches its log as it starts (``DeviationLogCallback``), before its first entry.
     """
     from llamafactory.extras.constants import TRAINER_LOG
 
@@ -318,6 +319,8 @@ def loss_and_deviation_plot(trainer_log: list[dict[str, Any]], deviation_log: li
     import matplotlib.pyplot as plt
     from llamafactory.extras.ploting import smooth
 
+    from .tools.figures import point_marker
+
     plt.close("all")
     plt.switch_backend("agg")
     fig, (loss_ax, deviation_ax) = plt.subplots(2, 1, sharex=True, figsize=(6.4, 6.4))
@@ -325,7 +328,7 @@ def loss_and_deviation_plot(trainer_log: list[dict[str, Any]], deviation_log: li
         points = [(entry["current_steps"], entry[key]) for entry in log if entry.get(key) is not None]
         if points:
             steps, values = zip(*points)
-            marker = "o" if len(steps) == 1 else None  # the first log of a run: a point, not a line
+            marker = point_marker(values)  # the first log of a run: a point, not a line
             ax.plot(steps, values, color="#1f77b4", alpha=0.4, label="original", marker=marker)
             ax.plot(steps, smooth(list(values)), color="#1f77b4", label="smoothed", marker=marker)
             ax.legend()

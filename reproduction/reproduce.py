@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import NoReturn
 
 import yaml
 
@@ -168,10 +169,10 @@ def check_own_dir(option: str, path: str, own: str) -> None:
     if not os.path.lexists(path):
         return
     if not os.path.isdir(path) or os.path.islink(path):
-        raise SystemExit(f"reproduce.py: {option} {path!r} is not a directory. Point {option} at a new directory.")
+        fail(f"{option} {path!r} is not a directory. Point {option} at a new directory.")
     if os.listdir(path) and not any(os.path.exists(os.path.join(path, name)) for name in (MARKER, own)):
-        raise SystemExit(
-            f"reproduce.py: {option} {path!r} holds files that this script did not write, and it would have to "
+        fail(
+            f"{option} {path!r} holds files that this script did not write, and it would have to "
             f"delete them to rebuild. Point {option} at a new or empty directory."
         )
 
@@ -331,15 +332,24 @@ def token_mean_block(grid_dir: str, design: dict) -> list[dict]:
     ]
 
 
+def fail(message: str) -> NoReturn:
+    """Bad input: one line, exit status 2 (as argparse and ``llamafactory-minorsft``)."""
+    print(f"reproduce.py: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_makeable(option: str, path: str) -> None:
+    """``path`` is a directory, or one can be made there: its nearest existing parent is a writable directory."""
+    parent = os.path.abspath(path)
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        fail(f"{option} {path!r}: {parent!r} is not a directory. Point {option} at a directory.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        fail(f"{option} {path!r}: {parent!r} is not writable. Point {option} at a directory you can write.")
+
+
 def main() -> None:
-    try:
-        _main()
-    except (OSError, ValueError) as err:  # a directory that cannot be made or written, a bad grid: one line
-        print(f"reproduce.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
-
-
-def _main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", default=None, help="default: .cache/reproduction (--smoke: .cache/repro_smoke)")
     parser.add_argument("--output-dir", default=None, help="default: <cache>_grid")
@@ -359,8 +369,8 @@ def _main() -> None:
     summary_path = os.path.join(output_dir, "reproduction_summary.json")
     if args.report_only:
         if not os.path.exists(summary_path):
-            raise SystemExit(
-                f"reproduce.py --report-only: {summary_path} is missing: no run has finished in --output-dir "
+            fail(
+                f"--report-only: {summary_path} is missing: no run has finished in --output-dir "
                 f"{output_dir!r}. Run reproduce.py without --report-only first."
             )
         with open(summary_path, encoding="utf-8") as f:
@@ -368,9 +378,8 @@ def _main() -> None:
         write_report(methods_dir, token_dir, docs, summary)
         return
 
-    for option, path in (("--cache", cache), ("--output-dir", output_dir)):  # before the general model trains
-        if os.path.lexists(path) and not os.path.isdir(path):
-            raise SystemExit(f"reproduce.py: {option} {path!r} is not a directory. Point {option} at a directory.")
+    for option, path in (("--cache", cache), ("--output-dir", output_dir), ("--docs", docs)):  # before any work
+        check_makeable(option, path)
 
     start = time.time()
     paths = prepare(cache, design, output_dir)

@@ -275,6 +275,7 @@ def test_a_run_whose_evaluation_failed_is_evaluated_again_not_trained_again(tiny
             "block 'x' `set` sets `track_deviation` to 'yes'; it must be a bool",
         ),
         (dict(blocks=[dict(name="x", grid=dict(max_steps=[2, 2.5]))]), "sets `max_steps` to 2.5; it must be a int"),
+        (dict(blocks=[dict(name="x", grid=dict(cutoff_len=["128"]))]), "sets `cutoff_len` to '128'; it must be a int"),
         (
             dict(blocks=[dict(name="x", grid=dict(learning_rate=[1e-3, 1e-3]))]),
             "`grid.learning_rate` lists 0.001 twice",
@@ -292,6 +293,7 @@ def test_a_run_whose_evaluation_failed_is_evaluated_again_not_trained_again(tiny
         "set-type",
         "block-set-type",
         "grid-type",
+        "grid-int-string",
         "repeated-value",
         "values-alike",
     ],
@@ -485,6 +487,18 @@ def test_a_nan_score_is_never_the_best_wherever_it_stands():
 
     for runs in ([run(0.1, float("nan")), run(0.2, -30.0)], [run(0.2, -30.0), run(0.1, float("nan"))]):
         assert best_runs(runs, [])["m"].values["pref_beta"] == 0.2
+    assert best_runs([run(0.1, float("nan")), run(0.2, float("nan"))], [])["m"] is None  # as with `eval`
+
+
+def test_grid_values_stock_runs_take_pass_the_type_check():
+    """Lenient where `llamafactory-cli train` trains: 0/1 for a bool, 128.0 for an int, "2e-5" for a float."""
+    from llamafactory_minorsft.tools.grid import fits, scalar_option_types
+
+    kinds = scalar_option_types()
+    for key, value in [("do_train", 1), ("cutoff_len", 128.0), ("learning_rate", "2e-5"), ("pref_beta", 1)]:
+        assert fits(value, *kinds[key]), key
+    for key, value in [("do_train", "false"), ("cutoff_len", 128.5), ("learning_rate", "fast"), ("pref_beta", True)]:
+        assert not fits(value, *kinds[key]), key
 
 
 def test_without_evaluation_the_best_setting_has_the_highest_likelihood_not_the_lowest_loss():
@@ -591,6 +605,9 @@ def test_fig1_and_the_live_plot_show_a_run_of_one_logged_step(tmp_path):
     fig = loss_and_deviation_plot(log, log)
     fig.savefig(tmp_path / "live.png")
     assert drawn(tmp_path / "live.png") > 200  # both panels; their legends have 116
+    history.append({"step": 2, "loss": float("nan"), "deviation": float("nan")})  # diverged after one good log
+    (tmp_path / "run" / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    assert drawn(plot_deviation_curves({"minorsft": str(tmp_path / "run")}, str(tmp_path / "nan.png"))) > 100
 
 
 def test_fig2a_reads_a_default_or_string_learning_rate(tmp_path):
@@ -642,6 +659,27 @@ def test_the_web_ui_plots_no_deviation_a_finished_run_left_in_the_folder(tmp_pat
         assert len(plt.gcf().axes) == (2 if current else 1)  # the last plot drawn: the stock one has the loss alone
 
     assert not deviation_log_is_current(str(tmp_path), [{"current_steps": 1}])  # an older LLaMA-Factory's log
+
+
+def test_a_resumed_plugin_run_keeps_its_deviation_on_the_live_plot(tmp_path):
+    """The resumed part may log no deviation before the monitor looks: the run touches its log as it starts."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from llamafactory_minorsft.train.callbacks import DEVIATION_LOG, DeviationLogCallback
+    from llamafactory_minorsft.webui import deviation_log_is_current
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    log = tmp_path / DEVIATION_LOG
+    log.write_text('{"current_steps": 2, "deviation": 0.5}\n')
+    old = time.time() - 600
+    os.utime(log, (old, old))
+    DeviationLogCallback().on_train_begin(args, TrainerState(global_step=2), TrainerControl())
+    trainer_log = [{"current_steps": 3, "elapsed_time": "0:00:00"}]  # the resumed part's first entry
+    (tmp_path / "trainer_log.jsonl").write_text(json.dumps(trainer_log[0]) + "\n")
+    assert log.read_text() and deviation_log_is_current(str(tmp_path), trainer_log)
+
+    DeviationLogCallback().on_train_begin(args, TrainerState(global_step=0), TrainerControl())
+    assert not log.exists()  # a fresh run starts its own log
 
 
 def test_the_training_command_can_be_a_wrapper(monkeypatch):

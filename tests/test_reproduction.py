@@ -114,8 +114,8 @@ def test_directories_it_did_not_make_are_never_deleted(tmp_path, option, kind):
             text=True,
             timeout=300,
         )
-        assert proc.returncode != 0 and proc.stderr.strip() == (
-            f"reproduce.py: {option} {str(theirs)!r} is not a directory. Point {option} at a directory."
+        assert proc.returncode == 2 and proc.stderr.strip() == (
+            f"reproduce.py: {option} {str(theirs)!r}: {str(theirs)!r} is not a directory. Point {option} at a directory."
         )
         assert theirs.read_text() == "precious" and not (tmp_path / "c").exists()
         return
@@ -131,7 +131,7 @@ def test_directories_it_did_not_make_are_never_deleted(tmp_path, option, kind):
         text=True,
         timeout=300,
     )
-    assert proc.returncode != 0 and f"{option} {str(theirs)!r} holds files that this script did not" in proc.stderr
+    assert proc.returncode == 2 and f"{option} {str(theirs)!r} holds files that this script did not" in proc.stderr
     assert (theirs / "thesis.tex").read_text() == "precious"
     assert not any(Path(path).exists() for key, path in dirs.items() if key != option)  # nothing else either
 

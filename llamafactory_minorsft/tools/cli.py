@@ -8,7 +8,7 @@ import sys
 def main(argv=None) -> int:
     try:
         return _main(argv)
-    except (ValueError, OSError) as err:  # bad input (a path that cannot be read or written): one line, no traceback
+    except ValueError as err:  # bad input: one clear line, no traceback
         print(f"llamafactory-minorsft: error: {err}", file=sys.stderr)
         return 2
 
@@ -90,12 +90,17 @@ def _main(argv=None) -> int:
         for option, path in (("--model", args.model), ("--adapter", args.adapter)):
             if path and looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
                 raise ValueError(f"eval-mc {option} {path}: no such directory.")
-        scorer = MultipleChoiceScorer(
-            os.path.expanduser(args.model),
-            args.template,
-            args.adapter and os.path.expanduser(args.adapter),
-            args.batch_size,
-        )
+        try:
+            scorer = MultipleChoiceScorer(
+                os.path.expanduser(args.model),
+                args.template,
+                args.adapter and os.path.expanduser(args.adapter),
+                args.batch_size,
+            )
+        except OSError as err:  # LLaMA-Factory's "Failed to load tokenizer." keeps its reason in __cause__
+            reason = str(err.__cause__ or err).strip().splitlines()[0]
+            adapter = f" with --adapter {args.adapter}" if args.adapter else ""
+            raise ValueError(f"eval-mc --model {args.model}{adapter}: cannot be loaded: {reason}") from None
         results = evaluate_files(scorer, args.files, args.prompt)
         print(format_table(results))
         if args.output:
@@ -106,15 +111,18 @@ def _main(argv=None) -> int:
     if args.command == "tiny":
         from .tiny import build_tiny_setup
 
-        paths = build_tiny_setup(
-            args.output_dir,
-            seed=args.seed,
-            num_samples=args.num_samples,
-            hidden_size=args.hidden_size,
-            intermediate_size=2 * args.hidden_size,
-            num_hidden_layers=args.num_layers,
-            dtype=args.dtype,
-        )
+        try:
+            paths = build_tiny_setup(
+                args.output_dir,
+                seed=args.seed,
+                num_samples=args.num_samples,
+                hidden_size=args.hidden_size,
+                intermediate_size=2 * args.hidden_size,
+                num_hidden_layers=args.num_layers,
+                dtype=args.dtype,
+            )
+        except OSError as err:
+            raise ValueError(f"tiny {args.output_dir}: cannot write there: {err}") from None
         for name, path in paths.items():
             print(f"{name}: {path}")
         return 0

@@ -29,7 +29,10 @@ def run_demo(output_dir: str = "demo_output", examples_dir: str = "examples_yaml
     tiny_dir = os.path.join(output_dir, "tiny")
     if not os.path.exists(os.path.join(tiny_dir, "model", "config.json")):
         shutil.rmtree(tiny_dir, ignore_errors=True)
-        build_tiny_setup(tiny_dir, seed=0, num_samples=256)
+        try:
+            build_tiny_setup(tiny_dir, seed=0, num_samples=256)
+        except OSError as err:
+            raise ValueError(f"demo --output-dir {output_dir}: cannot write there: {err}") from None
 
     rows = []
     for stage, label in RUNS:

@@ -6,6 +6,7 @@
 """
 
 import dataclasses
+import math
 import statistics
 import sys
 
@@ -32,14 +33,21 @@ def _save(fig, path: str) -> str:
     return path
 
 
+def point_marker(values) -> str | None:
+    """The marker "o" where no two finite values are adjacent: such points draw no line (one log, NaNs between)."""
+    finite = [isinstance(v, (int, float)) and math.isfinite(v) for v in values]
+    return None if any(a and b for a, b in zip(finite, finite[1:])) else "o"
+
+
 def plot_deviation_curves(runs: dict[str, str], path: str) -> str:
     """Fig. 1: one deviation curve per label → run directory."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for label, output_dir in runs.items():
         points = step_values(log_history(output_dir), "deviation")
-        if points:  # a single point is no line: it gets a marker
-            ax.plot(*zip(*points), label=label, marker="o" if len(points) == 1 else None)
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, label=label, marker=point_marker(values))
     ax.set_xlabel("step")
     ax.set_ylabel("deviation  (1/N) Σ (1/m) log πθ/πref   (Eq. 8)")
     ax.set_title("Deviation from the reference model")

@@ -90,16 +90,21 @@ def scalar_option_types() -> dict[str, tuple[type, bool]]:
 
 
 def fits(value: Any, kind: type, optional: bool) -> bool:
-    """Whether the train parser takes ``value`` for an option of ``kind`` (it converts no types of a config's values).
+    """Whether ``value`` can be meant for an option of ``kind``: refuses what no run could take as that type.
 
-    A float may be a string: YAML reads ``2e-5`` (no dot) as one, and the Trainer converts it.
+    LLaMA-Factory's parser converts no value of a config, so a string is kept as one: "false" for a bool would be
+    true. Lenient where stock runs train: 0/1 for a bool, 128.0 for an int. A float may be a string such as
+    ``2e-5``: PyYAML reads it (no dot) as one, and ``llamafactory-cli``'s OmegaConf reads the run's config back as a
+    number.
     """
     if value is None:
         return optional
-    if isinstance(value, bool) or kind is bool:
-        return isinstance(value, bool) and kind is bool
+    if kind is bool:
+        return isinstance(value, bool) or (type(value) is int and value in (0, 1))
+    if isinstance(value, bool):
+        return False
     if kind is int:
-        return isinstance(value, int)
+        return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
     if isinstance(value, str):
         try:
             return math.isfinite(float(value))
@@ -674,7 +679,7 @@ def best_runs(runs: list[Run], eval_sets: list[str]) -> dict[str, Optional[Run]]
     best = {}
     for method in dict.fromkeys(run.method for run in runs):
         candidates = {key: statistics.mean(v) for key, v in scores.items() if key[0] == method}
-        candidates = {key: score for key, score in candidates.items() if score > -math.inf or not eval_sets}
+        candidates = {key: score for key, score in candidates.items() if score > -math.inf}
         if not candidates:
             best[method] = None
             continue
@@ -750,7 +755,10 @@ def run_grid(path: str, output_dir: Optional[str] = None, dry_run: bool = False)
         print(f"{len(runs)} runs into {settings['output_dir']}")
         return 0
 
-    os.makedirs(settings["output_dir"], exist_ok=True)
+    try:
+        os.makedirs(settings["output_dir"], exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"Grid output directory {settings['output_dir']}: cannot be made: {err}") from None
     progress = GridProgress(runs, settings["output_dir"], path)
     progress.write(datetime.now(UTC).isoformat(timespec="seconds"))
     # `kill`, or the terminal closing, stops the grid as Ctrl-C does: the running training goes with it (it has its

@@ -21,8 +21,11 @@ class DeviationLogCallback(TrainerCallback):
             self.remove(args)  # as LLaMA-Factory's LogCallback does with trainer_log.jsonl (an eval-only run too)
 
     def on_train_begin(self, args, state, control, **kwargs):
+        path = os.path.join(args.output_dir, DEVIATION_LOG)
         if args.should_save and state.global_step == 0:
             self.remove(args)  # a fresh run; a resumed one keeps appending, like trainer_log.jsonl
+        elif args.should_save and os.path.exists(path):
+            os.utime(path)  # the live plot shows a log written since the run (re)started: this one is the run's
 
     @staticmethod
     def remove(args) -> None:
