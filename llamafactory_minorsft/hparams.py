@@ -484,7 +484,20 @@ def verify_plugin_args(model_args, data_args, training_args, finetuning_args, da
                 "directory, or remove it to use the initial model as the reference."
             )
 
+        if os.path.isfile(os.path.join(ref, "adapter_config.json")) and not os.path.isfile(
+            os.path.join(ref, "config.json")
+        ):
+            raise ValueError(
+                f"`ref_model` {finetuning_args.ref_model!r} is a LoRA adapter, not a model. Set `ref_model` to its "
+                "base model and `ref_model_adapters` to this directory."
+            )
         _check_reference_vocabulary(model_args.model_name_or_path, ref, model_args.trust_remote_code)
+
+    if stage == SFT_GO_STAGE and finetuning_args.sft_go_grouping == "tfidf" and not data_args.dataset:
+        raise ValueError(
+            "`sft_go_grouping: tfidf` takes its IDF from the training answers of `dataset`, which is not set. Set "
+            "`dataset` (an evaluation-only run reads it too), or use `sft_go_grouping: rho1`."
+        )
 
     run = _run_label(finetuning_args)
     if data_args.neat_packing:  # it sets `packing` too

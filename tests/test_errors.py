@@ -104,6 +104,14 @@ CASES = {
         dict(stage="sft_go", streaming=True, max_steps=1),
         "`sft_go_grouping: tfidf` scores every training answer before training",
     ),
+    "tfidf_without_a_training_set": (
+        dict(stage="sft_go", dataset=None, do_train=False, do_eval=True, eval_dataset="four"),
+        "`sft_go_grouping: tfidf` takes its IDF from the training answers of `dataset`, which is not set",
+    ),
+    "ref_model_is_an_adapter": (
+        dict(ref_model="ADAPTER"),
+        "is a LoRA adapter, not a model. Set `ref_model` to its base model and `ref_model_adapters`",
+    ),
     "unsloth_tracked_sft": (
         dict(stage="sft", track_deviation=True, use_unsloth=True),
         "`use_unsloth` cannot be used with `stage: sft` + `track_deviation`",
@@ -133,6 +141,11 @@ def test_bad_input_fails_early_and_clearly(tiny, tmp_path, case, request):
         message = "`neat_packing` cannot be used with"
     if overrides.get("ref_model") == "OTHER_TOKENIZER":
         overrides = dict(overrides, ref_model=request.getfixturevalue("other_tokenizer_model"))
+    if overrides.get("ref_model") == "ADAPTER":  # a LoRA output directory: adapter files, no config.json
+        adapter = tmp_path / "adapter"
+        adapter.mkdir()
+        (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+        overrides = dict(overrides, ref_model=str(adapter))
     if overrides.get("ref_model") == "REF":
         overrides = dict(overrides, ref_model=tiny.ref_model)
     out = tmp_path / "out"

@@ -11,7 +11,7 @@ def prepare_sft_go(tokenizer, dataset_module: dict, finetuning_args) -> dict:
     grouping = finetuning_args.sft_go_grouping
     if grouping == "tfidf":
         if dataset_module.get("train_dataset") is None:
-            raise ValueError("`sft_go_grouping: tfidf` takes its IDF from the training answers: set `do_train: true`.")
+            raise ValueError("`sft_go_grouping: tfidf` takes its IDF from the training answers: set `dataset`.")
         return {"idf": training_idf(dataset_module["train_dataset"], len(tokenizer))}
 
     if grouping == "llmlingua2":
