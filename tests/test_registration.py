@@ -65,7 +65,8 @@ def test_untested_llamafactory_version_fails_loudly_without_half_patching():
     assert line == (
         "ERROR: llamafactory-minorsft does not support LLaMA-Factory 0.9.7; it supports 0.9.4, 0.9.5, main "
         "(0.9.6.dev0, commit ff6d4d12e). Install one of those, or set LLAMAFACTORY_MINORSFT_ALLOW_UNTESTED=1 to try "
-        "this version anyway (every patch target is still checked)."
+        "this version anyway (every patch target is still checked), or set LLAMAFACTORY_MINORSFT_DISABLE=1 to run "
+        "LLaMA-Factory without the plugin."
     )
 
     # automatic registration: the import of LLaMA-Factory itself fails with the same line
