@@ -139,16 +139,23 @@ class SFTGOArguments:
 DPO_OPTIONS = ("pref_loss", "pref_ftx", "dpo_label_smoothing", "pref_bco_weight", "simpo_gamma", "ld_alpha")
 
 
-def _check_writable_dir(option: str, path: str) -> None:
-    """``path`` is, or can be made, a directory this process can write into."""
+def unwritable(path: str) -> str | None:
+    """Why ``path`` cannot be, or be made, a directory this process writes into; None if it can."""
     existing = os.path.abspath(os.path.expanduser(path))
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        what = "is not a directory" if not os.path.isdir(existing) else "is not writable"
-        raise ValueError(
-            f"`{option}` {path!r} cannot be used: {existing!r} {what}. Point `{option}` at a writable directory."
-        )
+    if not os.path.isdir(existing):
+        return f"{existing!r} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing!r} is not writable"
+    return None
+
+
+def _check_writable_dir(option: str, path: str) -> None:
+    """``path`` is, or can be made, a directory this process can write into."""
+    why = unwritable(path)
+    if why:
+        raise ValueError(f"`{option}` {path!r} cannot be used: {why}. Point `{option}` at a writable directory.")
 
 
 def _in_range(value, low: float, high: float, low_open: bool, high_open: bool) -> bool:
@@ -346,7 +353,7 @@ class PluginFinetuningArguments(FinetuningArguments, ReferenceArguments, SFTGOAr
             )
 
 
-def _looks_like_local_path(name: str) -> bool:
+def looks_like_local_path(name: str) -> bool:
     # Hub ids are "org/name"; anything absolute, relative-dotted or home-based is meant as a local path.
     return os.path.isabs(name) or name.startswith(("./", "../", "~", ".\\")) or name.count("/") > 1
 
@@ -478,7 +485,7 @@ def verify_plugin_args(model_args, data_args, training_args, finetuning_args, da
     if finetuning_args.ref_model is not None:
         ref = os.path.expanduser(finetuning_args.ref_model)
         offline = is_env_enabled("HF_HUB_OFFLINE")
-        if (offline or _looks_like_local_path(finetuning_args.ref_model)) and not os.path.exists(ref):
+        if (offline or looks_like_local_path(finetuning_args.ref_model)) and not os.path.exists(ref):
             raise ValueError(
                 f"`ref_model` path {finetuning_args.ref_model!r} does not exist. Point `ref_model` at a model "
                 "directory, or remove it to use the initial model as the reference."

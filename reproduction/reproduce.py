@@ -340,13 +340,11 @@ def fail(message: str) -> NoReturn:
 
 def check_makeable(option: str, path: str) -> None:
     """``path`` is a directory, or one can be made there: its nearest existing parent is a writable directory."""
-    parent = os.path.abspath(path)
-    while not os.path.lexists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        fail(f"{option} {path!r}: {parent!r} is not a directory. Point {option} at a directory.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        fail(f"{option} {path!r}: {parent!r} is not writable. Point {option} at a directory you can write.")
+    from llamafactory_minorsft.hparams import unwritable
+
+    why = unwritable(path)
+    if why:
+        fail(f"{option} {path!r}: {why}. Point {option} at a directory.")
 
 
 def main() -> None:

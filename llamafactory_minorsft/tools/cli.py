@@ -24,11 +24,6 @@ def positive_int(text: str) -> int:
     return value
 
 
-def looks_local(path: str) -> bool:
-    """A path, not a hub id ("org/name"): absolute, relative to . or ~, or of more than two parts."""
-    return path.startswith((os.sep, ".", "~")) or path.count("/") > 1
-
-
 def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="llamafactory-minorsft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +71,7 @@ def _main(argv=None) -> int:
     if args.command == "eval-mc":
         import json
 
+        from ..hparams import looks_like_local_path
         from .eval_mc import MultipleChoiceScorer, evaluate_files, format_table, load_questions
 
         for path in args.files:  # a bad file fails before the model loads
@@ -88,7 +84,7 @@ def _main(argv=None) -> int:
         if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
             raise ValueError(f"eval-mc --output {args.output}: its directory does not exist. Create it first.")
         for option, path in (("--model", args.model), ("--adapter", args.adapter)):
-            if path and looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
+            if path and looks_like_local_path(path) and not os.path.isdir(os.path.expanduser(path)):
                 raise ValueError(f"eval-mc {option} {path}: no such directory.")
         try:
             scorer = MultipleChoiceScorer(
