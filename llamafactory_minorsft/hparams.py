@@ -8,12 +8,25 @@ stock ``pref_beta`` and the reference is the stock ``ref_model`` / ``ref_model_a
 
 import math
 import os
+import sys
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
+
+# LLaMA-Factory's parser imports this module: a fork's (patches/) at its top, the plugin's hook when it patches the
+# parser. Imported before LLaMA-Factory's hparams, this module steps out of sys.modules while they load, so that the
+# parser imports a complete copy instead of this half-run one; the import system then returns that copy.
+if "llamafactory.hparams" not in sys.modules:
+    _this = sys.modules.pop(__name__)
+    try:
+        import llamafactory.hparams  # noqa: F401
+    finally:
+        sys.modules.setdefault(__name__, _this)
+
 from llamafactory.hparams.finetuning_args import FinetuningArguments
 
+from .paths import looks_like_local_path, unwritable
 from .sft_go import GROUP_REDUCTIONS, GROUPINGS, LAMBDA_SCHEDULES
 from .stages import NEW_STAGES, REFERENCE_STAGES, SFT_GO_STAGE, is_plugin_run, needs_token_ref_logps, uses_reference
 
@@ -137,18 +150,6 @@ class SFTGOArguments:
 
 #: stock DPO's loss options besides β (LLaMA-Factory 0.9.4 lacks ``ld_alpha``)
 DPO_OPTIONS = ("pref_loss", "pref_ftx", "dpo_label_smoothing", "pref_bco_weight", "simpo_gamma", "ld_alpha")
-
-
-def unwritable(path: str) -> str | None:
-    """Why ``path`` cannot be, or be made, a directory this process writes into; None if it can."""
-    existing = os.path.abspath(os.path.expanduser(path))
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        return f"{existing!r} is not a directory"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{existing!r} is not writable"
-    return None
 
 
 def _check_writable_dir(option: str, path: str) -> None:
@@ -351,11 +352,6 @@ class PluginFinetuningArguments(FinetuningArguments, ReferenceArguments, SFTGOAr
                 f"`sft_go_classifier` is only used by `sft_go_grouping: llmlingua2`, not {self.sft_go_grouping}. "
                 "Remove it, or set `sft_go_grouping: llmlingua2`."
             )
-
-
-def looks_like_local_path(name: str) -> bool:
-    # Hub ids are "org/name"; anything absolute, relative-dotted or home-based is meant as a local path.
-    return os.path.isabs(name) or name.startswith(("./", "../", "~", ".\\")) or name.count("/") > 1
 
 
 def _check_reference_vocabulary(policy: str, reference: str, trust_remote_code: bool) -> None:
@@ -677,10 +673,3 @@ def refuse_unsloth(finetuning_args) -> None:
         "needs CUDA). "
         "Remove `use_unsloth`; `enable_liger_kernel: true` gives fused kernels that these stages support."
     )
-
-
-# importing LLaMA-Factory's hparams above may have imported its parser, whose patch needs the classes defined here
-from .integration import finish_pending  # noqa: E402
-
-
-finish_pending()

@@ -28,7 +28,6 @@ import argparse
 import functools
 import json
 import os
-import sys
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -129,18 +128,9 @@ def _should_patch(module, *names: str) -> bool:
     return True
 
 
-#: Parsers imported while this package's ``hparams`` was itself being imported (it imports LLaMA-Factory's hparams)
-_PENDING_PARSERS: list = []
-
-
 def patch_parser(parser) -> None:
     """Swap ``FinetuningArguments`` for ``PluginFinetuningArguments`` in the parser lists (in place)."""
     if not _should_patch(parser, *layout().parser_lists, "_parse_train_args", "_verify_model_args"):
-        return
-
-    ours = sys.modules.get(f"{__package__}.hparams")
-    if ours is not None and not hasattr(ours, "PluginFinetuningArguments"):  # `from llamafactory_minorsft import
-        _PENDING_PARSERS.append(parser)  # hparams` came first: its last line patches the parser (finish_pending)
         return
 
     from llamafactory.hparams.finetuning_args import FinetuningArguments
@@ -164,12 +154,6 @@ def patch_parser(parser) -> None:
 
     hold_sft_options(parser)
     parser._minorsft_patched = True
-
-
-def finish_pending() -> None:
-    """Patch the parsers that were imported before ``PluginFinetuningArguments`` existed (called by ``hparams``)."""
-    while _PENDING_PARSERS:
-        patch_parser(_PENDING_PARSERS.pop())
 
 
 #: SFT's data options, which ``get_train_args`` refuses for every stage but `sft` ("cannot be set as True except SFT")

@@ -179,10 +179,6 @@ def check_own_dir(option: str, path: str, own: str) -> None:
 
 def prepare(cache: str, design: dict, output_dir: str) -> dict[str, str]:
     """Tokenizer, base model, data sets and the general model (cached: reused when present for this design)."""
-    from transformers import AutoTokenizer
-
-    from llamafactory_minorsft.tools.tiny import build_model, build_tokenizer, write_dataset
-
     paths = {name: os.path.join(cache, name) for name in ("base", "data", "general", "eval")}
     stamp = os.path.join(cache, "design.json")
     # everything the data and the general model depend on: another design rebuilds them and drops the old grids
@@ -203,6 +199,10 @@ def prepare(cache: str, design: dict, output_dir: str) -> dict[str, str]:
         check_own_dir(option, path, own)
     for _, path, _ in dirs:
         shutil.rmtree(path, ignore_errors=True)
+    from transformers import AutoTokenizer  # torch: after the checks
+
+    from llamafactory_minorsft.tools.tiny import build_model, build_tokenizer, write_dataset
+
     os.makedirs(paths["eval"])
     os.makedirs(output_dir, exist_ok=True)
     for path in (cache, output_dir):
@@ -340,7 +340,7 @@ def fail(message: str) -> NoReturn:
 
 def check_makeable(option: str, path: str) -> None:
     """``path`` is a directory, or one can be made there: its nearest existing parent is a writable directory."""
-    from llamafactory_minorsft.hparams import unwritable
+    from llamafactory_minorsft.paths import unwritable
 
     why = unwritable(path)
     if why:
@@ -355,8 +355,6 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="a small grid on a few samples: checks the pipeline")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from a finished run")
     args = parser.parse_args()
-    from report import write_report  # reproduction/report.py
-
     design = SMOKE if args.smoke else DESIGN
     cache = os.path.abspath(
         args.cache or os.path.join(ROOT, ".cache", "repro_smoke" if args.smoke else "reproduction")
@@ -365,6 +363,11 @@ def main() -> None:
     docs = args.docs or (os.path.join(output_dir, "docs") if args.smoke else os.path.join(ROOT, "docs"))
     methods_dir, token_dir = os.path.join(output_dir, "methods"), os.path.join(output_dir, "token_mean")
     summary_path = os.path.join(output_dir, "reproduction_summary.json")
+    if not args.report_only:
+        for option, path in (("--cache", cache), ("--output-dir", output_dir), ("--docs", docs)):  # before any work
+            check_makeable(option, path)
+    from report import write_report  # reproduction/report.py (numpy, scipy): after the checks
+
     if args.report_only:
         if not os.path.exists(summary_path):
             fail(
@@ -375,9 +378,6 @@ def main() -> None:
             summary = json.load(f)
         write_report(methods_dir, token_dir, docs, summary)
         return
-
-    for option, path in (("--cache", cache), ("--output-dir", output_dir), ("--docs", docs)):  # before any work
-        check_makeable(option, path)
 
     start = time.time()
     paths = prepare(cache, design, output_dir)

@@ -63,9 +63,12 @@ def test_patched_tree_runs_minorsft_with_the_plugin_hooks_off_or_on(tiny, tmp_pa
         [
             sys.executable,
             "-c",
-            "import llamafactory.train.tuner as t, llamafactory.hparams.parser as p, llamafactory.extras.constants as c;"
-            " print(t.__file__); print(getattr(t, '_minorsft_fork', False) and getattr(p, '_minorsft_fork', False));"
-            " print(hasattr(t._training_function, '__wrapped__')); print(c.TRAINING_STAGES['MinorSFT'])",
+            # this package's hparams first: the fork's parser, which imports it, must get a complete copy
+            "import llamafactory_minorsft.hparams as h, llamafactory.train.tuner as t, llamafactory.hparams.parser as p,"
+            " llamafactory.extras.constants as c; print(t.__file__);"
+            " print(getattr(t, '_minorsft_fork', False) and getattr(p, '_minorsft_fork', False));"
+            " print(hasattr(t._training_function, '__wrapped__')); print(c.TRAINING_STAGES['MinorSFT']);"
+            " print(h.PluginFinetuningArguments in p._TRAIN_ARGS)",
         ],
         env=env,
         capture_output=True,
@@ -73,8 +76,8 @@ def test_patched_tree_runs_minorsft_with_the_plugin_hooks_off_or_on(tiny, tmp_pa
         cwd=tmp_path,
     )
     assert probe.returncode == 0, probe.stderr[-3000:]
-    tuner_file, fork_seen, wrapped, stage = probe.stdout.split()
-    assert tuner_file.startswith(str(patched_tree)) and stage == "minorsft"
+    tuner_file, fork_seen, wrapped, stage, ours = probe.stdout.split()
+    assert tuner_file.startswith(str(patched_tree)) and (stage, ours) == ("minorsft", "True")
     assert (fork_seen, wrapped) == (str(hooks), "False")  # the fork's own tuner runs either way
 
     out = tmp_path / "out"

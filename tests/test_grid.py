@@ -32,6 +32,19 @@ def tool(*args, cwd, check=True, env=None):
     return proc
 
 
+def tool_in_process(*args, cwd, capsys, monkeypatch) -> tuple[int, str, str]:
+    """The console script's ``main`` in this process, from ``cwd``: (exit status, stdout, stderr).
+
+    For what ends before any run: a new process would spend its time importing what this one has imported.
+    """
+    from llamafactory_minorsft.tools.cli import main
+
+    monkeypatch.chdir(cwd)
+    capsys.readouterr()
+    code = main([str(arg) for arg in args])
+    return code, *capsys.readouterr()
+
+
 def write_mc(tmp_path):
     questions = make_mc_questions(24, seed=5)
     jsonl = tmp_path / "domain_mc.jsonl"
@@ -298,14 +311,15 @@ def test_a_run_whose_evaluation_failed_is_evaluated_again_not_trained_again(tiny
         "values-alike",
     ],
 )
-def test_bad_grid_files_fail_clearly_before_any_run(tiny, tmp_path, extra, message):
+def test_bad_grid_files_fail_clearly_before_any_run(tiny, tmp_path, capsys, monkeypatch, extra, message):
     grid = write_grid(tiny, tmp_path)
     spec = {**yaml.safe_load(grid.read_text()), **extra}
     grid.write_text(yaml.safe_dump(spec))
     # a real start and --dry-run both begin with load_grid: the value checks are run through --dry-run
     dry_run = ["--dry-run"] if "sets `" in message or "twice" in message or "alike" in message else []
-    proc = tool("grid", grid, *dry_run, cwd=tmp_path, check=False)
-    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    code, _, stderr = tool_in_process("grid", grid, *dry_run, cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
+    last = stderr.strip().splitlines()[-1]  # one line
+    assert code == 2 and last.startswith("llamafactory-minorsft: error: ") and message in last, stderr[-2000:]
     assert not (tmp_path / "grid_out").exists()
 
 
@@ -332,15 +346,14 @@ def test_tool_paths_that_cannot_be_used_fail_in_one_line_before_any_work(tiny, t
     assert not (tmp_path / "demo").exists() and not (tmp_path / "a_file").read_text()
 
 
-def test_paper_grid_lists_the_paper_setup(tmp_path):
+def test_paper_grid_lists_the_paper_setup(tmp_path, capsys, monkeypatch):
     paper_grid = Path(__file__).resolve().parents[1] / "examples_yaml" / "paper_grid.yaml"
-    proc = tool("grid", paper_grid, "--dry-run", "--output-dir", tmp_path / "out", cwd=tmp_path)
-    assert "21 runs" in proc.stdout
-    assert (
-        "minorsft-learning_rate=2e-05-pref_beta=0.04: stage=minorsft learning_rate=2e-05 pref_beta=0.04" in proc.stdout
-    )
-    assert "sft-learning_rate=1e-05: stage=sft learning_rate=1e-05" in proc.stdout
-    assert "(instruction prompt)" in proc.stdout and "(ceval prompt)" in proc.stdout
+    args = ("grid", paper_grid, "--dry-run", "--output-dir", tmp_path / "out")
+    code, stdout, _ = tool_in_process(*args, cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
+    assert code == 0 and "21 runs" in stdout
+    assert "minorsft-learning_rate=2e-05-pref_beta=0.04: stage=minorsft learning_rate=2e-05 pref_beta=0.04" in stdout
+    assert "sft-learning_rate=1e-05: stage=sft learning_rate=1e-05" in stdout
+    assert "(instruction prompt)" in stdout and "(ceval prompt)" in stdout
 
 
 @pytest.mark.parametrize(

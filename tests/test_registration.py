@@ -157,13 +157,15 @@ def test_start_up_imports_only_the_hook_and_every_hooked_module_is_patched():
 def test_importing_this_package_s_hparams_first_still_patches_the_parser():
     """This package's hparams imported before LLaMA-Factory still gets the parser patched.
 
-    Its own import of LLaMA-Factory's hparams brings the parser in while ``PluginFinetuningArguments`` does not
-    exist yet; the patch completes once it does.
+    Its own import of LLaMA-Factory's hparams brings the parser in, whose patch imports this package's hparams: it
+    gets a complete copy, the one that the first import returns.
     """
     proc = run_python(
         """
+        import sys
         from llamafactory_minorsft import hparams
         from llamafactory.hparams import parser
+        assert hparams is sys.modules["llamafactory_minorsft.hparams"]
         assert hparams.PluginFinetuningArguments in parser._TRAIN_ARGS, parser._TRAIN_ARGS
         assert parser._minorsft_patched and hasattr(parser._parse_train_args, "__wrapped__")
         print("patched")

@@ -71,7 +71,7 @@ def _main(argv=None) -> int:
     if args.command == "eval-mc":
         import json
 
-        from ..hparams import looks_like_local_path
+        from ..paths import looks_like_local_path
         from .eval_mc import MultipleChoiceScorer, evaluate_files, format_table, load_questions
 
         for path in args.files:  # a bad file fails before the model loads
