@@ -16,13 +16,16 @@ from typing import Literal
 
 # LLaMA-Factory's parser imports this module: a fork's (patches/) at its top, the plugin's hook when it patches the
 # parser. Imported before LLaMA-Factory's hparams, this module steps out of sys.modules while they load, so that the
-# parser imports a complete copy instead of this half-run one; the import system then returns that copy.
+# parser imports a complete copy instead of this half-run one; the import system then returns that copy. (Another
+# thread that imports LLaMA-Factory's hparams in that moment gets Python's "deadlock detected": import them first.)
 if "llamafactory.hparams" not in sys.modules:
-    _this = sys.modules.pop(__name__)
+    _this = sys.modules.pop(__name__, None)
     try:
         import llamafactory.hparams  # noqa: F401
     finally:
-        sys.modules.setdefault(__name__, _this)
+        if _this is not None:
+            sys.modules.setdefault(__name__, _this)
+    del _this
 
 from llamafactory.hparams.finetuning_args import FinetuningArguments
 

@@ -197,12 +197,12 @@ def prepare(cache: str, design: dict, output_dir: str) -> dict[str, str]:
     )
     for option, path, own in dirs:  # both checked before either goes
         check_own_dir(option, path, own)
-    for _, path, _ in dirs:
-        shutil.rmtree(path, ignore_errors=True)
-    from transformers import AutoTokenizer  # torch: after the checks
+    from transformers import AutoTokenizer  # torch: after the checks, before anything goes
 
     from llamafactory_minorsft.tools.tiny import build_model, build_tokenizer, write_dataset
 
+    for _, path, _ in dirs:
+        shutil.rmtree(path, ignore_errors=True)
     os.makedirs(paths["eval"])
     os.makedirs(output_dir, exist_ok=True)
     for path in (cache, output_dir):
@@ -363,17 +363,17 @@ def main() -> None:
     docs = args.docs or (os.path.join(output_dir, "docs") if args.smoke else os.path.join(ROOT, "docs"))
     methods_dir, token_dir = os.path.join(output_dir, "methods"), os.path.join(output_dir, "token_mean")
     summary_path = os.path.join(output_dir, "reproduction_summary.json")
+    if args.report_only and not os.path.exists(summary_path):
+        fail(
+            f"--report-only: {summary_path} is missing: no run has finished in --output-dir "
+            f"{output_dir!r}. Run reproduce.py without --report-only first."
+        )
     if not args.report_only:
         for option, path in (("--cache", cache), ("--output-dir", output_dir), ("--docs", docs)):  # before any work
             check_makeable(option, path)
     from report import write_report  # reproduction/report.py (numpy, scipy): after the checks
 
     if args.report_only:
-        if not os.path.exists(summary_path):
-            fail(
-                f"--report-only: {summary_path} is missing: no run has finished in --output-dir "
-                f"{output_dir!r}. Run reproduce.py without --report-only first."
-            )
         with open(summary_path, encoding="utf-8") as f:
             summary = json.load(f)
         write_report(methods_dir, token_dir, docs, summary)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from llamafactory.hparams import parser  # noqa: F401 (its loggers bind to pytest's stderr, not one test's capsys)
 
 from conftest import cli_env, warm_tool_env
 from llamafactory_minorsft.tools.tiny import make_mc_questions

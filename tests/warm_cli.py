@@ -4,10 +4,11 @@ Importing LLaMA-Factory (torch, transformers, datasets, this package's hooks) ta
 CLI several times. Each child is a fresh copy of a process that has done exactly the imports that a
 ``llamafactory-cli`` process does first; it then runs the console script's own ``main()`` with the run's argv,
 working directory, stdout and stderr, and exits as that script does: an uncaught exception prints its traceback and
-exits 1, ``sys.exit`` codes pass through, threads are joined and atexit handlers run. It skips the interpreter's
-teardown of its modules, which writes nothing and took 2 s of every run (``end_as_a_process``). Runs with another environment than the default
-(torchrun, other packages on PYTHONPATH, switches read at import) do not come here: ``run_cli`` starts those as
-ordinary subprocesses.
+exits 1, ``sys.exit`` codes pass through, threads are joined, atexit handlers run and stdio is flushed. It skips
+the interpreter's teardown of its modules, which took 2 s of every run (``end_as_a_process``); the runs here write
+their files with ``with`` blocks, logging handlers and atexit hooks, not from finalizers. Runs with another
+environment than the default (torchrun, other packages on PYTHONPATH, switches read at import) do not come here:
+``run_cli`` starts those as ordinary subprocesses.
 """
 
 import contextlib
@@ -27,7 +28,7 @@ from typing import Optional
 #: (``WarmCLI.run``: output into files), or, with a socket path in argv[2], from ``warm_client.py`` processes, each
 #: passing its own stdin, stdout and stderr along (``WarmCLI.socket``); the server ends when its stdin closes.
 SERVER = r"""
-import atexit, contextlib, json, os, random, select, signal, socket, sys, threading
+import atexit, contextlib, ctypes, json, os, random, select, signal, socket, sys, threading
 import datasets.fingerprint, numpy
 import llamafactory.cli, llamafactory.launcher, llamafactory.train.tuner  # noqa: F401 (a CLI run's own imports)
 
@@ -45,9 +46,9 @@ print(json.dumps({"ready": True}), file=replies, flush=True)
 
 def end_as_a_process(main):
     # main() as the console script runs it, then the end of a process: the uncaught exception's traceback, threads
-    # joined, atexit handlers, stdio flushed, the exit status (an uncaught Ctrl-C: killed by SIGINT). Left out: the
-    # interpreter's teardown of its modules, which takes 2 s after a fork (its collector touches every page that the
-    # server's imports filled) and writes nothing.
+    # joined, atexit handlers, stdio flushed (Python's and C's), the exit status (an uncaught Ctrl-C: killed by
+    # SIGINT). Left out: the interpreter's teardown of its modules, which takes 2 s after a fork (its collector
+    # touches every page that the server's imports filled).
     interrupted = False
     try:
         code = main()
@@ -61,9 +62,10 @@ def end_as_a_process(main):
         code = 1
     threading._shutdown()
     atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         with contextlib.suppress(Exception):
             stream.flush()
+    ctypes.CDLL(None).fflush(None)
     if interrupted:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
