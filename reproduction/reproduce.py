@@ -363,12 +363,13 @@ def main() -> None:
     docs = args.docs or (os.path.join(output_dir, "docs") if args.smoke else os.path.join(ROOT, "docs"))
     methods_dir, token_dir = os.path.join(output_dir, "methods"), os.path.join(output_dir, "token_mean")
     summary_path = os.path.join(output_dir, "reproduction_summary.json")
-    if args.report_only and not os.path.exists(summary_path):
-        fail(
-            f"--report-only: {summary_path} is missing: no run has finished in --output-dir "
-            f"{output_dir!r}. Run reproduce.py without --report-only first."
-        )
-    if not args.report_only:
+    if args.report_only:
+        if not os.path.exists(summary_path):
+            fail(
+                f"--report-only: {summary_path} is missing: no run has finished in --output-dir "
+                f"{output_dir!r}. Run reproduce.py without --report-only first."
+            )
+    else:
         for option, path in (("--cache", cache), ("--output-dir", output_dir), ("--docs", docs)):  # before any work
             check_makeable(option, path)
     from report import write_report  # reproduction/report.py (numpy, scipy): after the checks
