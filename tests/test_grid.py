@@ -325,7 +325,11 @@ def test_bad_grid_files_fail_clearly_before_any_run(tiny, tmp_path, capsys, monk
 
 
 def test_tool_paths_that_cannot_be_used_fail_in_one_line_before_any_work(tiny, tmp_path):
-    """Exit 2 and one line naming the option, before a training starts (the template's check needs the model)."""
+    """Exit 2 and one line naming the option, before a training starts.
+
+    A path is refused before the tool imports torch, transformers or LLaMA-Factory (seconds); the template's check
+    needs the tokenizer.
+    """
     questions, _ = write_mc(tmp_path)
     (tmp_path / "a_file").write_text("")
     cases = [
@@ -336,14 +340,22 @@ def test_tool_paths_that_cannot_be_used_fail_in_one_line_before_any_work(tiny, t
         (["grid", write_grid(tiny, tmp_path), "--output-dir", tmp_path / "a_file"], "a_file"),
         (["demo", "--examples-dir", tmp_path / "nowhere", "--output-dir", tmp_path / "demo"], "--examples-dir"),
     ]
+    heavy = ("torch", "transformers", "llamafactory")
+    probe = (
+        "import sys; from llamafactory_minorsft.tools.cli import main; main(sys.argv[1:]); "
+        f"print(*[m for m in {heavy} if m in sys.modules])"
+    )
     for args, message in cases:
-        proc = tool(*args, cwd=tmp_path, check=False)
-        last = proc.stderr.strip().splitlines()[-1]
-        assert proc.returncode == 2 and last.startswith("llamafactory-minorsft: error: ") and message in last, (
-            args,
-            last,
+        proc = subprocess.run(
+            [sys.executable, "-c", probe, *map(str, args)], cwd=tmp_path, env=cli_env(), capture_output=True, text=True
         )
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("llamafactory-minorsft: error: ") and message in last, (args, last)
         assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        if "llama3" not in args:
+            assert proc.stdout.split() == [], (args, proc.stdout[-2000:])
+    for args, _ in cases[:2]:  # the console script: exit status 2
+        assert tool(*args, cwd=tmp_path, check=False).returncode == 2
     assert not (tmp_path / "demo").exists() and not (tmp_path / "a_file").read_text()
 
 

@@ -106,8 +106,12 @@ def test_directories_it_did_not_make_are_never_deleted(tmp_path, option, kind):
     theirs = tmp_path / "theirs"
     if kind == "file":  # refused at once, in one line
         theirs.write_text("precious")
+        probe = (  # the script, and which of the slow imports it made before refusing (none)
+            "import runpy, sys\ntry: runpy.run_path('reproduce.py', run_name='__main__')\n"
+            "finally: print(*[m for m in ('torch', 'transformers', 'llamafactory') if m in sys.modules])"
+        )
         proc = subprocess.run(
-            [sys.executable, "reproduce.py", "--smoke", "--cache", str(tmp_path / "c"), option, str(theirs)],
+            [sys.executable, "-c", probe, "--smoke", "--cache", str(tmp_path / "c"), option, str(theirs)],
             cwd=REPRODUCTION,
             env=cli_env(),
             capture_output=True,
@@ -117,6 +121,7 @@ def test_directories_it_did_not_make_are_never_deleted(tmp_path, option, kind):
         assert proc.returncode == 2 and proc.stderr.strip() == (
             f"reproduce.py: {option} {str(theirs)!r}: {str(theirs)!r} is not a directory. Point {option} at a directory."
         )
+        assert proc.stdout.split() == [], proc.stdout[-2000:]
         assert theirs.read_text() == "precious" and not (tmp_path / "c").exists()
         return
 

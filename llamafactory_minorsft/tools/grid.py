@@ -50,6 +50,7 @@ from typing import Any, Optional
 import yaml
 from tqdm import tqdm
 
+from ..paths import unwritable
 from .runs import Run, final_value, log_history, step_values, train_command
 
 
@@ -728,6 +729,14 @@ def interrupt(signum, frame) -> None:
 
 
 def run_grid(path: str, output_dir: Optional[str] = None, dry_run: bool = False) -> int:
+    if not dry_run:  # an unusable output directory is refused before load_grid's seconds of imports
+        given = output_dir or read_mapping(path, "Grid file").get("output_dir") or "grid_output"
+        why = isinstance(given, str) and unwritable(given)
+        if why:
+            raise ValueError(
+                f"Grid output directory {os.path.abspath(given)}: {why}. Give --output-dir (or the grid file's "
+                "`output_dir`) a directory you can write."
+            )
     runs, settings = load_grid(path, output_dir)
     from .eval_mc import PROMPTS, load_questions
 
