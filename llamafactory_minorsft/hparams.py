@@ -454,6 +454,43 @@ def check_zero3_reference_early(raw) -> None:
             return
 
 
+def reference_loaded_apart(finetuning_args) -> bool:
+    """Whether the reference is a model loaded apart from the policy, not the policy with its adapters disabled.
+
+    So it is with `ref_model`, full/freeze tuning, or LoRA's precompute pass under ZeRO-3 (which loads the base
+    again, ``workflow.load_base_model``).
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return (
+        finetuning_args.ref_model is not None
+        or finetuning_args.finetuning_type != "lora"
+        or (finetuning_args.precompute_ref_logps and is_deepspeed_zero3_enabled())
+    )
+
+
+def check_template_tokens(tokenizer, model_args, data_args, finetuning_args) -> None:
+    """Refuse tokens that the template added, and `resize_vocab` gives random rows, with a reference loaded apart.
+
+    LLaMA-Factory's ``create_ref_model`` loads the tokenizer again without the template's tokens: such a reference
+    keeps the old vocabulary (an index error at the first step), and resized, its rows would be other random ones.
+    Called once the template has fixed the tokenizer, before any model loads.
+    """
+    from llamafactory.model import load_config
+
+    if not (model_args.resize_vocab and finetuning_args.uses_reference and reference_loaded_apart(finetuning_args)):
+        return
+    rows = getattr(load_config(model_args).get_text_config(), "vocab_size", None)
+    if rows is not None and len(tokenizer) > rows:
+        raise ValueError(
+            f"`template: {data_args.template}` adds tokens to the tokenizer ({len(tokenizer)} tokens, the model has "
+            f"{rows} rows), and `resize_vocab` gives them random embeddings, which a reference loaded apart from the "
+            "policy (`ref_model`, full/freeze tuning, or LoRA's reference pass under ZeRO-3) would not have: it "
+            f"would not be the initial model. Add the tokens in a stock `stage: sft` run first and train from its "
+            "output, or use `finetuning_type: lora` without `ref_model`, or a template that adds no tokens."
+        )
+
+
 def _run_label(finetuning_args) -> str:
     """`stage: x`, with the option that sends a `stage: sft` run to this package's workflow."""
     if finetuning_args.stage != "sft":
@@ -496,6 +533,13 @@ def verify_plugin_args(model_args, data_args, training_args, finetuning_args, da
             raise ValueError(
                 f"`ref_model` {finetuning_args.ref_model!r} is a LoRA adapter, not a model. Set `ref_model` to its "
                 "base model and `ref_model_adapters` to this directory."
+            )
+        if os.path.exists(ref) and not os.path.isfile(os.path.join(ref, "config.json")):
+            raise ValueError(
+                f"`ref_model` {finetuning_args.ref_model!r} is "
+                + ("a directory without a config.json" if os.path.isdir(ref) else "a file")
+                + ", not a model directory. Point `ref_model` at the directory that holds the model's config.json "
+                "and weights, or remove it to use the initial model as the reference."
             )
         _check_reference_vocabulary(model_args.model_name_or_path, ref, model_args.trust_remote_code)
 
@@ -549,13 +593,7 @@ def verify_plugin_args(model_args, data_args, training_args, finetuning_args, da
     from .train.reference_cache import NEW_TOKEN_OPTIONS
 
     new_tokens = [name for name in NEW_TOKEN_OPTIONS if getattr(model_args, name, None)]
-    # the reference is loaded apart from the policy: `ref_model`, full/freeze tuning, or LoRA's precompute pass
-    # under ZeRO-3 (which loads the base again, ``workflow.load_base_model``)
-    loaded_apart = (
-        finetuning_args.ref_model is not None
-        or finetuning_args.finetuning_type != "lora"
-        or (finetuning_args.precompute_ref_logps and is_deepspeed_zero3_enabled())
-    )
+    loaded_apart = reference_loaded_apart(finetuning_args)
     if new_tokens and finetuning_args.uses_reference and loaded_apart:
         raise ValueError(
             f"`{new_tokens[0]}` cannot be used with {run} and a reference model loaded apart from the policy "
@@ -564,6 +602,19 @@ def verify_plugin_args(model_args, data_args, training_args, finetuning_args, da
             "LLaMA-Factory cannot copy a parsed token list into a second model's arguments). Add the tokens in a "
             "stock `stage: sft` run first and train from its output, or use `finetuning_type: lora` without "
             f"`ref_model`, or remove `{new_tokens[0]}`."
+        )
+
+    if (
+        model_args.train_from_scratch
+        and finetuning_args.uses_reference
+        and loaded_apart
+        and not finetuning_args.ref_model
+    ):
+        raise ValueError(
+            f"`train_from_scratch` cannot be used with {run} and the initial model as a reference loaded apart from "
+            "the policy (full/freeze tuning, or LoRA's reference pass under ZeRO-3): each load draws other random "
+            "weights, so the reference would not be the initial model. Set `ref_model` to a reference model, or use "
+            "`finetuning_type: lora`, whose reference is the policy itself, or remove `train_from_scratch`."
         )
 
     grouping = getattr(finetuning_args, "sft_go_grouping", None)

@@ -116,6 +116,17 @@ CASES = {
         dict(stage="sft", track_deviation=True, use_unsloth=True),
         "`use_unsloth` cannot be used with `stage: sft` + `track_deviation`",
     ),
+    "ref_model_is_a_file": (dict(ref_model="FILE"), "is a file, not a model directory. Point `ref_model` at"),
+    "ref_model_without_config": (dict(ref_model="EMPTY"), "is a directory without a config.json, not a model"),
+    # a reference loaded apart would be other random weights, or miss the tokens the template adds
+    "train_from_scratch_with_a_reference_copy": (
+        dict(train_from_scratch=True),
+        "`train_from_scratch` cannot be used with `stage: minorsft` and the initial model as a reference",
+    ),
+    "template_tokens_with_a_reference_copy": (
+        dict(stage="sft", track_deviation=True, template="llama3", resize_vocab=True),
+        "`template: llama3` adds tokens to the tokenizer",
+    ),
 }
 #: options that LLaMA-Factory 0.9.4 does not have (it rejects them as unknown keys itself)
 NEWER_OPTIONS = ("use_eaft_loss", "use_asft_loss")
@@ -148,6 +159,11 @@ def test_bad_input_fails_early_and_clearly(tiny, tmp_path, case, request):
         overrides = dict(overrides, ref_model=str(adapter))
     if overrides.get("ref_model") == "REF":
         overrides = dict(overrides, ref_model=tiny.ref_model)
+    if overrides.get("ref_model") == "FILE":
+        overrides = dict(overrides, ref_model=str(Path(tiny.ref_model) / "model.safetensors"))
+    if overrides.get("ref_model") == "EMPTY":
+        (tmp_path / "empty").mkdir()
+        overrides = dict(overrides, ref_model=str(tmp_path / "empty"))
     out = tmp_path / "out"
     proc = run_cli(base_config(tiny, out, **overrides), tmp_path / "run", check=False)
     output = proc.stdout + proc.stderr
@@ -297,3 +313,67 @@ def test_new_tokens_with_lora_are_refused_only_where_the_reference_is_loaded_aga
     with pytest.raises(ValueError, match="`add_special_tokens` cannot be used with `stage: minorsft` and a reference"):
         verify(precompute_ref_logps=True)
     del zero3
+
+
+def test_template_tokens_are_refused_only_with_resize_vocab_and_a_reference_loaded_again(tiny, tmp_path):
+    """The tokens a template adds, with `resize_vocab`: refused where the reference is loaded again.
+
+    `resize_vocab` gives them random rows that a reference loaded again (full tuning, `ref_model`) would not have;
+    LoRA's reference is the resized policy itself.
+    """
+    from llamafactory.data import get_template_and_fix_tokenizer
+    from llamafactory.hparams import DataArguments, ModelArguments
+    from llamafactory.model import load_tokenizer
+
+    from llamafactory_minorsft.hparams import PluginFinetuningArguments, check_template_tokens
+
+    def check(template="llama3", resize_vocab=True, **finetuning):
+        model_args = ModelArguments(model_name_or_path=tiny.model, resize_vocab=resize_vocab)
+        data_args = DataArguments(template=template)
+        tokenizer = load_tokenizer(model_args)["tokenizer"]
+        get_template_and_fix_tokenizer(tokenizer, data_args)
+        check_template_tokens(tokenizer, model_args, data_args, PluginFinetuningArguments(**finetuning))
+
+    message = "`template: llama3` adds tokens to the tokenizer"
+    for finetuning in (
+        dict(stage="minorsft", finetuning_type="full"),
+        dict(stage="sft_dpo", finetuning_type="freeze"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            check(**finetuning)
+    with pytest.raises(ValueError, match=message):
+        check(stage="minorsft", finetuning_type="lora", ref_model=tiny.ref_model)
+    check(stage="minorsft", finetuning_type="lora")  # the adapter-disabled policy has the new rows
+    check(
+        stage="minorsft", finetuning_type="full", resize_vocab=False
+    )  # no new rows: LLaMA-Factory's own index error, as stock sft's
+    check(
+        stage="minorsft", finetuning_type="full", template="qwen"
+    )  # the tiny tokenizer has the qwen template's tokens
+    check(stage="sft", finetuning_type="full")  # no reference
+
+
+def test_train_from_scratch_is_refused_only_where_the_initial_model_is_loaded_again(tiny, tmp_path):
+    from llamafactory.hparams import DataArguments, ModelArguments
+    from transformers import Seq2SeqTrainingArguments
+
+    from llamafactory_minorsft.hparams import PluginFinetuningArguments, verify_plugin_args
+
+    def verify(**finetuning):
+        verify_plugin_args(
+            ModelArguments(model_name_or_path=tiny.model, train_from_scratch=True),
+            DataArguments(template="qwen"),
+            Seq2SeqTrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", do_train=True),
+            PluginFinetuningArguments(**finetuning),
+            [],
+        )
+
+    for finetuning in (
+        dict(stage="minorsft", finetuning_type="full"),
+        dict(stage="sft", track_deviation=True, finetuning_type="freeze"),
+    ):
+        with pytest.raises(ValueError, match="`train_from_scratch` cannot be used with `stage: "):
+            verify(**finetuning)
+    verify(stage="minorsft", finetuning_type="lora")  # the reference is the policy with its adapters disabled
+    verify(stage="minorsft", finetuning_type="full", ref_model=tiny.ref_model)  # a reference of the user's
+    verify(stage="sft", finetuning_type="full")  # no reference

@@ -35,6 +35,9 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".m
 
 #: LLaMA-Factory's options that add tokens to the vocabulary (their new embedding rows start random in each load)
 NEW_TOKEN_OPTIONS = ("add_tokens", "add_special_tokens", "new_special_tokens_config")
+#: options under which a load draws weights from the seeded RNG: the rows `resize_vocab` adds (also for the tokens a
+#: template adds), or a whole model (`train_from_scratch`)
+RANDOM_WEIGHT_OPTIONS = (*NEW_TOKEN_OPTIONS, "resize_vocab", "train_from_scratch")
 
 _FORWARD_OPTIONS = (
     "model_revision",
@@ -235,13 +238,13 @@ def loading_options(model_args, training_args) -> dict[str, str]:
 
     A copy of these model arguments loads the reference. Not those set from the data (`block_diag_attn` follows
     `neat_packing`, which must share the cache), but what an option itself depends on: RoPE scaling's factor on
-    `cutoff_len` (`model_max_length`), new tokens' random embeddings on the seed and the tokens' descriptions.
+    `cutoff_len` (`model_max_length`), random weights on the seed, new tokens' on the tokens' descriptions.
     """
     options = {name: getattr(model_args, name) for name in _FORWARD_OPTIONS if hasattr(model_args, name)}
     options = {name: str(getattr(value, "value", value)) for name, value in options.items()}  # enums as their values
     if getattr(model_args, "rope_scaling", None) is not None:
         options["model_max_length"] = str(getattr(model_args, "model_max_length", None))
-    if any(getattr(model_args, name, None) for name in NEW_TOKEN_OPTIONS):
+    if any(getattr(model_args, name, None) for name in RANDOM_WEIGHT_OPTIONS):
         options["seed"] = str(training_args.seed)
         config = getattr(model_args, "new_special_tokens_config", None)
         if config and os.path.isfile(config):

@@ -20,6 +20,7 @@ from llamafactory.train.sft.metric import ComputeAccuracy, eval_logit_processor
 from llamafactory.train.trainer_utils import create_modelcard_and_push, create_ref_model
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from ..hparams import check_template_tokens
 from ..integration import logits_kept
 from . import reference_cache
 from .callbacks import DeviationLogCallback
@@ -63,6 +64,7 @@ def run_workflow(
     tokenizer_module = load_tokenizer(model_args)
     tokenizer = tokenizer_module["tokenizer"]
     template = get_template_and_fix_tokenizer(tokenizer, data_args)
+    check_template_tokens(tokenizer, model_args, data_args, finetuning_args)
     # the stock sft data pipeline: prompt tokens are IGNORE_INDEX, answer tokens are labels
     dataset_module = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
     stage_kwargs = prepare(tokenizer, dataset_module, finetuning_args) if prepare is not None else {}
@@ -127,9 +129,13 @@ def run_workflow(
         trainer.save_metrics("train", train_result.metrics)
         trainer.save_state()
         if trainer.is_world_process_zero() and finetuning_args.plot_loss:
-            # training_loss.png as stock sft, plus training_deviation.png (the paper's Fig. 1) and the stage's own
-            deviation = ["deviation", "eval_deviation"] if finetuning_args.uses_reference else []
-            keys = ["loss", "eval_loss", *deviation, *plot_keys]
+            # stock sft's plots (per eval set where there are several), plus the deviation (the paper's Fig. 1) and
+            # the stage's own metrics
+            deviation = ["deviation"] if finetuning_args.uses_reference else []
+            evaluated = ["loss", *(["accuracy"] if finetuning_args.compute_accuracy else []), *deviation]
+            eval_sets = dataset_module.get("eval_dataset")
+            prefixes = [f"eval_{name}_" for name in eval_sets] if isinstance(eval_sets, dict) else ["eval_"]
+            keys = ["loss", *deviation, *plot_keys, *(prefix + key for prefix in prefixes for key in evaluated)]
             plot_loss(training_args.output_dir, keys=keys)
 
     if training_args.do_eval:
