@@ -469,25 +469,30 @@ def reference_loaded_apart(finetuning_args) -> bool:
     )
 
 
-def check_template_tokens(tokenizer, model_args, data_args, finetuning_args) -> None:
-    """Refuse tokens that the template added, and `resize_vocab` gives random rows, with a reference loaded apart.
+def check_resized_vocabulary(tokenizer, template_added: int, model_args, data_args, finetuning_args) -> None:
+    """Refuse `resize_vocab` growing the policy's vocabulary where the reference is loaded apart.
 
-    LLaMA-Factory's ``create_ref_model`` loads the tokenizer again without the template's tokens: such a reference
-    keeps the old vocabulary (an index error at the first step), and resized, its rows would be other random ones.
-    Called once the template has fixed the tokenizer, before any model loads.
+    LLaMA-Factory resizes the embeddings when the tokenizer has more tokens than the model has rows, and gives the new
+    rows random values. A reference loaded apart (``create_ref_model``) loads the tokenizer again, without the
+    template's tokens, so it keeps the old rows (an index error at the first step), or draws other random ones.
+    Called once the template has fixed the tokenizer (``template_added``: the tokens it added), before any model loads.
     """
     from llamafactory.model import load_config
 
     if not (model_args.resize_vocab and finetuning_args.uses_reference and reference_loaded_apart(finetuning_args)):
         return
-    rows = getattr(load_config(model_args).get_text_config(), "vocab_size", None)
+    config = load_config(model_args)
+    if config.get_text_config() is not config:
+        return  # a multimodal model's embedding may have more rows than its text vocabulary (mllama: 8 more)
+    rows = getattr(config, "vocab_size", None)
     if rows is not None and len(tokenizer) > rows:
+        cause = f"`template: {data_args.template}` added {template_added}" if template_added else "the tokenizer's own"
         raise ValueError(
-            f"`template: {data_args.template}` adds tokens to the tokenizer ({len(tokenizer)} tokens, the model has "
-            f"{rows} rows), and `resize_vocab` gives them random embeddings, which a reference loaded apart from the "
-            "policy (`ref_model`, full/freeze tuning, or LoRA's reference pass under ZeRO-3) would not have: it "
-            f"would not be the initial model. Add the tokens in a stock `stage: sft` run first and train from its "
-            "output, or use `finetuning_type: lora` without `ref_model`, or a template that adds no tokens."
+            f"`resize_vocab` would grow the model's {rows} embedding rows to the tokenizer's {len(tokenizer)} tokens "
+            f"({cause}) with random values, which a reference loaded apart from the policy (`ref_model`, full/freeze "
+            "tuning, or LoRA's reference pass under ZeRO-3) would not have: it would not be the initial model. Add "
+            "the tokens in a stock `stage: sft` run first (with `resize_vocab: true`) and train from its output, or "
+            "use `finetuning_type: lora` without `ref_model`."
         )
 
 
@@ -604,17 +609,17 @@ def verify_plugin_args(model_args, data_args, training_args, finetuning_args, da
             f"`ref_model`, or remove `{new_tokens[0]}`."
         )
 
-    if (
-        model_args.train_from_scratch
-        and finetuning_args.uses_reference
-        and loaded_apart
-        and not finetuning_args.ref_model
-    ):
+    # LLaMA-Factory loads the reference (`ref_model` too) with these options: weights drawn anew in each load
+    drawn = "train_from_scratch" if model_args.train_from_scratch else None
+    if getattr(model_args, "mixture_of_depths", None) == "convert":  # new routers
+        drawn = drawn or "mixture_of_depths: convert"
+    if drawn and finetuning_args.uses_reference and loaded_apart:
         raise ValueError(
-            f"`train_from_scratch` cannot be used with {run} and the initial model as a reference loaded apart from "
-            "the policy (full/freeze tuning, or LoRA's reference pass under ZeRO-3): each load draws other random "
-            "weights, so the reference would not be the initial model. Set `ref_model` to a reference model, or use "
-            "`finetuning_type: lora`, whose reference is the policy itself, or remove `train_from_scratch`."
+            f"`{drawn}` cannot be used with {run} and a reference model loaded apart from the policy (`ref_model`, "
+            "full/freeze tuning, or LoRA's reference pass under ZeRO-3): LLaMA-Factory loads the reference with the "
+            "same option, so it draws other random weights and is neither the initial model nor `ref_model`'s "
+            "weights. Use `finetuning_type: lora` without `ref_model` (its reference is the policy with the adapters "
+            f"disabled), or remove `{drawn.split(':')[0]}`."
         )
 
     grouping = getattr(finetuning_args, "sft_go_grouping", None)

@@ -1,5 +1,6 @@
 """Bad input through the stock CLI: a clear error naming the option, before the model loads, nothing written."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -121,11 +122,11 @@ CASES = {
     # a reference loaded apart would be other random weights, or miss the tokens the template adds
     "train_from_scratch_with_a_reference_copy": (
         dict(train_from_scratch=True),
-        "`train_from_scratch` cannot be used with `stage: minorsft` and the initial model as a reference",
+        "`train_from_scratch` cannot be used with `stage: minorsft` and a reference model loaded apart",
     ),
     "template_tokens_with_a_reference_copy": (
         dict(stage="sft", track_deviation=True, template="llama3", resize_vocab=True),
-        "`template: llama3` adds tokens to the tokenizer",
+        "`resize_vocab` would grow the model's 512 embedding rows to the tokenizer's",
     ),
 }
 #: options that LLaMA-Factory 0.9.4 does not have (it rejects them as unknown keys itself)
@@ -315,26 +316,29 @@ def test_new_tokens_with_lora_are_refused_only_where_the_reference_is_loaded_aga
     del zero3
 
 
-def test_template_tokens_are_refused_only_with_resize_vocab_and_a_reference_loaded_again(tiny, tmp_path):
-    """The tokens a template adds, with `resize_vocab`: refused where the reference is loaded again.
+def test_a_resized_vocabulary_is_refused_only_with_a_reference_loaded_again(tiny, tmp_path):
+    """`resize_vocab` growing the vocabulary (a template's tokens, the tokenizer's own): refused where needed.
 
-    `resize_vocab` gives them random rows that a reference loaded again (full tuning, `ref_model`) would not have;
-    LoRA's reference is the resized policy itself.
+    Its new rows are random, and a reference loaded again (full tuning, `ref_model`) would not have them; LoRA's
+    reference is the resized policy itself.
     """
     from llamafactory.data import get_template_and_fix_tokenizer
     from llamafactory.hparams import DataArguments, ModelArguments
     from llamafactory.model import load_tokenizer
+    from transformers import AutoTokenizer
 
-    from llamafactory_minorsft.hparams import PluginFinetuningArguments, check_template_tokens
+    from llamafactory_minorsft.hparams import PluginFinetuningArguments, check_resized_vocabulary
 
-    def check(template="llama3", resize_vocab=True, **finetuning):
-        model_args = ModelArguments(model_name_or_path=tiny.model, resize_vocab=resize_vocab)
+    def check(template="llama3", resize_vocab=True, model=tiny.model, **finetuning):
+        model_args = ModelArguments(model_name_or_path=model, resize_vocab=resize_vocab)
         data_args = DataArguments(template=template)
         tokenizer = load_tokenizer(model_args)["tokenizer"]
+        before = len(tokenizer)
         get_template_and_fix_tokenizer(tokenizer, data_args)
-        check_template_tokens(tokenizer, model_args, data_args, PluginFinetuningArguments(**finetuning))
+        finetuning_args = PluginFinetuningArguments(**finetuning)
+        check_resized_vocabulary(tokenizer, len(tokenizer) - before, model_args, data_args, finetuning_args)
 
-    message = "`template: llama3` adds tokens to the tokenizer"
+    message = r"`resize_vocab` would grow the model's 512 embedding rows to the tokenizer's \d+ tokens \(`template: llama3` added \d+\)"
     for finetuning in (
         dict(stage="minorsft", finetuning_type="full"),
         dict(stage="sft_dpo", finetuning_type="freeze"),
@@ -344,36 +348,43 @@ def test_template_tokens_are_refused_only_with_resize_vocab_and_a_reference_load
     with pytest.raises(ValueError, match=message):
         check(stage="minorsft", finetuning_type="lora", ref_model=tiny.ref_model)
     check(stage="minorsft", finetuning_type="lora")  # the adapter-disabled policy has the new rows
-    check(
-        stage="minorsft", finetuning_type="full", resize_vocab=False
-    )  # no new rows: LLaMA-Factory's own index error, as stock sft's
-    check(
-        stage="minorsft", finetuning_type="full", template="qwen"
-    )  # the tiny tokenizer has the qwen template's tokens
+    check(stage="minorsft", finetuning_type="full", resize_vocab=False)  # no new rows: LLaMA-Factory's index error
+    check(stage="minorsft", finetuning_type="full", template="qwen")  # the tiny tokenizer has the qwen template's
     check(stage="sft", finetuning_type="full")  # no reference
 
+    longer = tmp_path / "longer"  # a tokenizer with more tokens than the model has rows, whatever the template
+    shutil.copytree(tiny.model, longer)
+    tokenizer = AutoTokenizer.from_pretrained(longer)
+    tokenizer.add_tokens([f"<new{i}>" for i in range(600 - len(tokenizer))])
+    tokenizer.save_pretrained(longer)
+    with pytest.raises(ValueError, match=r"to the tokenizer's 600 tokens \(the tokenizer's own\)"):
+        check(template="qwen", model=str(longer), stage="minorsft", finetuning_type="full")
 
-def test_train_from_scratch_is_refused_only_where_the_initial_model_is_loaded_again(tiny, tmp_path):
+
+def test_random_weights_at_load_are_refused_where_the_reference_is_loaded_apart(tiny, tmp_path):
     from llamafactory.hparams import DataArguments, ModelArguments
     from transformers import Seq2SeqTrainingArguments
 
     from llamafactory_minorsft.hparams import PluginFinetuningArguments, verify_plugin_args
 
-    def verify(**finetuning):
+    def verify(model_options=None, **finetuning):
         verify_plugin_args(
-            ModelArguments(model_name_or_path=tiny.model, train_from_scratch=True),
+            ModelArguments(model_name_or_path=tiny.model, **(model_options or dict(train_from_scratch=True))),
             DataArguments(template="qwen"),
             Seq2SeqTrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", do_train=True),
             PluginFinetuningArguments(**finetuning),
             [],
         )
 
+    # LLaMA-Factory loads `ref_model` with `train_from_scratch` too: random weights, not the model's
     for finetuning in (
         dict(stage="minorsft", finetuning_type="full"),
         dict(stage="sft", track_deviation=True, finetuning_type="freeze"),
+        dict(stage="minorsft", finetuning_type="lora", ref_model=tiny.ref_model),
     ):
         with pytest.raises(ValueError, match="`train_from_scratch` cannot be used with `stage: "):
             verify(**finetuning)
     verify(stage="minorsft", finetuning_type="lora")  # the reference is the policy with its adapters disabled
-    verify(stage="minorsft", finetuning_type="full", ref_model=tiny.ref_model)  # a reference of the user's
     verify(stage="sft", finetuning_type="full")  # no reference
+    with pytest.raises(ValueError, match="`mixture_of_depths: convert` cannot be used with `stage: minorsft`"):
+        verify(stage="minorsft", finetuning_type="full", model_options=dict(mixture_of_depths="convert"))

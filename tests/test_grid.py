@@ -361,9 +361,10 @@ def test_tool_paths_that_cannot_be_used_fail_in_one_line_before_any_work(tiny, t
 
 def test_paper_grid_lists_the_paper_setup(tmp_path, capsys, monkeypatch):
     paper_grid = Path(__file__).resolve().parents[1] / "examples_yaml" / "paper_grid.yaml"
-    args = ("grid", paper_grid, "--dry-run", "--output-dir", tmp_path / "out")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    args = ("grid", paper_grid, "--dry-run", "--output-dir", "~/out")  # the user's home, as the real run checks it
     code, stdout, _ = tool_in_process(*args, cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
-    assert code == 0 and "21 runs" in stdout
+    assert code == 0 and f"21 runs into {tmp_path / 'home' / 'out'}" in stdout
     assert "minorsft-learning_rate=2e-05-pref_beta=0.04: stage=minorsft learning_rate=2e-05 pref_beta=0.04" in stdout
     assert "sft-learning_rate=1e-05: stage=sft learning_rate=1e-05" in stdout
     assert "(instruction prompt)" in stdout and "(ceval prompt)" in stdout

@@ -283,9 +283,14 @@ def test_the_cache_key_sees_every_file_and_loading_option_of_the_reference(tiny,
     assert identity(model_options={"resize_vocab": True}) != identity()
     assert identity(model_options={"flash_attn": "auto"}) == identity()  # YAML's string, or the default's enum
     assert identity(seed=1) == identity(seed=2)  # a grid's seeds share the reference pass …
-    # … unless the load draws weights at random: new rows (also for a template's tokens), or a whole model
-    for random_weights in ({"add_special_tokens": "<a>", "resize_vocab": True}, {"resize_vocab": True}):
+    # … unless the load draws weights at random: new rows (also for a template's tokens), a whole model, routers
+    for random_weights in (
+        {"add_special_tokens": "<a>", "resize_vocab": True},
+        {"resize_vocab": True},
+        {"train_from_scratch": True},
+        {"mixture_of_depths": "convert"},
+    ):
         assert identity(random_weights, seed=1) != identity(random_weights, seed=2), random_weights
-    assert identity({"train_from_scratch": True}, seed=1) != identity({"train_from_scratch": True}, seed=2)
+    assert identity({"mixture_of_depths": "load"}, seed=1) == identity({"mixture_of_depths": "load"}, seed=2)
     assert identity({"rope_scaling": "linear"}, cutoff_len=64) != identity({"rope_scaling": "linear"}, cutoff_len=4096)
     assert identity(cutoff_len=64) == identity(cutoff_len=4096)  # without RoPE scaling, the tokens say it all

@@ -123,25 +123,26 @@ def test_sft_track_deviation_keeps_llamafactory_loss_functions(tiny, tmp_path, o
     assert_same_weights(tmp_path / "stock", tmp_path / "tracked", rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("eval_sets", ["one", "each"])
+@pytest.mark.parametrize("eval_sets", ["one", "each", "none"])
 def test_plots_are_stock_sft_s_and_the_deviation(tiny, tmp_path, eval_sets):
     """`plot_loss`: the figures stock sft draws (accuracy, one per eval set), and the deviation's next to them."""
-    config = dict(
-        max_steps=2, do_eval=True, eval_strategy="steps", eval_steps=1, plot_loss=True, compute_accuracy=True
-    )
-    config.update(
-        dict(eval_dataset="four,minorsft_demo_eval", eval_on_each_dataset=True)
-        if eval_sets == "each"
-        else dict(eval_dataset="minorsft_demo_eval")
-    )
-    figures = {}
+    config = dict(max_steps=2, plot_loss=True, compute_accuracy=True)
+    if eval_sets != "none":
+        config.update(do_eval=True, eval_strategy="steps", eval_steps=1, eval_dataset="minorsft_demo_eval")
+    if eval_sets == "each":
+        config.update(eval_dataset="four,minorsft_demo_eval", eval_on_each_dataset=True)
+    figures, logs = {}, {}
     for name, stage in (("stock", dict(stage="sft")), ("tracked", dict(stage="sft", track_deviation=True))):
-        run_cli(base_config(tiny, tmp_path / name, **stage, **config), tmp_path / f"{name}_run")
+        proc = run_cli(base_config(tiny, tmp_path / name, **stage, **config), tmp_path / f"{name}_run")
         figures[name] = {path.name for path in (tmp_path / name).glob("*.png")}
-    sets = ["four_", "minorsft_demo_eval_"] if eval_sets == "each" else [""]
-    assert f"training_eval_{sets[0]}accuracy.png" in figures["stock"]
+        logs[name] = proc.stdout + proc.stderr
+    sets = {"one": [""], "each": ["four_", "minorsft_demo_eval_"], "none": []}[eval_sets]
+    assert all(f"training_eval_{name}accuracy.png" in figures["stock"] for name in sets)
     deviation = {"training_deviation.png", *(f"training_eval_{name}deviation.png" for name in sets)}
     assert figures["tracked"] == figures["stock"] | deviation, figures
+    # stock sft warns that it has no eval figure to draw without an eval set; these stages draw none
+    assert ("No metric eval_loss to plot" in logs["stock"]) == (eval_sets == "none")
+    assert "No metric eval_" not in logs["tracked"]
 
 
 def read_jsonl(path: Path) -> list[dict]:

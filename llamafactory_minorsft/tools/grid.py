@@ -136,7 +136,7 @@ def load_grid(path: str, output_dir: Optional[str] = None) -> tuple[list[Run], d
     base = read_mapping(os.path.join(where, spec["base"]), f"Grid file {path}: `base`")
 
     options = train_option_names()
-    out = os.path.abspath(output_dir or spec.get("output_dir") or "grid_output")
+    out = os.path.abspath(os.path.expanduser(output_dir or spec.get("output_dir") or "grid_output"))
     settings = {"output_dir": out, "eval": dict(spec.get("eval") or {})}
     unknown = set(settings["eval"]) - EVAL_KEYS
     if unknown:
@@ -734,7 +734,7 @@ def run_grid(path: str, output_dir: Optional[str] = None, dry_run: bool = False)
         why = isinstance(given, str) and unwritable(given)
         if why:
             raise ValueError(
-                f"Grid output directory {os.path.abspath(given)}: {why}. Give --output-dir (or the grid file's "
+                f"Grid output directory {os.path.abspath(os.path.expanduser(given))}: {why}. Give --output-dir (or the grid file's "
                 "`output_dir`) a directory you can write."
             )
     runs, settings = load_grid(path, output_dir)

@@ -35,9 +35,6 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".m
 
 #: LLaMA-Factory's options that add tokens to the vocabulary (their new embedding rows start random in each load)
 NEW_TOKEN_OPTIONS = ("add_tokens", "add_special_tokens", "new_special_tokens_config")
-#: options under which a load draws weights from the seeded RNG: the rows `resize_vocab` adds (also for the tokens a
-#: template adds), or a whole model (`train_from_scratch`)
-RANDOM_WEIGHT_OPTIONS = (*NEW_TOKEN_OPTIONS, "resize_vocab", "train_from_scratch")
 
 _FORWARD_OPTIONS = (
     "model_revision",
@@ -244,13 +241,26 @@ def loading_options(model_args, training_args) -> dict[str, str]:
     options = {name: str(getattr(value, "value", value)) for name, value in options.items()}  # enums as their values
     if getattr(model_args, "rope_scaling", None) is not None:
         options["model_max_length"] = str(getattr(model_args, "model_max_length", None))
-    if any(getattr(model_args, name, None) for name in RANDOM_WEIGHT_OPTIONS):
+    if draws_random_weights(model_args):
         options["seed"] = str(training_args.seed)
         config = getattr(model_args, "new_special_tokens_config", None)
         if config and os.path.isfile(config):
             with open(config, "rb") as f:
                 options["new_special_tokens_config"] = hashlib.sha256(f.read()).hexdigest()
     return options
+
+
+def draws_random_weights(model_args) -> bool:
+    """Whether a load draws weights from the seeded RNG.
+
+    So it does for the rows `resize_vocab` adds (also for the tokens a template adds), a whole model
+    (`train_from_scratch`), and Mixture-of-Depths' routers (`mixture_of_depths: convert`).
+    """
+    options = (*NEW_TOKEN_OPTIONS, "resize_vocab", "train_from_scratch")
+    return (
+        any(getattr(model_args, name, None) for name in options)
+        or getattr(model_args, "mixture_of_depths", None) == "convert"
+    )
 
 
 def dataset_splits(train_dataset, eval_dataset) -> dict[str, Any]:

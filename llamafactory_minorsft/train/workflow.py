@@ -20,7 +20,7 @@ from llamafactory.train.sft.metric import ComputeAccuracy, eval_logit_processor
 from llamafactory.train.trainer_utils import create_modelcard_and_push, create_ref_model
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from ..hparams import check_template_tokens
+from ..hparams import check_resized_vocabulary
 from ..integration import logits_kept
 from . import reference_cache
 from .callbacks import DeviationLogCallback
@@ -63,8 +63,9 @@ def run_workflow(
 ) -> None:
     tokenizer_module = load_tokenizer(model_args)
     tokenizer = tokenizer_module["tokenizer"]
+    vocabulary = len(tokenizer)
     template = get_template_and_fix_tokenizer(tokenizer, data_args)
-    check_template_tokens(tokenizer, model_args, data_args, finetuning_args)
+    check_resized_vocabulary(tokenizer, len(tokenizer) - vocabulary, model_args, data_args, finetuning_args)
     # the stock sft data pipeline: prompt tokens are IGNORE_INDEX, answer tokens are labels
     dataset_module = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
     stage_kwargs = prepare(tokenizer, dataset_module, finetuning_args) if prepare is not None else {}
@@ -134,7 +135,10 @@ def run_workflow(
             deviation = ["deviation"] if finetuning_args.uses_reference else []
             evaluated = ["loss", *(["accuracy"] if finetuning_args.compute_accuracy else []), *deviation]
             eval_sets = dataset_module.get("eval_dataset")
-            prefixes = [f"eval_{name}_" for name in eval_sets] if isinstance(eval_sets, dict) else ["eval_"]
+            if isinstance(eval_sets, dict):
+                prefixes = [f"eval_{name}_" for name in eval_sets]
+            else:  # without an eval set, no eval figure to warn about
+                prefixes = ["eval_"] if eval_sets is not None else []
             keys = ["loss", *deviation, *plot_keys, *(prefix + key for prefix in prefixes for key in evaluated)]
             plot_loss(training_args.output_dir, keys=keys)
 
