@@ -733,9 +733,10 @@ def run_grid(path: str, output_dir: Optional[str] = None, dry_run: bool = False)
         given = output_dir or read_mapping(path, "Grid file").get("output_dir") or "grid_output"
         why = isinstance(given, str) and unwritable(given)
         if why:
+            out = os.path.abspath(os.path.expanduser(given))
             raise ValueError(
-                f"Grid output directory {os.path.abspath(os.path.expanduser(given))}: {why}. Give --output-dir (or the grid file's "
-                "`output_dir`) a directory you can write."
+                f"Grid output directory {out}: {why}. Give --output-dir (or the grid file's `output_dir`) a directory "
+                "you can write."
             )
     runs, settings = load_grid(path, output_dir)
     from .eval_mc import PROMPTS, load_questions
